@@ -1,0 +1,494 @@
+"""DynamicPruner: per-sample scores, the fused training step, and epoch selection."""
+
+from __future__ import annotations
+
+import math
+import numbers
+import warnings
+from typing import Iterator
+
+import torch
+
+from . import kernels as _k
+from .kernels import common as K
+from .kernels.step import MAX_CLASSES
+from .policies import POLICIES, Schedule
+
+_LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_EMB_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_VALIDATE = ("async", "sync", "none")
+
+
+class _FusedLoss(torch.autograd.Function):
+    """Scalar batch loss whose gradient w.r.t. the logits was written by the fused kernel."""
+
+    @staticmethod
+    def forward(ctx, logits, contrib, grad):  # noqa: D102 - autograd signature
+        ctx.grad = grad
+        return contrib.sum()
+
+    @staticmethod
+    def backward(ctx, grad_output):  # noqa: D102
+        grad = ctx.grad
+        if grad is None:
+            raise RuntimeError("fastprune: the pruned loss supports one backward pass per step "
+                               "(its gradient was computed in the forward pass and is consumed by backward)")
+        ctx.grad = None
+        return _k.scale_grad(grad, grad_output), None, None
+
+
+def _check_real(name: str, value, lo: float, hi: float, lo_open: bool, hi_open: bool) -> float:
+    ok_type = isinstance(value, numbers.Real) and not isinstance(value, bool)
+    v = float(value) if ok_type else float("nan")
+    ok = ok_type and math.isfinite(v) and (v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi)
+    if not ok:
+        interval = f"{'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
+        raise ValueError(f"{name} must be a number in {interval}, got {value!r}")
+    return v
+
+
+def _check_int(name: str, value, lo: int, hi: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < lo or (
+            hi is not None and value > hi):
+        bound = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
+        raise ValueError(f"{name} must be an integer {bound}, got {value!r}")
+    return int(value)
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """Yields the pruner's current epoch order; follows ``next_epoch()`` automatically."""
+
+    def __init__(self, pruner: "DynamicPruner"):
+        self.pruner = pruner
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.pruner.epoch_indices.tolist())
+
+    def __len__(self) -> int:
+        return int(self.pruner.epoch_indices.numel())
+
+
+class DynamicPruner:
+    """Keeps a score per sample and decides, each epoch, which samples to train on.
+
+    Score: an EMA of each sample's cross-entropy, combined with its semantic
+    consistency (cosine between its CLIP image embedding and its label's CLIP
+    text embedding) when embeddings are given.  ``step()`` returns the batch
+    loss (differentiable; the fused kernel computes loss and gradient in one
+    pass and updates the scores on the device).  ``next_epoch()`` builds the
+    next epoch's shuffled index list.  See the README's "How it works".
+
+    Args:
+        num_samples: dataset size N; ``indices`` passed to ``step`` are in [0, N).
+        num_classes: C, the logits' width.
+        epochs: planned number of epochs (for warm-up / annealing).
+        keep_ratio: expected fraction of the dataset trained on in a pruned epoch, in (0, 1].
+        policy: ``"infobatch"`` (random drop of below-mean samples, unbiased by re-weighting),
+            ``"topk"``, ``"random"`` or ``"full"``.
+        ema: weight of the old score in the EMA, in [0, 1).
+        warmup: number of first epochs trained on the full (noise-filtered) set.
+        anneal: fraction of final epochs trained on the full (noise-filtered) set.
+        noise_ratio: fraction of the dataset flagged as likely mislabeled and left out: the least
+            consistent samples among those with above-median score.  Needs embeddings.
+        image_emb: optional N x D table of CLIP image embeddings (fp16/bf16/fp32, on ``device``).
+        text_emb: optional C x D table of CLIP class-text embeddings.  With ``text_emb`` but no
+            ``image_emb``, pass per-batch image embeddings to ``step(image_emb=...)``.
+        label_smoothing: label smoothing of the training loss (the score uses the plain CE).
+        seed: seeds every random decision (drops and shuffles) through a counter-based
+            generator; global RNGs are never touched.
+        device: where the per-sample state lives; defaults to the embeddings' device, else
+            CUDA when available, else the CPU.
+        semantic_weight: gamma in p = s * sigmoid(gamma * standardised consistency); 0 ignores it.
+        max_drop: the largest infobatch drop probability (weights stay <= 1 / (1 - max_drop)).
+        ignore_index: label value whose rows contribute nothing (as in ``F.cross_entropy``).
+        inplace_grad: write the logits' gradient over the logits (saves a B x C buffer; the
+            logits' version counter is bumped so autograd refuses any other use of them).
+        validate: ``"async"`` (default) reports bad labels/indices from the device without
+            stalling the step, raising a step or two later, and warns about non-finite rows;
+            ``"sync"`` raises in the offending step (synchronises; for debugging);
+            ``"none"`` checks only at ``next_epoch()``.
+    """
+
+    def __init__(
+        self,
+        num_samples: int,
+        num_classes: int,
+        epochs: int,
+        keep_ratio: float = 0.7,
+        policy: str = "infobatch",
+        ema: float = 0.9,
+        warmup: int = 1,
+        anneal: float = 0.125,
+        noise_ratio: float = 0.0,
+        image_emb: torch.Tensor | None = None,
+        text_emb: torch.Tensor | None = None,
+        label_smoothing: float = 0.0,
+        seed: int = 0,
+        device: str | torch.device | None = None,
+        semantic_weight: float = 1.0,
+        max_drop: float = 0.9,
+        ignore_index: int = -100,
+        inplace_grad: bool = False,
+        validate: str = "async",
+    ):
+        self.num_samples = _check_int("num_samples", num_samples, 1)
+        self.num_classes = _check_int("num_classes", num_classes, 1, MAX_CLASSES)
+        self.epochs = _check_int("epochs", epochs, 1)
+        self.keep_ratio = _check_real("keep_ratio", keep_ratio, 0.0, 1.0, True, False)
+        if policy not in POLICIES:
+            raise ValueError(f"policy must be one of {', '.join(POLICIES)}; got {policy!r}")
+        self.policy = policy
+        self.ema = _check_real("ema", ema, 0.0, 1.0, False, True)
+        self.warmup = _check_int("warmup", warmup, 0)
+        self.anneal = _check_real("anneal", anneal, 0.0, 1.0, False, False)
+        self.noise_ratio = _check_real("noise_ratio", noise_ratio, 0.0, 1.0, False, True)
+        self.label_smoothing = _check_real("label_smoothing", label_smoothing, 0.0, 1.0, False, True)
+        self.semantic_weight = _check_real("semantic_weight", semantic_weight, 0.0, math.inf, False, True)
+        self.max_drop = _check_real("max_drop", max_drop, 0.0, 1.0, False, True)
+        self.seed = _check_int("seed", seed, -(1 << 63), (1 << 64) - 1)
+        self.ignore_index = _check_int("ignore_index", ignore_index, -(1 << 31), (1 << 31) - 1)
+        self.inplace_grad = bool(inplace_grad)
+        if validate not in _VALIDATE:
+            raise ValueError(f"validate must be one of {', '.join(_VALIDATE)}; got {validate!r}")
+        self.validate = validate
+        self.schedule = Schedule(policy, self.epochs, self.warmup, self.anneal)
+
+        if device is None:
+            device = image_emb.device if image_emb is not None else (
+                text_emb.device if text_emb is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        self.image_emb, self.text_emb = self._check_embeddings(image_emb, text_emb)
+        if self.noise_ratio > 0 and self.text_emb is None:
+            raise ValueError(f"noise_ratio={noise_ratio!r} needs CLIP embeddings (text_emb, and image_emb or "
+                             "per-batch image embeddings); pass them or set noise_ratio=0")
+
+        n, dev = self.num_samples, self.device
+        self._scores = torch.zeros(n, dtype=torch.float32, device=dev)
+        self._visits = torch.zeros(n, dtype=torch.int32, device=dev)
+        self._consistency = torch.zeros(n, dtype=torch.float32, device=dev)
+        self._weights = torch.ones(n, dtype=torch.float32, device=dev)
+        self._noisy = torch.zeros(n, dtype=torch.bool, device=dev)
+        self._stamp = torch.full((n,), -1, dtype=torch.int32, device=dev)
+        self._errors = torch.zeros(K.ERR_SLOTS, dtype=torch.int64, device=dev)
+        self._err_host = torch.zeros(K.ERR_SLOTS, dtype=torch.int64,
+                                     pin_memory=dev.type == "cuda")
+        self._err_event = None
+        self._dup_warned = False
+        self._has_batch_consistency = False
+        self._step_count = 0
+        self.epoch = 0
+        self._epoch_indices: torch.Tensor | None = None  # host copy of the current order
+        self.history: list[dict] = []
+        self.last_step: _k.StepOutput | None = None
+
+    # ------------------------------------------------------------------ inputs
+
+    def _check_embeddings(self, image_emb, text_emb):
+        for name, t in (("image_emb", image_emb), ("text_emb", text_emb)):
+            if t is None:
+                continue
+            if not isinstance(t, torch.Tensor) or t.dim() != 2:
+                raise ValueError(f"{name} must be a 2-D tensor, got {type(t).__name__}"
+                                 f"{tuple(t.shape) if isinstance(t, torch.Tensor) else ''}")
+            if t.dtype not in _EMB_DTYPES:
+                raise ValueError(f"{name} must be float16, bfloat16 or float32, got {t.dtype}")
+            if t.device != self.device:
+                raise ValueError(f"{name} is on {t.device} but the pruner's device is {self.device}; "
+                                 f"move it with .to('{self.device}')")
+        if image_emb is not None and text_emb is None:
+            raise ValueError("image_emb needs text_emb (the C x D class-text embeddings) to score consistency")
+        if text_emb is not None and text_emb.shape[0] != self.num_classes:
+            raise ValueError(f"text_emb must have num_classes={self.num_classes} rows, got {text_emb.shape[0]}")
+        if image_emb is not None:
+            if image_emb.shape[0] != self.num_samples:
+                raise ValueError(f"image_emb must have num_samples={self.num_samples} rows, "
+                                 f"got {image_emb.shape[0]}")
+            if image_emb.shape[1] != text_emb.shape[1]:
+                raise ValueError(f"image_emb width {image_emb.shape[1]} differs from text_emb width "
+                                 f"{text_emb.shape[1]}")
+            if image_emb.stride(1) != 1:
+                raise ValueError("image_emb must have unit stride along its last dimension")
+            text_emb = text_emb.to(image_emb.dtype)
+        if text_emb is not None:
+            text_emb = text_emb.contiguous()
+        return image_emb, text_emb
+
+    def _check_batch(self, logits, labels, indices, image_emb):
+        if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
+            shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+            raise ValueError(f"logits must be a 2-D (batch x classes) tensor, got shape {shape}")
+        B, C = logits.shape
+        if C != self.num_classes:
+            raise ValueError(f"logits has {C} columns but num_classes={self.num_classes}")
+        if B == 0:
+            raise ValueError("logits has an empty batch (0 rows)")
+        if logits.dtype not in _LOGIT_DTYPES:
+            raise ValueError(f"logits must be float32, bfloat16 or float16, got {logits.dtype}")
+        for name, t in (("logits", logits), ("labels", labels), ("indices", indices)):
+            if not isinstance(t, torch.Tensor):
+                raise ValueError(f"{name} must be a tensor, got {type(t).__name__}")
+            if t.device != self.device:
+                raise ValueError(f"{name} is on {t.device} but the pruner's device is {self.device}")
+        for name, t in (("labels", labels), ("indices", indices)):
+            if t.dim() != 1 or t.shape[0] != B:
+                raise ValueError(f"{name} must have shape ({B},) to match logits, got {tuple(t.shape)}")
+            if t.dtype != torch.int64:
+                raise ValueError(f"{name} must be int64, got {t.dtype} (use .long())")
+        if image_emb is not None:
+            if self.image_emb is not None:
+                raise ValueError("image_emb: this pruner already has a fixed image-embedding table; "
+                                 "per-batch embeddings are for pruners built with text_emb only")
+            if self.text_emb is None:
+                raise ValueError("image_emb: per-batch embeddings need text_emb at construction")
+            if not isinstance(image_emb, torch.Tensor) or image_emb.dim() != 2 or image_emb.shape[0] != B:
+                shape = tuple(image_emb.shape) if isinstance(image_emb, torch.Tensor) else type(image_emb).__name__
+                raise ValueError(f"image_emb must have shape ({B}, {self.text_emb.shape[1]}), got {shape}")
+            if image_emb.shape[1] != self.text_emb.shape[1]:
+                raise ValueError(f"image_emb width {image_emb.shape[1]} differs from text_emb width "
+                                 f"{self.text_emb.shape[1]}")
+            if image_emb.device != self.device:
+                raise ValueError(f"image_emb is on {image_emb.device} but the pruner's device is {self.device}")
+            if image_emb.dtype not in _EMB_DTYPES:
+                raise ValueError(f"image_emb must be float16, bfloat16 or float32, got {image_emb.dtype}")
+
+    # -------------------------------------------------------------------- step
+
+    def step(self, logits: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor,
+             image_emb: torch.Tensor | None = None) -> torch.Tensor:
+        """Weighted batch loss ``sum_i w[idx_i] * ce_i / B`` and the state update, in one pass.
+
+        Differentiable w.r.t. ``logits``; never synchronises with the host (except
+        with ``validate="sync"``).  ``image_emb`` (B x D) gives per-batch CLIP image
+        embeddings for pruners built with ``text_emb`` only.  Per-sample results
+        of the last call are in ``self.last_step``.
+        """
+        self._check_batch(logits, labels, indices, image_emb)
+        self._poll_errors()
+        if image_emb is not None and image_emb.stride(1) != 1:
+            image_emb = image_emb.contiguous()
+        if logits.stride(1) != 1:
+            logits = logits.contiguous()
+        if image_emb is not None and self.text_emb.dtype != image_emb.dtype:
+            image_emb = image_emb.to(self.text_emb.dtype)
+        needs_grad = torch.is_grad_enabled() and logits.requires_grad
+        raw = logits.detach()
+        grad = None
+        if needs_grad:
+            grad = raw if self.inplace_grad else torch.empty_like(raw)
+        if self.image_emb is not None:
+            mode, emb = K.EMB_TABLE, self.image_emb
+        elif image_emb is not None:
+            mode, emb = K.EMB_BATCH, image_emb
+            self._has_batch_consistency = True
+        else:
+            mode, emb = K.EMB_NONE, None
+        out = _k.fused_step(
+            raw, labels, indices,
+            scores=self._scores, visits=self._visits, consistency=self._consistency, weights=self._weights,
+            stamp=self._stamp, errors=self._errors, step_id=self._step_count & 0x7FFFFFFF, ema=self.ema,
+            scale=1.0 / logits.shape[0], label_smoothing=self.label_smoothing, ignore_index=self.ignore_index,
+            emb_mode=mode, emb=emb, text=self.text_emb if mode != K.EMB_NONE else None, grad=grad)
+        self._step_count += 1
+        self.last_step = out
+        if self.device.type == "cpu" or self.validate == "sync":
+            self._check_errors(self._errors if self.device.type == "cpu" else self._errors.cpu())
+        if not needs_grad:
+            return out.contrib.sum()
+        if self.inplace_grad:
+            torch.autograd.graph.increment_version(logits)
+        return _FusedLoss.apply(logits, out.contrib, grad)
+
+    # ------------------------------------------------------------ error report
+
+    def _poll_errors(self):
+        """Look at the device's error counters without waiting for the device."""
+        if self.device.type != "cuda" or self.validate != "async":
+            return
+        ev = self._err_event
+        if ev is not None:
+            if not ev.query():
+                return
+            self._check_errors(self._err_host)
+        self._err_host.copy_(self._errors, non_blocking=True)
+        self._err_event = torch.cuda.Event()
+        self._err_event.record()
+
+    def _check_errors(self, counts: torch.Tensor):
+        """Raise or warn for what the kernel recorded; then clear the counters."""
+        c = counts.tolist()
+        if not any(c[K.ERR_LABEL_COUNT::2]):
+            return
+        self._errors.zero_()
+        self._err_host.zero_()
+        self._err_event = None
+        if c[K.ERR_LABEL_COUNT]:
+            raise ValueError(
+                f"labels: value {c[K.ERR_LABEL_VALUE]} is outside [0, {self.num_classes}) and is not "
+                f"ignore_index={self.ignore_index} ({c[K.ERR_LABEL_COUNT]} bad rows; they were left out)")
+        if c[K.ERR_INDEX_COUNT]:
+            raise IndexError(
+                f"indices: value {c[K.ERR_INDEX_VALUE]} is outside [0, num_samples={self.num_samples}) "
+                f"({c[K.ERR_INDEX_COUNT]} bad rows; they were left out)")
+        if c[K.ERR_NONFINITE_COUNT]:
+            msg = (f"logits: {c[K.ERR_NONFINITE_COUNT]} rows had a non-finite loss (NaN or Inf logits; "
+                   f"first seen at batch row {c[K.ERR_NONFINITE_ROW]}); their scores were left unchanged "
+                   "and the returned loss is non-finite")
+            if self.validate == "sync":
+                raise ValueError(msg)
+            warnings.warn(msg, RuntimeWarning, stacklevel=3)
+        if c[K.ERR_DUP_COUNT] and not self._dup_warned:
+            self._dup_warned = True
+            warnings.warn(
+                f"indices: sample {c[K.ERR_DUP_VALUE]} appeared twice in one batch ({c[K.ERR_DUP_COUNT]} repeats "
+                "so far); each sample's score is updated once per step, by one of its rows", RuntimeWarning,
+                stacklevel=3)
+
+    def check_errors(self):
+        """Synchronise and report anything the device recorded since the last report."""
+        self._check_errors(self._errors.cpu())
+
+    # -------------------------------------------------------------- selection
+
+    def _select(self, epoch: int, policy: str) -> _k.Selection:
+        use_cons = self.image_emb is not None or self._has_batch_consistency
+        return _k.select_epoch(
+            self._scores, self._visits, self._consistency, use_consistency=use_cons, policy=policy,
+            keep_ratio=self.keep_ratio, noise_ratio=self.noise_ratio if use_cons else 0.0,
+            semantic_weight=self.semantic_weight, max_drop=self.max_drop, seed=self.seed, epoch=epoch)
+
+    def _adopt(self, epoch: int, policy: str, sel: _k.Selection) -> torch.Tensor:
+        counts = torch.stack([sel.n_keep.to(torch.float64), sel.noisy.sum().to(torch.float64),
+                              sel.drop_prob.to(torch.float64)]).tolist()  # the one sync of the epoch switch
+        n_keep, n_noisy, drop = int(counts[0]), int(counts[1]), counts[2]
+        order = sel.order[:n_keep].cpu()
+        self._weights.copy_(sel.weights)
+        self._noisy.copy_(sel.noisy)
+        self._epoch_indices = order
+        self.epoch = epoch
+        self.history.append({"epoch": epoch, "policy": policy, "kept": n_keep, "noisy": n_noisy,
+                             "drop_prob": drop, "num_samples": self.num_samples})
+        return order
+
+    def _ensure_started(self):
+        if self._epoch_indices is None:
+            self._adopt(0, "full", self._select(0, "full"))
+
+    def next_epoch(self) -> torch.Tensor:
+        """Build, adopt and return the next epoch's shuffled index list (a CPU LongTensor)."""
+        self._ensure_started()
+        self.check_errors()
+        epoch = self.epoch + 1
+        policy = self.schedule.policy_for(epoch)
+        return self._adopt(epoch, policy, self._select(epoch, policy))
+
+    # ----------------------------------------------------------------- queries
+
+    @property
+    def epoch_indices(self) -> torch.Tensor:
+        """The current epoch's sample order (CPU LongTensor)."""
+        self._ensure_started()
+        return self._epoch_indices
+
+    @property
+    def scores(self) -> torch.Tensor:
+        """EMA of each sample's cross-entropy (0 for unseen samples). Treat as read-only."""
+        return self._scores
+
+    @property
+    def consistency(self) -> torch.Tensor:
+        """Cosine of each sample's image embedding with its label's text embedding. Read-only."""
+        return self._consistency
+
+    @property
+    def visits(self) -> torch.Tensor:
+        """How many steps have scored each sample. Read-only."""
+        return self._visits
+
+    @property
+    def weights(self) -> torch.Tensor:
+        """This epoch's per-sample loss weights (unbiasing weights of infobatch). Read-only."""
+        return self._weights
+
+    def suspected_noisy(self) -> torch.Tensor:
+        """Indices the noise filter left out of the current epoch (CPU LongTensor)."""
+        self._ensure_started()
+        return torch.nonzero(self._noisy)[:, 0].cpu()
+
+    def sampler(self) -> EpochSampler:
+        """A ``Sampler`` over the current epoch's order for a plain ``DataLoader``."""
+        return EpochSampler(self)
+
+    def steps_per_epoch(self, batch_size: int, drop_last: bool = False, epoch: int | None = None) -> int:
+        """Optimizer steps in ``epoch`` (default: the current one; future epochs are expected values)."""
+        batch_size = _check_int("batch_size", batch_size, 1)
+        if epoch is None or epoch == self.epoch:
+            n = self.epoch_indices.numel()
+        elif epoch < self.epoch and epoch < len(self.history):
+            n = self.history[epoch]["kept"]
+        else:
+            noisy = self.history[-1]["noisy"] if self.history else 0
+            n = max(0, self.schedule.expected_kept(epoch, self.num_samples, self.keep_ratio) - noisy)
+        return n // batch_size if drop_last else -(-n // batch_size)
+
+    def total_steps(self, batch_size: int, drop_last: bool = False) -> int:
+        """Expected optimizer steps over all ``epochs`` (exact for epochs already selected)."""
+        return sum(self.steps_per_epoch(batch_size, drop_last, e) for e in range(self.epochs))
+
+    @property
+    def visits_saved(self) -> float:
+        """Fraction of sample visits saved so far versus training every epoch on everything."""
+        self._ensure_started()
+        trained = sum(h["kept"] for h in self.history)
+        return 1.0 - trained / (len(self.history) * self.num_samples)
+
+    # ------------------------------------------------------------ persistence
+
+    def state_dict(self) -> dict:
+        """Everything needed to continue bitwise identically (random draws derive from seed and epoch)."""
+        self._ensure_started()
+        return {
+            "version": 1,
+            "num_samples": self.num_samples,
+            "num_classes": self.num_classes,
+            "seed": self.seed,
+            "epoch": self.epoch,
+            "step_count": self._step_count,
+            "scores": self._scores.clone(),
+            "visits": self._visits.clone(),
+            "consistency": self._consistency.clone(),
+            "weights": self._weights.clone(),
+            "noisy": self._noisy.clone(),
+            "epoch_indices": self._epoch_indices.clone(),
+            "has_batch_consistency": self._has_batch_consistency,
+            "history": [dict(h) for h in self.history],
+        }
+
+    def load_state_dict(self, sd: dict) -> None:
+        """Restore a ``state_dict``; sizes must match this pruner's."""
+        for key in ("num_samples", "num_classes"):
+            if sd.get(key) != getattr(self, key):
+                raise ValueError(f"state_dict is for {key}={sd.get(key)!r}, but this pruner has "
+                                 f"{key}={getattr(self, key)!r}")
+        if sd.get("version") != 1:
+            raise ValueError(f"state_dict version {sd.get('version')!r} is not supported (expected 1)")
+        if sd["seed"] != self.seed:
+            warnings.warn(f"state_dict was made with seed={sd['seed']}, this pruner has seed={self.seed}; "
+                          "selections from here on follow this pruner's seed", RuntimeWarning, stacklevel=2)
+        for name in ("scores", "visits", "consistency", "weights", "noisy"):
+            getattr(self, "_" + name).copy_(sd[name])
+        self._stamp.fill_(-1)
+        self._errors.zero_()
+        self._err_event = None
+        self.epoch = int(sd["epoch"])
+        self._step_count = int(sd["step_count"])
+        self._epoch_indices = sd["epoch_indices"].to("cpu", torch.int64).clone()
+        self._has_batch_consistency = bool(sd["has_batch_consistency"])
+        self.history = [dict(h) for h in sd["history"]]
+
+    def __repr__(self) -> str:
+        emb = "none" if self.text_emb is None else ("table" if self.image_emb is not None else "per-batch")
+        return (f"DynamicPruner(N={self.num_samples}, C={self.num_classes}, epochs={self.epochs}, "
+                f"policy={self.policy!r}, keep_ratio={self.keep_ratio}, epoch={self.epoch}, embeddings={emb}, "
+                f"device={self.device})")

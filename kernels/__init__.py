@@ -1,0 +1,51 @@
+"""fastprune's kernels: the fused step and epoch selection, with a PyTorch reference.
+
+Dispatch: CUDA tensors run the Triton kernels; CPU tensors run the reference,
+except under ``TRITON_INTERPRET=1``, where the Triton kernels run on CPU
+tensors through Triton's interpreter (how the test-suite exercises them).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from . import common, reference
+from .reference import Selection, StepOutput
+
+
+def uses_triton(t: torch.Tensor) -> bool:
+    """Whether work on ``t``'s device goes through the Triton kernels."""
+    return t.is_cuda or os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def fused_step(logits: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor, **kw) -> StepOutput:
+    """Fused step on the best implementation for ``logits``' device (see ``reference.step_reference``)."""
+    if uses_triton(logits):
+        from .step import launch_step
+
+        return launch_step(logits, labels, indices, **kw)
+    return reference.step_reference(logits, labels, indices, **kw)
+
+
+def scale_grad(grad: torch.Tensor, grad_output: torch.Tensor) -> torch.Tensor:
+    """grad *= grad_output in place, without a host sync."""
+    if uses_triton(grad):
+        from .step import launch_scale_grad
+
+        return launch_scale_grad(grad, grad_output)
+    return reference.scale_grad_reference(grad, grad_output)
+
+
+def select_epoch(scores: torch.Tensor, visits: torch.Tensor, consistency: torch.Tensor, **kw) -> Selection:
+    """Epoch selection (see ``reference.select_reference``) with the device's elementwise passes."""
+    if uses_triton(scores):
+        from .select import finalize_triton, priority_triton
+
+        kw.setdefault("priority", priority_triton)
+        kw.setdefault("finalize", finalize_triton)
+    return reference.select_reference(scores, visits, consistency, **kw)
+
+
+__all__ = ["Selection", "StepOutput", "common", "fused_step", "reference", "scale_grad", "select_epoch", "uses_triton"]

@@ -1,0 +1,49 @@
+"""Constants shared by the Triton kernels and their PyTorch reference.
+
+Both implementations must agree bit for bit on anything random or discrete
+(error slots, random streams, sample classes), so those live here once.
+"""
+
+# --- step error buffer: int64[8], cumulative until the pruner reports them ---
+# Each kind has a count and one example value (the bad label, the bad index,
+# the batch row with non-finite logits, the duplicated index).
+ERR_LABEL_COUNT, ERR_LABEL_VALUE = 0, 1
+ERR_INDEX_COUNT, ERR_INDEX_VALUE = 2, 3
+ERR_NONFINITE_COUNT, ERR_NONFINITE_ROW = 4, 5
+ERR_DUP_COUNT, ERR_DUP_VALUE = 6, 7
+ERR_SLOTS = 8
+
+# --- consistency modes of the step ---
+EMB_NONE = 0  # no CLIP embeddings: consistency is not touched
+EMB_TABLE = 1  # fixed N x D table: cos(E[idx], T[y]) cached on a sample's first visit
+EMB_BATCH = 2  # per-batch B x D embeddings: cos(e_i, T[y]) recomputed and EMA'd
+
+# --- sample classes used by epoch selection ---
+CLS_UNSEEN = 0  # never visited: always kept, weight 1
+CLS_ELIGIBLE = 1  # seen and not filtered: subject to the policy
+CLS_NOISY = 2  # filtered as likely mislabeled: never kept
+
+# --- policies as kernel constants ---
+POLICY_FULL = 0
+POLICY_INFOBATCH = 1
+POLICY_RANKED = 2  # topk and random: keep eligible samples whose rank < budget
+
+# --- counter-based random streams: Philox-4x32-10 counter = (i_lo, i_hi, epoch, stream) ---
+STREAM_DROP = 0  # infobatch drop decision
+STREAM_SHUFFLE = 1  # order of the kept samples
+STREAM_RANDOM = 2  # rank for the random policy
+
+PHILOX_ROUND_A = 0xD2511F53
+PHILOX_ROUND_B = 0xCD9E8D57
+PHILOX_KEY_A = 0x9E3779B9
+PHILOX_KEY_B = 0xBB67AE85
+PHILOX_ROUNDS = 10
+
+# Kept samples sort by a 62-bit random key; dropped ones after them by index.
+SHUFFLE_DROPPED_BASE = 1 << 62
+
+
+def seed_keys(seed: int) -> tuple[int, int]:
+    """The two 32-bit Philox keys for a user seed (any Python int)."""
+    seed = int(seed) & 0xFFFFFFFFFFFFFFFF
+    return seed & 0xFFFFFFFF, seed >> 32

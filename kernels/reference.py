@@ -1,0 +1,370 @@
+"""Plain-PyTorch reference of every fastprune kernel.
+
+This module is the specification: the Triton kernels in ``step.py`` and
+``select.py`` must match it (tests compare them under ``TRITON_INTERPRET=1``),
+and it is the implementation used for CPU tensors.  It is written for clarity
+first, but vectorised so the CPU path stays usable on real datasets.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from . import common as K
+
+_U32 = 0xFFFFFFFF
+
+
+# ---------------------------------------------------------------------------
+# Counter-based random numbers (Philox-4x32-10), identical on every device
+# ---------------------------------------------------------------------------
+
+
+def _mul_u32(a: torch.Tensor, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(high, low) 32-bit words of a * b for uint32 values held in int64."""
+    a_hi, a_lo = a >> 16, a & 0xFFFF
+    t_hi, t_lo = a_hi * b, a_lo * b  # each < 2**48
+    hi = (t_hi + (t_lo >> 16)) >> 16
+    lo = (((t_hi & 0xFFFF) << 16) + t_lo) & _U32
+    return hi, lo
+
+
+def philox(k0: int, k1: int, c0, c1, c2, c3) -> tuple[torch.Tensor, ...]:
+    """Philox-4x32-10 on int64 tensors holding uint32 values; returns 4 words."""
+    c0, c1, c2, c3 = torch.broadcast_tensors(*(torch.as_tensor(c) & _U32 for c in (c0, c1, c2, c3)))
+    for _ in range(K.PHILOX_ROUNDS):
+        hi_b, lo_b = _mul_u32(c2, K.PHILOX_ROUND_B)
+        hi_a, lo_a = _mul_u32(c0, K.PHILOX_ROUND_A)
+        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
+        k0 = (k0 + K.PHILOX_KEY_A) & _U32
+        k1 = (k1 + K.PHILOX_KEY_B) & _U32
+    return c0, c1, c2, c3
+
+
+def random_words(seed: int, n: int, epoch: int, stream: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two random uint32 words (as int64) for samples 0..n-1 of (seed, epoch, stream)."""
+    k0, k1 = K.seed_keys(seed)
+    i = torch.arange(n, dtype=torch.int64, device=device)
+    r0, r1, _, _ = philox(k0, k1, i & _U32, i >> 32, torch.tensor(epoch & _U32), torch.tensor(stream))
+    return r0, r1
+
+
+def uniform_from_word(r0: torch.Tensor) -> torch.Tensor:
+    """Uniform float32 in [0, 1) from a uint32 word: top 24 bits, exact on every device."""
+    return (r0 >> 8).to(torch.float32) * (1.0 / 16777216.0)
+
+
+# ---------------------------------------------------------------------------
+# The per-batch step
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class StepOutput:
+    """Per-sample results of one step (length B)."""
+
+    ce: torch.Tensor  # training loss per sample (label-smoothed CE), 0 for ignored rows
+    contrib: torch.Tensor  # weight * ce * scale: the batch loss is contrib.sum()
+    correct: torch.Tensor  # argmax(logits) == label (bool)
+    grad: torch.Tensor | None  # d(batch loss)/d(logits), or None when not asked for
+
+
+def _record(errors: torch.Tensor, count_slot: int, value_slot: int, bad: torch.Tensor, values: torch.Tensor):
+    n = int(bad.sum())
+    if n:
+        if int(errors[count_slot]) == 0:
+            errors[value_slot] = int(values[bad][0])
+        errors[count_slot] += n
+
+
+def step_reference(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    indices: torch.Tensor,
+    *,
+    scores: torch.Tensor,
+    visits: torch.Tensor,
+    consistency: torch.Tensor,
+    weights: torch.Tensor,
+    stamp: torch.Tensor,
+    errors: torch.Tensor,
+    step_id: int,
+    ema: float,
+    scale: float,
+    label_smoothing: float = 0.0,
+    ignore_index: int = -100,
+    emb_mode: int = K.EMB_NONE,
+    emb: torch.Tensor | None = None,
+    text: torch.Tensor | None = None,
+    grad: torch.Tensor | None = None,
+    compute_dtype: torch.dtype = torch.float32,
+) -> StepOutput:
+    """Fused step semantics, one row after another.
+
+    Updates ``scores``, ``visits``, ``consistency``, ``stamp`` and ``errors`` in
+    place and, when ``grad`` is given (it may alias ``logits``), writes the
+    gradient of ``sum_i weights[idx_i] * ce_i * scale`` into it.  Rows with a
+    label outside [0, C) (other than ``ignore_index``) or an index outside
+    [0, N) are recorded in ``errors`` and contribute nothing.  Rows with
+    non-finite loss are recorded and leave the state untouched.  When an index
+    repeats within the batch, only its first finite row updates the state.
+    """
+    B, C = logits.shape
+    N = scores.numel()
+    dev = logits.device
+    z = logits.to(compute_dtype)
+    labels = labels.to(torch.int64)
+    indices = indices.to(torch.int64)
+
+    ignored = labels == ignore_index
+    bad_label = ~ignored & ((labels < 0) | (labels >= C))
+    bad_index = (indices < 0) | (indices >= N)
+    _record(errors, K.ERR_LABEL_COUNT, K.ERR_LABEL_VALUE, bad_label, labels)
+    _record(errors, K.ERR_INDEX_COUNT, K.ERR_INDEX_VALUE, bad_index, indices)
+    ok = ~(ignored | bad_label | bad_index)
+
+    y = torch.where(ok, labels, torch.zeros_like(labels))
+    n = torch.where(ok, indices, torch.zeros_like(indices))
+    lse = torch.logsumexp(z, dim=1)
+    z_y = z.gather(1, y[:, None])[:, 0]
+    nll = lse - z_y
+    eps = float(label_smoothing)
+    ce = lse - (1.0 - eps) * z_y - eps * z.mean(dim=1) if eps else nll
+    finite = torch.isfinite(ce)
+    nonfinite = ok & ~finite
+    _record(errors, K.ERR_NONFINITE_COUNT, K.ERR_NONFINITE_ROW, nonfinite, torch.arange(B, device=dev))
+
+    w = torch.where(ok, weights.to(compute_dtype)[n], torch.zeros((), dtype=compute_dtype, device=dev))
+    zero = torch.zeros((), dtype=compute_dtype, device=dev)
+    ce_out = torch.where(ok, ce, zero)
+    contrib = torch.where(ok, w * ce * scale, zero)
+    correct = ok & (z.argmax(dim=1) == y) & finite
+
+    if grad is not None:
+        g = torch.softmax(z, dim=1)
+        g = g - eps / C
+        g.scatter_add_(1, y[:, None], torch.full((B, 1), -(1.0 - eps), dtype=compute_dtype, device=dev))
+        g = g * (w * scale)[:, None]
+        g = torch.where(ok[:, None], g, zero)
+        grad.copy_(g.to(grad.dtype))
+
+    # --- state update: valid finite rows, first occurrence of each index wins ---
+    upd = ok & finite
+    rows = torch.nonzero(upd)[:, 0]
+    if rows.numel():
+        idx_rows = n[rows]
+        sorted_idx, perm = torch.sort(idx_rows, stable=True)
+        repeat = torch.zeros_like(sorted_idx, dtype=torch.bool)
+        repeat[1:] = sorted_idx[1:] == sorted_idx[:-1]
+        dup_rows = rows[perm[repeat]]
+        _record(errors, K.ERR_DUP_COUNT, K.ERR_DUP_VALUE, torch.isin(torch.arange(B, device=dev), dup_rows),
+                n)
+        rows = rows[perm[~repeat]]
+    if rows.numel():
+        idx = n[rows]
+        stamp[idx] = step_id
+        first = visits[idx] == 0
+        s_new = nll[rows].to(torch.float32)
+        s_old = scores[idx]
+        scores[idx] = torch.where(first, s_new, ema * s_old + (1.0 - ema) * s_new).to(scores.dtype)
+        if emb_mode != K.EMB_NONE:
+            e = emb[idx] if emb_mode == K.EMB_TABLE else emb[rows]
+            t = text[y[rows]]
+            cos = cosine(e.to(compute_dtype), t.to(compute_dtype)).to(torch.float32)
+            c_old = consistency[idx]
+            if emb_mode == K.EMB_TABLE:
+                consistency[idx] = torch.where(first, cos, c_old)
+            else:
+                consistency[idx] = torch.where(first, cos, ema * c_old + (1.0 - ema) * cos)
+        visits[idx] += 1
+
+    return StepOutput(ce=ce_out, contrib=contrib, correct=correct, grad=grad)
+
+
+def cosine(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """Row-wise cosine; each norm is clamped at ``eps`` (zero rows give 0)."""
+    na = a.norm(dim=-1).clamp_min(eps)
+    nb = b.norm(dim=-1).clamp_min(eps)
+    return (a * b).sum(dim=-1) / (na * nb)
+
+
+def scale_grad_reference(grad: torch.Tensor, grad_output: torch.Tensor) -> torch.Tensor:
+    """Backward of the scalar loss: grad * grad_output (in place)."""
+    return grad.mul_(grad_output.to(grad.dtype))
+
+
+# ---------------------------------------------------------------------------
+# Epoch selection
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class Selection:
+    """Result of one epoch selection; every tensor lives on the state's device."""
+
+    order: torch.Tensor  # all N indices: the kept ones first, shuffled; then the rest
+    n_keep: torch.Tensor  # number of kept samples (0-d int64)
+    keep: torch.Tensor  # bool[N]
+    weights: torch.Tensor  # float32[N] unbiasing weights for the epoch
+    noisy: torch.Tensor  # bool[N] flagged as likely mislabeled
+    priority: torch.Tensor  # float32[N] (meaningful for seen samples)
+    drop_prob: torch.Tensor  # 0-d float32: infobatch drop probability (0 for other policies)
+
+
+def masked_median(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Lower median of ``values[mask]`` as a 0-d tensor, without a host sync (NaN if empty)."""
+    return torch.where(mask, values, torch.full_like(values, float("nan"))).nanmedian()
+
+
+def rank_among(values: torch.Tensor, mask: torch.Tensor, descending: bool) -> torch.Tensor:
+    """Rank (0 = first) of each masked element by value, ties by index; unmasked get N."""
+    n = values.numel()
+    fill = float("-inf") if descending else float("inf")
+    if not values.is_floating_point():
+        fill = torch.iinfo(values.dtype).min if descending else torch.iinfo(values.dtype).max
+    v = torch.where(mask, values, torch.full_like(values, fill))
+    order = torch.sort(v, descending=descending, stable=True).indices
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(n, device=values.device)
+    return torch.where(mask, rank, torch.full_like(rank, n))
+
+
+def noise_mask(scores, consistency, seen, noise_ratio: float) -> torch.Tensor:
+    """The floor(noise_ratio * n_seen) least consistent samples among those with above-median loss."""
+    med = masked_median(scores, seen)
+    high = seen & (scores > med)
+    k = torch.floor(seen.sum() * noise_ratio).to(torch.int64)
+    return high & (rank_among(consistency, high, descending=False) < k)
+
+
+def consistency_stats(consistency, mask) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and standard deviation of ``consistency[mask]`` (0 and 1 when empty)."""
+    m = mask.to(torch.float32)
+    n = m.sum()
+    mu = (consistency * m).sum() / n.clamp_min(1.0)
+    var = (((consistency - mu) ** 2) * m).sum() / n.clamp_min(1.0)
+    sd = torch.where(n > 1, var.sqrt(), torch.ones_like(var))
+    return mu, sd
+
+
+def priority_reference(scores, visits, consistency, noisy, mu, sd, semantic_weight: float, use_consistency: bool):
+    """Sample class (unseen / eligible / noisy) and priority p = s * sigmoid(gamma * (c - mu) / sd)."""
+    seen = visits > 0
+    cls = torch.where(seen, K.CLS_ELIGIBLE, K.CLS_UNSEEN)
+    cls = torch.where(noisy, K.CLS_NOISY, cls).to(torch.int8)
+    if use_consistency:
+        z = (consistency - mu) / sd.clamp_min(1e-6)
+        p = scores * torch.sigmoid(semantic_weight * z)
+    else:
+        p = scores.clone()
+    return cls, p.to(torch.float32)
+
+
+@dataclass
+class PolicyStats:
+    """Device scalars the finalize pass needs."""
+
+    budget: torch.Tensor  # int64: eligible samples the ranked policies may keep
+    mean_p: torch.Tensor  # float32: infobatch threshold
+    drop_prob: torch.Tensor  # float32: infobatch drop probability among below-mean samples
+    up_weight: torch.Tensor  # float32: 1 / (1 - drop_prob)
+
+
+def policy_stats(cls, prio, keep_count: int, max_drop: float) -> PolicyStats:
+    """Budget, mean priority and the drop probability that makes E[kept] = keep_count."""
+    unseen = cls == K.CLS_UNSEEN
+    elig = cls == K.CLS_ELIGIBLE
+    n_unseen = unseen.sum()
+    n_elig = elig.sum()
+    budget = (keep_count - n_unseen).clamp_min(0)
+    mean_p = (torch.where(elig, prio, torch.zeros_like(prio)).sum() / n_elig.clamp_min(1)).to(torch.float32)
+    low = elig & (prio < mean_p)
+    n_low = low.sum()
+    want = (n_unseen + n_elig - keep_count).clamp_min(0)
+    drop = (want.to(torch.float32) / n_low.clamp_min(1).to(torch.float32)).clamp(0.0, max_drop)
+    return PolicyStats(budget=budget, mean_p=mean_p, drop_prob=drop, up_weight=1.0 / (1.0 - drop))
+
+
+def shuffle_key(keep: torch.Tensor, r0: torch.Tensor, r1: torch.Tensor) -> torch.Tensor:
+    """Sort key: a 62-bit random number for kept samples, 2**62 + index for the rest."""
+    rnd = (r0 << 30) | (r1 >> 2)
+    i = torch.arange(keep.numel(), device=keep.device)
+    return torch.where(keep, rnd, K.SHUFFLE_DROPPED_BASE + i)
+
+
+def finalize_reference(cls, prio, rank, stats: PolicyStats, policy: int, seed: int, epoch: int):
+    """Keep mask, weights and shuffle keys for every sample."""
+    n = cls.numel()
+    dev = cls.device
+    active = cls != K.CLS_NOISY
+    ones = torch.ones(n, dtype=torch.float32, device=dev)
+    if policy == K.POLICY_FULL:
+        keep, w = active, ones
+    elif policy == K.POLICY_INFOBATCH:
+        r0, _ = random_words(seed, n, epoch, K.STREAM_DROP, dev)
+        low = (cls == K.CLS_ELIGIBLE) & (prio < stats.mean_p)
+        drop = low & (uniform_from_word(r0) < stats.drop_prob)
+        keep = active & ~drop
+        w = torch.where(low & keep, stats.up_weight.expand(n), ones)
+    elif policy == K.POLICY_RANKED:
+        keep = (cls == K.CLS_UNSEEN) | ((cls == K.CLS_ELIGIBLE) & (rank < stats.budget))
+        w = ones
+    else:
+        raise ValueError(f"unknown policy code {policy}")
+    s0, s1 = random_words(seed, n, epoch, K.STREAM_SHUFFLE, dev)
+    return keep, w, shuffle_key(keep, s0, s1)
+
+
+POLICY_CODES = {"full": K.POLICY_FULL, "infobatch": K.POLICY_INFOBATCH, "topk": K.POLICY_RANKED,
+                "random": K.POLICY_RANKED}
+
+
+def selection_ranks(policy: str, cls, prio, seed: int, epoch: int):
+    """Rank among eligible samples for the ranked policies (None otherwise)."""
+    elig = cls == K.CLS_ELIGIBLE
+    if policy == "topk":
+        return rank_among(prio, elig, descending=True)
+    if policy == "random":
+        r0, _ = random_words(seed, cls.numel(), epoch, K.STREAM_RANDOM, cls.device)
+        return rank_among(r0, elig, descending=False)
+    return None
+
+
+def select_reference(
+    scores: torch.Tensor,
+    visits: torch.Tensor,
+    consistency: torch.Tensor,
+    *,
+    use_consistency: bool,
+    policy: str,
+    keep_ratio: float,
+    noise_ratio: float,
+    semantic_weight: float,
+    max_drop: float,
+    seed: int,
+    epoch: int,
+    finalize=finalize_reference,
+    priority=priority_reference,
+) -> Selection:
+    """Next epoch's selection (see DESIGN §3).  ``finalize``/``priority`` swap in kernels."""
+    n = scores.numel()
+    seen = visits > 0
+    if use_consistency and noise_ratio > 0:
+        noisy = noise_mask(scores, consistency, seen, noise_ratio)
+    else:
+        noisy = torch.zeros(n, dtype=torch.bool, device=scores.device)
+    if use_consistency:
+        mu, sd = consistency_stats(consistency, seen & ~noisy)
+    else:
+        mu = sd = torch.ones((), device=scores.device)
+    cls, prio = priority(scores, visits, consistency, noisy, mu, sd, semantic_weight, use_consistency)
+    keep_count = int(round(keep_ratio * n))
+    stats = policy_stats(cls, prio, keep_count, max_drop)
+    rank = selection_ranks(policy, cls, prio, seed, epoch)
+    keep, w, key = finalize(cls, prio, rank, stats, POLICY_CODES[policy], seed, epoch)
+    order = torch.sort(key, stable=True).indices
+    drop_prob = stats.drop_prob if policy == "infobatch" else torch.zeros((), device=scores.device)
+    return Selection(order=order, n_keep=keep.sum(), keep=keep, weights=w, noisy=noisy, priority=prio,
+                     drop_prob=drop_prob)

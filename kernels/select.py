@@ -1,0 +1,124 @@
+"""Epoch selection on the device: priority, policy decisions, weights and shuffle keys.
+
+The per-sample work is two fused elementwise passes over the N scores
+(``priority_kernel``, ``finalize_kernel``).  The order statistics between
+them (median, ranks, the final shuffle) use ``torch.sort``-based helpers from
+``reference.py``, which are the best tool for them on a GPU.  Random draws use
+the same counter-based Philox as the reference, so every device makes the
+same decisions from the same state.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import common as K
+from .reference import PolicyStats
+
+BLOCK = 1024
+
+
+@triton.jit
+def _mulhilo(a, b: tl.constexpr):
+    prod = a.to(tl.uint64) * b
+    return (prod >> 32).to(tl.uint32), prod.to(tl.uint32)
+
+
+@triton.jit
+def philox_words(k0, k1, i, epoch, stream: tl.constexpr):
+    """Philox-4x32-10 with counter (i_lo, i_hi, epoch, stream); returns the first two words."""
+    c0 = (i & 0xFFFFFFFF).to(tl.uint32)
+    c1 = (i >> 32).to(tl.uint32)
+    c2 = tl.zeros_like(c0) + epoch.to(tl.uint32)
+    c3 = tl.zeros_like(c0) + stream
+    key0 = k0.to(tl.uint32)
+    key1 = k1.to(tl.uint32)
+    for _ in tl.static_range(10):
+        hi_b, lo_b = _mulhilo(c2, 0xCD9E8D57)
+        hi_a, lo_a = _mulhilo(c0, 0xD2511F53)
+        c0, c1, c2, c3 = hi_b ^ c1 ^ key0, lo_b, hi_a ^ c3 ^ key1, lo_a
+        key0 = key0 + 0x9E3779B9
+        key1 = key1 + 0xBB67AE85
+    return c0, c1
+
+
+@triton.jit
+def priority_kernel(scores_ptr, visits_ptr, cons_ptr, noisy_ptr, mu_ptr, sd_ptr, cls_ptr, prio_ptr,
+                    N, semantic_weight, USE_CONS: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    m = offs < N
+    s = tl.load(scores_ptr + offs, mask=m, other=0.0)
+    seen = tl.load(visits_ptr + offs, mask=m, other=0) > 0
+    noisy = tl.load(noisy_ptr + offs, mask=m, other=0) != 0
+    cls = tl.where(noisy, 2, tl.where(seen, 1, 0)).to(tl.int8)
+    if USE_CONS:
+        c = tl.load(cons_ptr + offs, mask=m, other=0.0)
+        mu = tl.load(mu_ptr)
+        sd = tl.maximum(tl.load(sd_ptr), 1e-6)
+        zc = semantic_weight * ((c - mu) / sd)
+        p = s * (1.0 / (1.0 + tl.exp(-zc)))
+    else:
+        p = s
+    tl.store(cls_ptr + offs, cls, mask=m)
+    tl.store(prio_ptr + offs, p, mask=m)
+
+
+@triton.jit(do_not_specialize=["k0", "k1", "epoch"])
+def finalize_kernel(cls_ptr, prio_ptr, rank_ptr, budget_ptr, mean_ptr, drop_ptr, upw_ptr,
+                    keep_ptr, w_ptr, key_ptr, N, k0, k1, epoch,
+                    POLICY: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    m = offs < N
+    cls = tl.load(cls_ptr + offs, mask=m, other=2)
+    active = cls != 2
+    w = tl.full([BLOCK], 1.0, tl.float32)
+    if POLICY == 0:  # full
+        keep = active
+    elif POLICY == 1:  # infobatch
+        p = tl.load(prio_ptr + offs, mask=m, other=0.0)
+        low = (cls == 1) & (p < tl.load(mean_ptr))
+        r0, _ = philox_words(k0, k1, offs, epoch, 0)
+        u = (r0 >> 8).to(tl.float32) * (1.0 / 16777216.0)
+        keep = active & ~(low & (u < tl.load(drop_ptr)))
+        w = tl.where(low & keep, tl.load(upw_ptr), w)
+    else:  # ranked: topk and random
+        rank = tl.load(rank_ptr + offs, mask=m, other=0)
+        keep = (cls == 0) | ((cls == 1) & (rank < tl.load(budget_ptr)))
+    s0, s1 = philox_words(k0, k1, offs, epoch, 1)
+    rnd = (s0.to(tl.int64) << 30) | (s1 >> 2).to(tl.int64)
+    key = tl.where(keep, rnd, (1 << 62) + offs)
+    tl.store(keep_ptr + offs, keep.to(tl.int8), mask=m)
+    tl.store(w_ptr + offs, w, mask=m)
+    tl.store(key_ptr + offs, key, mask=m)
+
+
+def priority_triton(scores, visits, consistency, noisy, mu, sd, semantic_weight: float, use_consistency: bool):
+    """Drop-in for ``reference.priority_reference``."""
+    n = scores.numel()
+    cls = torch.empty(n, dtype=torch.int8, device=scores.device)
+    prio = torch.empty(n, dtype=torch.float32, device=scores.device)
+    mu = torch.as_tensor(mu, dtype=torch.float32, device=scores.device).reshape(())
+    sd = torch.as_tensor(sd, dtype=torch.float32, device=scores.device).reshape(())
+    priority_kernel[(triton.cdiv(n, BLOCK),)](
+        scores, visits, consistency, noisy.view(torch.int8), mu, sd, cls, prio, n, float(semantic_weight),
+        USE_CONS=bool(use_consistency), BLOCK=BLOCK, num_warps=4)
+    return cls, prio
+
+
+def finalize_triton(cls, prio, rank, stats: PolicyStats, policy: int, seed: int, epoch: int):
+    """Drop-in for ``reference.finalize_reference``."""
+    n = cls.numel()
+    dev = cls.device
+    keep = torch.empty(n, dtype=torch.int8, device=dev)
+    w = torch.empty(n, dtype=torch.float32, device=dev)
+    key = torch.empty(n, dtype=torch.int64, device=dev)
+    k0, k1 = K.seed_keys(seed)
+    rank = cls if rank is None else rank  # placeholder, read only by the ranked policy
+    scal = [torch.as_tensor(v, device=dev).reshape(()) for v in
+            (stats.budget, stats.mean_p, stats.drop_prob, stats.up_weight)]
+    finalize_kernel[(triton.cdiv(n, BLOCK),)](
+        cls, prio, rank, *scal, keep, w, key, n, k0, k1, epoch & 0xFFFFFFFF,
+        POLICY=policy, BLOCK=BLOCK, num_warps=4)
+    return keep.view(torch.bool), w, key

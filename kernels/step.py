@@ -1,0 +1,298 @@
+"""Fused per-batch step: cross-entropy, its gradient, CLIP consistency, EMA score update.
+
+One launch reads each row of logits once (twice when C is larger than one
+tile) and writes, in the same pass: the per-sample loss, the gradient of the
+weighted batch loss with respect to the logits (optionally in place), the
+sample's EMA score, visit count and consistency.  Nothing here talks to the
+host: bad labels, bad indices, non-finite rows and duplicate indices are
+counted in a small device buffer that the pruner reads asynchronously.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from . import common as K
+from .reference import StepOutput
+
+# Tile shapes by number of classes: (max C, BLOCK_B, BLOCK_C, BLOCK_D, single pass, num_warps).
+# Each tile holds 4096 logits; C above the last single-pass size streams in 4096-wide chunks.
+TILES = (
+    (128, 32, 128, 128, True, 4),
+    (1024, 4, 1024, 512, True, 4),
+    (4096, 1, 4096, 512, True, 8),
+    (None, 1, 4096, 512, False, 8),
+)
+MAX_CLASSES = 1 << 18  # 262,144: int32 column offsets stay far from overflow
+
+
+@dataclass(frozen=True)
+class StepConfig:
+    """One compiled specialisation's constexprs and launch options."""
+
+    BLOCK_B: int
+    BLOCK_C: int
+    BLOCK_D: int
+    SINGLE: bool
+    num_warps: int
+
+
+def step_config(num_classes: int) -> StepConfig:
+    for max_c, bb, bc, bd, single, warps in TILES:
+        if max_c is None or num_classes <= max_c:
+            return StepConfig(bb, bc, bd, single, warps)
+    raise AssertionError("unreachable")
+
+
+def vector_width(dtype: torch.dtype) -> int:
+    """Elements per 16-byte vector load."""
+    return 16 // torch.empty((), dtype=dtype).element_size()
+
+
+@triton.jit
+def _col_mask(cols, C, VEC: tl.constexpr):
+    # Written in whole vectors so the compiler can prove 16-byte alignment.
+    if VEC > 1:
+        return (cols // VEC) < (C // VEC)
+    else:
+        return cols < C
+
+
+@triton.jit
+def _record_error(err_ptr, count_slot: tl.constexpr, value_slot: tl.constexpr, bad, rows, values, BIG):
+    cnt = tl.sum(bad.to(tl.int64), axis=0)
+    if cnt > 0:
+        old = tl.atomic_add(err_ptr + count_slot, cnt)
+        if old == 0:
+            first = tl.min(tl.where(bad, rows, BIG), axis=0)
+            example = tl.sum(tl.where(rows == first, values, 0), axis=0)
+            tl.store(err_ptr + value_slot, example)
+
+
+@triton.jit(do_not_specialize=["step_id", "write_grad", "ignore_index"])
+def fused_step_kernel(
+    logits_ptr, grad_ptr, labels_ptr, indices_ptr, emb_ptr, text_ptr,
+    scores_ptr, visits_ptr, cons_ptr, weights_ptr, stamp_ptr, err_ptr,
+    ce_ptr, contrib_ptr, correct_ptr,
+    B, C, N, D, stride_l, stride_g, stride_e, stride_t,
+    step_id, write_grad, ignore_index, ema, scale, smoothing,
+    BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+    SINGLE: tl.constexpr, VEC: tl.constexpr, EMB_MODE: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_B + tl.arange(0, BLOCK_B)
+    row_in = rows < B
+    rows64 = rows.to(tl.int64)
+    BIG = 2147483647
+
+    y = tl.load(labels_ptr + rows64, mask=row_in, other=0)
+    n = tl.load(indices_ptr + rows64, mask=row_in, other=0)
+    ignored = y == ignore_index
+    bad_label = row_in & (~ignored) & ((y < 0) | (y >= C))
+    bad_index = row_in & ((n < 0) | (n >= N))
+    _record_error(err_ptr, 0, 1, bad_label, rows, y, BIG)
+    _record_error(err_ptr, 2, 3, bad_index, rows, n, BIG)
+    ok = row_in & (~ignored) & (~bad_label) & (~bad_index)
+    y = tl.where(ok, y, 0)
+    n = tl.where(ok, n, 0)
+    w = tl.load(weights_ptr + n, mask=ok, other=0.0)
+
+    l_rows = tl.multiple_of(rows64 * stride_l, VEC)
+    g_rows = tl.multiple_of(rows64 * stride_g, VEC)
+    y2 = y[:, None].to(tl.int32)
+    inv_c = 1.0 / C
+    gscale = w * scale
+    NEG_INF = float("-inf")
+
+    # ---- pass over the logits: online logsumexp, target logit, row sum, argmax ----
+    if SINGLE:
+        cols = tl.arange(0, BLOCK_C)
+        m2 = row_in[:, None] & _col_mask(cols, C, VEC)[None, :]
+        x = tl.load(logits_ptr + l_rows[:, None] + cols[None, :], mask=m2, other=NEG_INF).to(tl.float32)
+        mx = tl.max(x, axis=1)
+        mx_safe = tl.where(mx == NEG_INF, 0.0, mx)
+        e = tl.exp(x - mx_safe[:, None])
+        denom = tl.sum(e, axis=1)
+        lse = mx_safe + tl.log(denom)
+        is_y = cols[None, :] == y2
+        z_y = tl.sum(tl.where(is_y, x, 0.0), axis=1)
+        z_sum = tl.sum(tl.where(m2, x, 0.0), axis=1)
+        arg = tl.argmax(x, axis=1)
+        if write_grad:
+            p = e / denom[:, None]
+            g = (p - smoothing * inv_c - tl.where(is_y, 1.0 - smoothing, 0.0)) * gscale[:, None]
+            g = tl.where(ok[:, None], g, 0.0)
+            tl.store(grad_ptr + g_rows[:, None] + cols[None, :], g.to(grad_ptr.dtype.element_ty), mask=m2)
+    else:
+        m = tl.full([BLOCK_B], NEG_INF, tl.float32)
+        denom = tl.zeros([BLOCK_B], tl.float32)
+        z_y = tl.zeros([BLOCK_B], tl.float32)
+        z_sum = tl.zeros([BLOCK_B], tl.float32)
+        best = tl.full([BLOCK_B], NEG_INF, tl.float32)
+        arg = tl.zeros([BLOCK_B], tl.int32)
+        for c0 in range(0, C, BLOCK_C):
+            cols = c0 + tl.arange(0, BLOCK_C)
+            m2 = row_in[:, None] & _col_mask(cols, C, VEC)[None, :]
+            x = tl.load(logits_ptr + l_rows[:, None] + cols[None, :], mask=m2, other=NEG_INF).to(tl.float32)
+            bmax = tl.max(x, axis=1)
+            m_new = tl.maximum(m, bmax)
+            m_safe = tl.where(m_new == NEG_INF, 0.0, m_new)
+            denom = denom * tl.exp(m - m_safe) + tl.sum(tl.exp(x - m_safe[:, None]), axis=1)
+            m = m_new
+            z_y += tl.sum(tl.where(cols[None, :] == y2, x, 0.0), axis=1)
+            z_sum += tl.sum(tl.where(m2, x, 0.0), axis=1)
+            barg = tl.argmax(x, axis=1) + c0
+            better = bmax > best
+            arg = tl.where(better, barg, arg)
+            best = tl.where(better, bmax, best)
+        mx_safe = tl.where(m == NEG_INF, 0.0, m)
+        lse = mx_safe + tl.log(denom)
+        if write_grad:
+            for c0 in range(0, C, BLOCK_C):
+                cols = c0 + tl.arange(0, BLOCK_C)
+                m2 = row_in[:, None] & _col_mask(cols, C, VEC)[None, :]
+                x = tl.load(logits_ptr + l_rows[:, None] + cols[None, :], mask=m2, other=NEG_INF).to(tl.float32)
+                p = tl.exp(x - lse[:, None])
+                is_y = cols[None, :] == y2
+                g = (p - smoothing * inv_c - tl.where(is_y, 1.0 - smoothing, 0.0)) * gscale[:, None]
+                g = tl.where(ok[:, None], g, 0.0)
+                tl.store(grad_ptr + g_rows[:, None] + cols[None, :], g.to(grad_ptr.dtype.element_ty), mask=m2)
+
+    # ---- per-sample loss ----
+    nll = lse - z_y
+    ce = tl.where(smoothing > 0, lse - (1.0 - smoothing) * z_y - smoothing * (z_sum * inv_c), nll)
+    finite = (ce == ce) & (tl.abs(ce) != float("inf"))
+    _record_error(err_ptr, 4, 5, ok & (~finite), rows, rows64, BIG)
+    tl.store(ce_ptr + rows64, tl.where(ok, ce, 0.0), mask=row_in)
+    tl.store(contrib_ptr + rows64, tl.where(ok, w * ce * scale, 0.0), mask=row_in)
+    correct = ok & finite & (arg == y.to(tl.int32))
+    tl.store(correct_ptr + rows64, correct.to(tl.int8), mask=row_in)
+
+    # ---- state update: one row per index per step (the stamp makes duplicates safe) ----
+    upd = ok & finite
+    old_stamp = tl.atomic_xchg(stamp_ptr + n, step_id, mask=upd)
+    dup = upd & (old_stamp == step_id)
+    _record_error(err_ptr, 6, 7, dup, rows, n, BIG)
+    upd = upd & (~dup)
+    v = tl.load(visits_ptr + n, mask=upd, other=0)
+    first = v == 0
+    s_old = tl.load(scores_ptr + n, mask=upd & (~first), other=0.0)
+    s_new = tl.where(first, nll, ema * s_old + (1.0 - ema) * nll)
+    tl.store(scores_ptr + n, s_new, mask=upd)
+    tl.store(visits_ptr + n, v + 1, mask=upd)
+
+    if EMB_MODE != 0:
+        if EMB_MODE == 1:
+            need = upd & first  # fixed table: computed once, on the first visit
+            e_rows = n * stride_e
+        else:
+            need = upd
+            e_rows = rows64 * stride_e
+        t_rows = y * stride_t
+        dot = tl.zeros([BLOCK_B], tl.float32)
+        ee = tl.zeros([BLOCK_B], tl.float32)
+        tt = tl.zeros([BLOCK_B], tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            dcols = d0 + tl.arange(0, BLOCK_D)
+            dm = need[:, None] & (dcols < D)[None, :]
+            ev = tl.load(emb_ptr + e_rows[:, None] + dcols[None, :], mask=dm, other=0.0).to(tl.float32)
+            tv = tl.load(text_ptr + t_rows[:, None] + dcols[None, :], mask=dm, other=0.0).to(tl.float32)
+            dot += tl.sum(ev * tv, axis=1)
+            ee += tl.sum(ev * ev, axis=1)
+            tt += tl.sum(tv * tv, axis=1)
+        cos = dot / (tl.maximum(tl.sqrt(ee), 1e-8) * tl.maximum(tl.sqrt(tt), 1e-8))
+        if EMB_MODE == 2:
+            c_old = tl.load(cons_ptr + n, mask=upd & (~first), other=0.0)
+            cos = tl.where(first, cos, ema * c_old + (1.0 - ema) * cos)
+        tl.store(cons_ptr + n, cos, mask=need)
+
+
+@triton.jit
+def scale_grad_kernel(grad_ptr, go_ptr, B, C, stride_g, BLOCK: tl.constexpr):
+    """grad *= grad_output, skipped on the device when grad_output == 1 (the usual case)."""
+    go = tl.load(go_ptr).to(tl.float32)
+    if go != 1.0:
+        pid = tl.program_id(0)
+        n_chunks = tl.cdiv(C, BLOCK)
+        row = (pid // n_chunks).to(tl.int64)
+        cols = (pid % n_chunks) * BLOCK + tl.arange(0, BLOCK)
+        ptrs = grad_ptr + row * stride_g + cols
+        g = tl.load(ptrs, mask=cols < C, other=0.0).to(tl.float32)
+        tl.store(ptrs, (g * go).to(grad_ptr.dtype.element_ty), mask=cols < C)
+
+
+SCALE_BLOCK = 1024
+
+
+def launch_scale_grad(grad: torch.Tensor, grad_output: torch.Tensor) -> torch.Tensor:
+    B, C = grad.shape
+    n_chunks = triton.cdiv(C, SCALE_BLOCK)
+    scale_grad_kernel[(B * n_chunks,)](grad, grad_output, B, C, grad.stride(0), BLOCK=SCALE_BLOCK, num_warps=4)
+    return grad
+
+
+def _aligned(t: torch.Tensor, vec: int) -> bool:
+    return t.data_ptr() % 16 == 0 and t.stride(0) % vec == 0
+
+
+def launch_step(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    indices: torch.Tensor,
+    *,
+    scores: torch.Tensor,
+    visits: torch.Tensor,
+    consistency: torch.Tensor,
+    weights: torch.Tensor,
+    stamp: torch.Tensor,
+    errors: torch.Tensor,
+    step_id: int,
+    ema: float,
+    scale: float,
+    label_smoothing: float = 0.0,
+    ignore_index: int = -100,
+    emb_mode: int = K.EMB_NONE,
+    emb: torch.Tensor | None = None,
+    text: torch.Tensor | None = None,
+    grad: torch.Tensor | None = None,
+    ce: torch.Tensor | None = None,
+    contrib: torch.Tensor | None = None,
+    correct: torch.Tensor | None = None,
+) -> StepOutput:
+    """Launch the fused step; same contract as ``reference.step_reference``.
+
+    ``logits`` must have unit column stride (any row stride); ``grad`` likewise
+    and may alias ``logits``.  Inputs are assumed validated by the caller for
+    shape, dtype and device; values are checked on the device.
+    """
+    B, C = logits.shape
+    cfg = step_config(C)
+    vec = vector_width(logits.dtype)
+    write_grad = grad is not None
+    g = grad if write_grad else logits  # never written when write_grad == 0
+    if not (C % vec == 0 and _aligned(logits, vec) and _aligned(g, vec)):
+        vec = 1
+    dev = logits.device
+    ce = torch.empty(B, dtype=torch.float32, device=dev) if ce is None else ce
+    contrib = torch.empty(B, dtype=torch.float32, device=dev) if contrib is None else contrib
+    correct = torch.empty(B, dtype=torch.int8, device=dev) if correct is None else correct
+    if emb_mode == K.EMB_NONE:
+        emb = text = scores  # unused placeholders
+        D, stride_e, stride_t = 1, 0, 0
+    else:
+        D, stride_e, stride_t = emb.shape[1], emb.stride(0), text.stride(0)
+    grid = (triton.cdiv(B, cfg.BLOCK_B),)
+    fused_step_kernel[grid](
+        logits, g, labels, indices, emb, text,
+        scores, visits, consistency, weights, stamp, errors,
+        ce, contrib, correct,
+        B, C, scores.numel(), D, logits.stride(0), g.stride(0), stride_e, stride_t,
+        step_id, int(write_grad), ignore_index, ema, scale, label_smoothing,
+        BLOCK_B=cfg.BLOCK_B, BLOCK_C=cfg.BLOCK_C, BLOCK_D=cfg.BLOCK_D, SINGLE=cfg.SINGLE, VEC=vec,
+        EMB_MODE=emb_mode, num_warps=cfg.num_warps,
+    )
+    return StepOutput(ce=ce, contrib=contrib, correct=correct.view(torch.bool), grad=grad)
