@@ -5,9 +5,10 @@
     order = pruner.next_epoch()                   # the next epoch's shuffled sample list
 """
 
+from . import data
 from .policies import POLICIES
 from .pruner import DynamicPruner, EpochSampler
 
 __version__ = "0.1.0"
 
-__all__ = ["POLICIES", "DynamicPruner", "EpochSampler", "__version__"]
+__all__ = ["POLICIES", "data", "DynamicPruner", "EpochSampler", "__version__"]

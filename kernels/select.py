@@ -44,7 +44,7 @@ def philox_words(k0, k1, i, epoch, stream: tl.constexpr):
     return c0, c1
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N"])
 def priority_kernel(scores_ptr, visits_ptr, cons_ptr, noisy_ptr, mu_ptr, sd_ptr, cls_ptr, prio_ptr,
                     N, semantic_weight, USE_CONS: tl.constexpr, BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -65,7 +65,7 @@ def priority_kernel(scores_ptr, visits_ptr, cons_ptr, noisy_ptr, mu_ptr, sd_ptr,
     tl.store(prio_ptr + offs, p, mask=m)
 
 
-@triton.jit(do_not_specialize=["k0", "k1", "epoch"])
+@triton.jit(do_not_specialize=["N", "k0", "k1", "epoch"])
 def finalize_kernel(cls_ptr, prio_ptr, rank_ptr, budget_ptr, mean_ptr, drop_ptr, upw_ptr,
                     keep_ptr, w_ptr, key_ptr, N, k0, k1, epoch,
                     POLICY: tl.constexpr, BLOCK: tl.constexpr):
@@ -107,6 +107,11 @@ def priority_triton(scores, visits, consistency, noisy, mu, sd, semantic_weight:
     return cls, prio
 
 
+def _as_i32(k: int) -> int:
+    """A uint32 key as the int32 with the same bits (keeps the kernel's argument type fixed)."""
+    return k - (1 << 32) if k >= (1 << 31) else k
+
+
 def finalize_triton(cls, prio, rank, stats: PolicyStats, policy: int, seed: int, epoch: int):
     """Drop-in for ``reference.finalize_reference``."""
     n = cls.numel()
@@ -114,11 +119,11 @@ def finalize_triton(cls, prio, rank, stats: PolicyStats, policy: int, seed: int,
     keep = torch.empty(n, dtype=torch.int8, device=dev)
     w = torch.empty(n, dtype=torch.float32, device=dev)
     key = torch.empty(n, dtype=torch.int64, device=dev)
-    k0, k1 = K.seed_keys(seed)
+    k0, k1 = (_as_i32(k) for k in K.seed_keys(seed))
     rank = cls if rank is None else rank  # placeholder, read only by the ranked policy
     scal = [torch.as_tensor(v, device=dev).reshape(()) for v in
             (stats.budget, stats.mean_p, stats.drop_prob, stats.up_weight)]
     finalize_kernel[(triton.cdiv(n, BLOCK),)](
-        cls, prio, rank, *scal, keep, w, key, n, k0, k1, epoch & 0xFFFFFFFF,
+        cls, prio, rank, *scal, keep, w, key, n, k0, k1, _as_i32(epoch & 0xFFFFFFFF),
         POLICY=policy, BLOCK=BLOCK, num_warps=4)
     return keep.view(torch.bool), w, key

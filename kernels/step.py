@@ -20,10 +20,11 @@ from . import common as K
 from .reference import StepOutput
 
 # Tile shapes by number of classes: (max C, BLOCK_B, BLOCK_C, BLOCK_D, single pass, num_warps).
-# Each tile holds 4096 logits; C above the last single-pass size streams in 4096-wide chunks.
+# C above the last single-pass size streams in 4096-wide chunks.
+# Chosen so that no specialisation spills registers on sm_80/sm_90 (see kernels/aot.py).
 TILES = (
-    (128, 32, 128, 128, True, 4),
-    (1024, 4, 1024, 512, True, 4),
+    (128, 16, 128, 128, True, 8),
+    (1024, 2, 1024, 512, True, 4),
     (4096, 1, 4096, 512, True, 8),
     (None, 1, 4096, 512, False, 8),
 )
@@ -73,7 +74,10 @@ def _record_error(err_ptr, count_slot: tl.constexpr, value_slot: tl.constexpr, b
             tl.store(err_ptr + value_slot, example)
 
 
-@triton.jit(do_not_specialize=["step_id", "write_grad", "ignore_index"])
+# Integer arguments are never specialised on their values (B = 1, C % 16, ...): the launcher
+# chooses every specialisation explicitly through the constexprs, which is what AOT builds.
+@triton.jit(do_not_specialize=["B", "C", "N", "D", "stride_l", "stride_g", "stride_e", "stride_t",
+                               "step_id", "write_grad", "ignore_index"])
 def fused_step_kernel(
     logits_ptr, grad_ptr, labels_ptr, indices_ptr, emb_ptr, text_ptr,
     scores_ptr, visits_ptr, cons_ptr, weights_ptr, stamp_ptr, err_ptr,
@@ -211,7 +215,7 @@ def fused_step_kernel(
         tl.store(cons_ptr + n, cos, mask=need)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["B", "C", "stride_g"])
 def scale_grad_kernel(grad_ptr, go_ptr, B, C, stride_g, BLOCK: tl.constexpr):
     """grad *= grad_output, skipped on the device when grad_output == 1 (the usual case)."""
     go = tl.load(go_ptr).to(tl.float32)

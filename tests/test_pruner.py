@@ -1,0 +1,301 @@
+"""DynamicPruner behaviour: selection invariants, weights, schedule, determinism, resume, noise filter."""
+
+import io
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastprune as fp
+
+pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning:triton")
+
+
+def run_epoch(pruner, num_classes, loss_of, batch_size=64, emb=None):
+    """Feed every sample of the current epoch once; ``loss_of(idx)`` gives per-sample 'difficulty'."""
+    order = pruner.epoch_indices
+    for i in range(0, order.numel(), batch_size):
+        idx = order[i:i + batch_size]
+        labels = idx % num_classes
+        logits = torch.zeros(idx.numel(), num_classes)
+        # the label's logit sets the sample's CE: easy samples get a large margin
+        logits[torch.arange(idx.numel()), labels] = loss_of(idx)
+        logits.requires_grad_()
+        kw = {} if emb is None else {"image_emb": emb[idx]}
+        pruner.step(logits, labels, idx, **kw).backward()
+    return pruner.next_epoch()
+
+
+def margins(n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    m = torch.rand(n, generator=g) * 8 - 2
+    return lambda idx: m[idx]
+
+
+@pytest.mark.parametrize("path", ["reference_path", "kernel_path"])
+@pytest.mark.parametrize("policy", ["infobatch", "topk", "random"])
+def test_kept_fraction_matches_keep_ratio(policy, path, request):
+    request.getfixturevalue(path)
+    n, c = 2000, 10
+    pruner = fp.DynamicPruner(n, c, epochs=10, keep_ratio=0.6, policy=policy, warmup=1, anneal=0.0, device="cpu")
+    loss_of = margins(n)
+    kept = []
+    for _ in range(4):
+        kept.append(run_epoch(pruner, c, loss_of, batch_size=500).numel())
+    assert kept[0] < n  # warm-up over: epoch 1 is pruned
+    for k in kept:
+        if policy == "infobatch":
+            assert abs(k / n - 0.6) < 0.04, kept
+        else:
+            assert k == round(0.6 * n)
+    assert pruner.visits_saved > 0.2
+
+
+def test_infobatch_weights_are_unbiased(reference_path):
+    """E[keep * weight] == 1 for every sample: each sample's expected gradient is unchanged."""
+    n, c = 3000, 10
+    pruner = fp.DynamicPruner(n, c, epochs=1000, keep_ratio=0.7, policy="infobatch", warmup=0, anneal=0.0,
+                              device="cpu")
+    loss_of = margins(n, seed=3)
+    run_epoch(pruner, c, loss_of, batch_size=1000)  # scores every sample once
+    total = torch.zeros(n)
+    trials = 40
+    for _ in range(trials):
+        order = pruner.next_epoch()
+        keep = torch.zeros(n)
+        keep[order] = 1
+        total += keep * pruner.weights
+    mean = total / trials
+    low = pruner.weights > 1  # the below-mean samples in the last epoch
+    assert low.any() and pruner.history[-1]["drop_prob"] > 0
+    assert abs(mean.mean().item() - 1.0) < 0.01
+    assert (mean - 1).abs().max() < 0.8  # each sample's own expectation (40 draws) stays near 1
+    drop = pruner.history[-1]["drop_prob"]
+    assert pruner.weights.max().item() == pytest.approx(1 / (1 - drop), rel=1e-6)
+
+
+def test_infobatch_drop_capped_by_max_drop(reference_path):
+    n, c = 1000, 10
+    pruner = fp.DynamicPruner(n, c, epochs=10, keep_ratio=0.1, policy="infobatch", warmup=0, anneal=0.0,
+                              max_drop=0.5, device="cpu")
+    run_epoch(pruner, c, margins(n), batch_size=500)
+    assert pruner.history[-1]["drop_prob"] == pytest.approx(0.5)
+    assert pruner.history[-1]["kept"] > 0.4 * n  # cannot reach keep_ratio: documented
+
+
+def test_warmup_and_anneal_train_on_everything(reference_path):
+    n, c = 300, 5
+    pruner = fp.DynamicPruner(n, c, epochs=8, keep_ratio=0.5, policy="topk", warmup=2, anneal=0.25, device="cpu")
+    loss_of = margins(n)
+    for _ in range(8):
+        run_epoch(pruner, c, loss_of, batch_size=100)
+    policies = [h["policy"] for h in pruner.history]
+    assert policies[:9] == ["full", "full", "topk", "topk", "topk", "topk", "full", "full", "full"]
+    assert [h["kept"] for h in pruner.history[:2]] == [n, n]
+    assert pruner.history[3]["kept"] == n // 2
+
+
+def test_unseen_samples_are_always_kept(reference_path):
+    n, c = 400, 4
+    pruner = fp.DynamicPruner(n, c, epochs=10, keep_ratio=0.3, policy="topk", warmup=0, anneal=0.0, device="cpu")
+    seen = torch.arange(0, 200)
+    logits = torch.randn(200, c, requires_grad=True)
+    pruner.step(logits, seen % c, seen).backward()
+    order = pruner.next_epoch()
+    assert set(range(200, 400)) <= set(order.tolist())
+    assert order.numel() == max(120, 200)
+
+
+def test_topk_keeps_highest_priority(reference_path):
+    n, c = 500, 5
+    pruner = fp.DynamicPruner(n, c, epochs=10, keep_ratio=0.4, policy="topk", warmup=0, anneal=0.0, device="cpu")
+    loss_of = margins(n, 1)
+    order = run_epoch(pruner, c, loss_of, batch_size=250)
+    kept_scores = pruner.scores[order]
+    dropped = torch.ones(n, dtype=torch.bool)
+    dropped[order] = False
+    assert kept_scores.min() >= pruner.scores[dropped].max()
+
+
+@pytest.mark.parametrize("path", ["reference_path", "kernel_path"])
+def test_determinism_by_seed(path, request):
+    request.getfixturevalue(path)
+
+    def orders(seed):
+        torch.manual_seed(0)
+        pr = fp.DynamicPruner(600, 6, epochs=5, keep_ratio=0.5, seed=seed, device="cpu")
+        return [pr.epoch_indices.clone()] + [run_epoch(pr, 6, margins(600), 300) for _ in range(3)]
+
+    a, b, c = orders(1), orders(1), orders(2)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert not torch.equal(a[0], c[0]) and not torch.equal(a[2], c[2])
+
+
+def test_kernel_and_reference_paths_agree(monkeypatch):
+    """CPU reference and Triton kernels make the same selections from the same training."""
+    results = []
+    for interp in ("0", "1"):
+        monkeypatch.setenv("TRITON_INTERPRET", interp)
+        pr = fp.DynamicPruner(500, 7, epochs=6, keep_ratio=0.6, seed=11, device="cpu")
+        results.append([run_epoch(pr, 7, margins(500, 4), 250) for _ in range(3)])
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+def test_resume_gives_identical_selections(kernel_path, tmp_path):
+    """Save mid-epoch, 'kill', load into a fresh pruner: the same next selections, bitwise."""
+    n, c = 700, 7
+    loss_of = margins(n, 9)
+    kw = dict(epochs=6, keep_ratio=0.5, policy="infobatch", seed=5, device="cpu")
+
+    def feed(pr, order, lo, hi):
+        idx = order[lo:hi]
+        logits = torch.zeros(idx.numel(), c)
+        logits[torch.arange(idx.numel()), idx % c] = loss_of(idx)
+        pr.step(logits.requires_grad_(), idx % c, idx).backward()
+
+    ref = fp.DynamicPruner(n, c, **kw)
+    run_epoch(ref, c, loss_of, 350)
+    order = ref.epoch_indices
+    feed(ref, order, 0, 200)
+    torch.save(ref.state_dict(), tmp_path / "pruner.pt")
+    feed(ref, order, 200, order.numel())
+    expected = [ref.next_epoch()] + [run_epoch(ref, c, loss_of, 350) for _ in range(2)]
+
+    resumed = fp.DynamicPruner(n, c, **kw)
+    resumed.load_state_dict(torch.load(tmp_path / "pruner.pt"))
+    assert torch.equal(resumed.epoch_indices, order)
+    feed(resumed, order, 200, order.numel())
+    got = [resumed.next_epoch()] + [run_epoch(resumed, c, loss_of, 350) for _ in range(2)]
+    for a, b in zip(expected, got):
+        assert torch.equal(a, b)
+    assert torch.equal(ref.scores, resumed.scores) and ref.history == resumed.history
+
+
+def test_noise_filter_recovers_planted_noise(reference_path):
+    """Samples whose image disagrees with their label and whose loss stays high are flagged."""
+    n, c, d = 2000, 10, 32
+    g = torch.Generator().manual_seed(0)
+    text = F.normalize(torch.randn(c, d, generator=g), dim=1)
+    true = torch.arange(n) % c
+    noisy = torch.randperm(n, generator=g)[: n // 10]
+    given = true.clone()
+    given[noisy] = (true[noisy] + 1 + torch.randint(0, c - 1, (noisy.numel(),), generator=g)) % c
+    image = F.normalize(text[true] + 0.15 * torch.randn(n, d, generator=g), dim=1)  # images follow the truth
+    pruner = fp.DynamicPruner(n, c, epochs=10, keep_ratio=0.7, noise_ratio=0.1, image_emb=image, text_emb=text,
+                              warmup=1, device="cpu")
+    margin = torch.rand(n, generator=g) * 4
+    margin[noisy] = -2.0  # mislabeled samples stay hard
+    for _ in range(2):
+        order = pruner.epoch_indices
+        for i in range(0, order.numel(), 500):
+            idx = order[i:i + 500]
+            logits = torch.zeros(idx.numel(), c)
+            logits[torch.arange(idx.numel()), given[idx]] = margin[idx]
+            pruner.step(logits, given[idx], idx)
+        pruner.next_epoch()
+    flagged = set(pruner.suspected_noisy().tolist())
+    planted = set(noisy.tolist())
+    assert len(flagged) == int(0.1 * n)
+    recall = len(flagged & planted) / len(planted)
+    assert recall > 0.9, recall
+    assert not (flagged & set(pruner.epoch_indices.tolist()))  # flagged samples are not trained
+    torch.testing.assert_close(pruner.consistency, (image * text[given]).sum(1))
+
+
+def test_per_batch_embeddings_mode(kernel_path):
+    n, c, d = 200, 5, 16
+    text = torch.randn(c, d)
+    emb = torch.randn(n, d)
+    pruner = fp.DynamicPruner(n, c, epochs=4, text_emb=text, noise_ratio=0.05, device="cpu")
+    run_epoch(pruner, c, margins(n), 100, emb=emb)
+    expected = F.cosine_similarity(emb, text[torch.arange(n) % c], dim=1)
+    torch.testing.assert_close(pruner.consistency, expected, atol=1e-5, rtol=1e-5)
+    assert len(pruner.suspected_noisy()) == int(0.05 * n)
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_training_gradients_match_cross_entropy(kernel_path, inplace):
+    """In a real model, pruner.step gives the same gradients as F.cross_entropy (weights 1)."""
+    torch.manual_seed(0)
+    n, c = 64, 13
+    model = torch.nn.Sequential(torch.nn.Linear(9, 32), torch.nn.ReLU(), torch.nn.Linear(32, c))
+    ref = torch.nn.Sequential(torch.nn.Linear(9, 32), torch.nn.ReLU(), torch.nn.Linear(32, c))
+    ref.load_state_dict(model.state_dict())
+    x, y = torch.randn(16, 9), torch.randint(0, c, (16,))
+    pruner = fp.DynamicPruner(n, c, epochs=3, inplace_grad=inplace, label_smoothing=0.1, device="cpu")
+    loss = pruner.step(model(x), y, torch.arange(16))
+    loss.backward()
+    ref_loss = F.cross_entropy(ref(x), y, label_smoothing=0.1)
+    ref_loss.backward()
+    assert loss.item() == pytest.approx(ref_loss.item(), rel=1e-6)
+    for p, q in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6)
+    assert pruner.last_step.ce.shape == (16,)
+
+
+def test_grad_output_scaling_and_single_backward(kernel_path):
+    pruner = fp.DynamicPruner(10, 4, epochs=2, device="cpu")
+    logits = torch.randn(3, 4, requires_grad=True)
+    y, idx = torch.tensor([0, 1, 2]), torch.tensor([0, 1, 2])
+    loss = pruner.step(logits, y, idx)
+    (loss * 3.0).backward(retain_graph=True)
+    x = logits.detach().clone().requires_grad_()
+    (F.cross_entropy(x, y) * 3.0).backward()
+    torch.testing.assert_close(logits.grad, x.grad)
+    with pytest.raises(RuntimeError, match="one backward pass"):
+        loss.backward()
+
+
+def test_inplace_grad_guards_other_uses_of_logits(kernel_path):
+    pruner = fp.DynamicPruner(10, 4, epochs=2, inplace_grad=True, device="cpu")
+    w = torch.randn(4, 4, requires_grad=True)
+    logits = torch.randn(3, 4) @ w
+    extra = (logits ** 2).sum()  # saves logits for its backward
+    loss = pruner.step(logits, torch.tensor([0, 1, 2]), torch.tensor([0, 1, 2]))
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        (loss + extra).backward()
+
+
+def test_no_grad_step_scores_without_gradient(kernel_path):
+    pruner = fp.DynamicPruner(10, 4, epochs=2, device="cpu")
+    with torch.no_grad():
+        loss = pruner.step(torch.randn(3, 4), torch.tensor([0, 1, 2]), torch.tensor([4, 5, 6]))
+    assert not loss.requires_grad and pruner.visits[[4, 5, 6]].tolist() == [1, 1, 1]
+
+
+def test_sampler_and_steps_follow_the_epoch(reference_path):
+    n, c = 1000, 10
+    pruner = fp.DynamicPruner(n, c, epochs=4, keep_ratio=0.5, policy="random", warmup=1, anneal=0.25,
+                              device="cpu")
+    sampler = pruner.sampler()
+    assert len(sampler) == n and sorted(sampler) == list(range(n))
+    assert pruner.steps_per_epoch(64) == math.ceil(n / 64)
+    assert pruner.steps_per_epoch(64, drop_last=True) == n // 64
+    assert pruner.steps_per_epoch(64, epoch=1) == math.ceil(500 / 64)
+    assert pruner.total_steps(100) == 10 + 5 + 5 + 10
+    run_epoch(pruner, c, margins(n), 250)
+    assert len(sampler) == 500 and list(sampler) == pruner.epoch_indices.tolist()
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.arange(n)), batch_size=100,
+                                         sampler=sampler)
+    assert sorted(torch.cat([b[0] for b in loader]).tolist()) == sorted(pruner.epoch_indices.tolist())
+    assert pruner.visits_saved == pytest.approx(0.25)
+
+
+def test_state_dict_roundtrip_in_memory():
+    pruner = fp.DynamicPruner(50, 3, epochs=2, device="cpu")
+    buf = io.BytesIO()
+    torch.save(pruner.state_dict(), buf)
+    buf.seek(0)
+    other = fp.DynamicPruner(50, 3, epochs=2, device="cpu")
+    other.load_state_dict(torch.load(buf))
+    assert torch.equal(other.epoch_indices, pruner.epoch_indices)
+
+
+def test_no_global_rng_is_touched(kernel_path):
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    pruner = fp.DynamicPruner(300, 3, epochs=3, device="cpu")
+    run_epoch(pruner, 3, margins(300), 100)
+    assert torch.equal(torch.get_rng_state(), before)

@@ -1,0 +1,110 @@
+"""Epoch-selection kernels (interpreter) against the reference, and the shared Philox generator."""
+
+import os
+
+import pytest
+import torch
+import triton
+import triton.language as tl
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fastprune.kernels import common as K
+from fastprune.kernels import reference as R
+from fastprune.kernels.select import finalize_triton, philox_words, priority_triton
+
+pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
+
+
+def random_state(n, seed=0, unseen=0.2):
+    g = torch.Generator().manual_seed(seed)
+    scores = torch.rand(n, generator=g) * 4 + 0.01
+    visits = (torch.rand(n, generator=g) > unseen).to(torch.int32) * torch.randint(1, 5, (n,), generator=g,
+                                                                                   dtype=torch.int32)
+    cons = torch.randn(n, generator=g) * 0.05 + 0.25
+    return scores, visits, cons
+
+
+def select_both(scores, visits, cons, **kw):
+    kernel = R.select_reference(scores, visits, cons, priority=priority_triton, finalize=finalize_triton, **kw)
+    ref = R.select_reference(scores, visits, cons, **kw)
+    return kernel, ref
+
+
+@pytest.mark.parametrize("policy", ["full", "infobatch", "topk", "random"])
+@pytest.mark.parametrize("use_consistency,noise", [(False, 0.0), (True, 0.0), (True, 0.1)])
+@pytest.mark.parametrize("n", [1, 7, 1025, 3001])
+def test_select_matches_reference(n, policy, use_consistency, noise):
+    scores, visits, cons = random_state(n, seed=n)
+    kw = dict(use_consistency=use_consistency, policy=policy, keep_ratio=0.6, noise_ratio=noise,
+              semantic_weight=1.5, max_drop=0.9, seed=2**40 + 17, epoch=5)
+    a, b = select_both(scores, visits, cons, **kw)
+    assert torch.equal(a.order, b.order)
+    assert torch.equal(a.keep, b.keep)
+    assert torch.equal(a.weights, b.weights)
+    assert torch.equal(a.noisy, b.noisy)
+    torch.testing.assert_close(a.priority, b.priority)
+    assert a.n_keep == b.n_keep == a.keep.sum()
+    kept = a.order[: int(a.n_keep)]
+    assert a.keep[kept].all() and kept.unique().numel() == kept.numel()
+
+
+def test_philox_known_answers():
+    """Philox-4x32-10 test vectors published with Random123."""
+    cases = [
+        ((0, 0), (0, 0, 0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
+        ((0xFFFFFFFF, 0xFFFFFFFF), (0xFFFFFFFF,) * 4, (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
+        ((0xA4093822, 0x299F31D0), (0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344),
+         (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1)),
+    ]
+    for (k0, k1), ctr, expected in cases:
+        out = R.philox(k0, k1, *(torch.tensor(c) for c in ctr))
+        assert tuple(int(x) for x in out) == expected
+
+
+@triton.jit
+def _philox_both(out_ptr, seed, k0, k1, epoch, BLOCK: tl.constexpr):
+    i = tl.arange(0, BLOCK).to(tl.int64)
+    a0, a1, _, _ = tl.randint4x(seed, i.to(tl.int32))
+    b0, b1 = philox_words(k0, k1, i, epoch, 0)
+    tl.store(out_ptr + i, a0.to(tl.int64) & 0xFFFFFFFF)
+    tl.store(out_ptr + BLOCK + i, a1.to(tl.int64) & 0xFFFFFFFF)
+    tl.store(out_ptr + 2 * BLOCK + i, b0.to(tl.int64))
+    tl.store(out_ptr + 3 * BLOCK + i, b1.to(tl.int64))
+
+
+def test_kernel_philox_matches_tritons_own_randint():
+    """Our in-kernel Philox equals tl.randint4x for counter (i, 0, 0, 0)."""
+    seed = 0x12345678_9ABCDEF
+    k0, k1 = K.seed_keys(seed)
+    out = torch.zeros(4 * 64, dtype=torch.int64)
+    _philox_both[(1,)](out, seed, k0 - (1 << 32) if k0 >= 1 << 31 else k0, k1, 0, BLOCK=64)
+    a0, a1, b0, b1 = out.view(4, 64)
+    assert torch.equal(a0, b0) and torch.equal(a1, b1)
+    r0, r1 = R.random_words(seed, 64, 0, 0, "cpu")
+    assert torch.equal(r0, b0) and torch.equal(r1, b1)
+
+
+def test_random_streams_are_independent_and_uniform():
+    r0, _ = R.random_words(7, 200_000, 3, K.STREAM_DROP, "cpu")
+    s0, _ = R.random_words(7, 200_000, 3, K.STREAM_SHUFFLE, "cpu")
+    t0, _ = R.random_words(7, 200_000, 4, K.STREAM_DROP, "cpu")
+    u = R.uniform_from_word(r0)
+    assert 0 <= u.min() and u.max() < 1
+    assert abs(u.mean().item() - 0.5) < 0.005
+    for other in (s0, t0):
+        assert (r0 == other).float().mean() < 1e-3
+    hist = torch.histc(u, bins=10, min=0, max=1) / u.numel()
+    assert (hist - 0.1).abs().max() < 0.005
+
+
+@settings(max_examples=15, deadline=None)
+@given(n=st.integers(1, 600), keep=st.floats(0.05, 1.0), policy=st.sampled_from(["infobatch", "topk", "random"]),
+       noise=st.sampled_from([0.0, 0.2]), seed=st.integers(0, 2**63 - 1), epoch=st.integers(0, 2**31))
+def test_select_hypothesis(n, keep, policy, noise, seed, epoch):
+    scores, visits, cons = random_state(n, seed=seed % 1000)
+    kw = dict(use_consistency=True, policy=policy, keep_ratio=keep, noise_ratio=noise, semantic_weight=1.0,
+              max_drop=0.9, seed=seed, epoch=epoch)
+    a, b = select_both(scores, visits, cons, **kw)
+    assert torch.equal(a.order, b.order) and torch.equal(a.weights, b.weights)
+    assert os.environ["TRITON_INTERPRET"] == "1"
