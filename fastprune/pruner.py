@@ -157,6 +157,8 @@ class DynamicPruner:
             device = image_emb.device if image_emb is not None else (
                 text_emb.device if text_emb is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
         self.device = torch.device(device)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device={str(device)!r} but CUDA is not available here; use device='cpu'")
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
         self.image_emb, self.text_emb = self._check_embeddings(image_emb, text_emb)
@@ -179,9 +181,10 @@ class DynamicPruner:
         self._has_batch_consistency = False
         self._step_count = 0
         self.epoch = 0
-        self._epoch_indices: torch.Tensor | None = None  # host copy of the current order
+        self._epoch_indices = torch.empty(0, dtype=torch.int64)  # host copy of the current order
         self.history: list[dict] = []
         self.last_step: _k.StepOutput | None = None
+        self._adopt(0, "full", self._select(0, "full"))  # epoch 0: every sample, shuffled
 
     # ------------------------------------------------------------------ inputs
 
@@ -371,13 +374,8 @@ class DynamicPruner:
                              "drop_prob": drop, "num_samples": self.num_samples})
         return order
 
-    def _ensure_started(self):
-        if self._epoch_indices is None:
-            self._adopt(0, "full", self._select(0, "full"))
-
     def next_epoch(self) -> torch.Tensor:
         """Build, adopt and return the next epoch's shuffled index list (a CPU LongTensor)."""
-        self._ensure_started()
         self.check_errors()
         epoch = self.epoch + 1
         policy = self.schedule.policy_for(epoch)
@@ -388,7 +386,6 @@ class DynamicPruner:
     @property
     def epoch_indices(self) -> torch.Tensor:
         """The current epoch's sample order (CPU LongTensor)."""
-        self._ensure_started()
         return self._epoch_indices
 
     @property
@@ -413,7 +410,6 @@ class DynamicPruner:
 
     def suspected_noisy(self) -> torch.Tensor:
         """Indices the noise filter left out of the current epoch (CPU LongTensor)."""
-        self._ensure_started()
         return torch.nonzero(self._noisy)[:, 0].cpu()
 
     def sampler(self) -> EpochSampler:
@@ -439,7 +435,6 @@ class DynamicPruner:
     @property
     def visits_saved(self) -> float:
         """Fraction of sample visits saved so far versus training every epoch on everything."""
-        self._ensure_started()
         trained = sum(h["kept"] for h in self.history)
         return 1.0 - trained / (len(self.history) * self.num_samples)
 
@@ -447,7 +442,6 @@ class DynamicPruner:
 
     def state_dict(self) -> dict:
         """Everything needed to continue bitwise identically (random draws derive from seed and epoch)."""
-        self._ensure_started()
         return {
             "version": 1,
             "num_samples": self.num_samples,

@@ -5,7 +5,6 @@ import torch
 
 import fastprune as fp
 
-pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning:triton")
 
 
 def make(**kw):
@@ -39,6 +38,8 @@ def batch(B=4, C=5):
     (dict(max_drop=1.0), r"max_drop .* got 1.0"),
     (dict(semantic_weight=-1.0), r"semantic_weight .* got -1.0"),
     (dict(validate="maybe"), r"validate must be one of async, sync, none; got 'maybe'"),
+    pytest.param(dict(device="cuda"), r"device='cuda' but CUDA is not available here",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available")),
 ])
 def test_constructor_arguments(kw, match):
     with pytest.raises(ValueError, match=match):

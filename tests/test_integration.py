@@ -24,7 +24,7 @@ def test_three_line_integration_with_dataloader():
     loader = torch.utils.data.DataLoader(fastprune.data.IndexedDataset(ds), batch_size=100,
                                          sampler=pruner.sampler())
     seen_per_epoch = []
-    for epoch in range(4):
+    for _ in range(4):
         seen = []
         for x, y, idx in loader:
             loss = pruner.step(model(x), y, idx)

@@ -9,7 +9,6 @@ import torch.nn.functional as F
 
 import fastprune as fp
 
-pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning:triton")
 
 
 def run_epoch(pruner, num_classes, loss_of, batch_size=64, emb=None):

@@ -13,7 +13,6 @@ from fastprune.kernels import common as K
 from fastprune.kernels import reference as R
 from fastprune.kernels.select import finalize_triton, philox_words, priority_triton
 
-pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
 
 
 def random_state(n, seed=0, unseen=0.2):

@@ -13,7 +13,6 @@ from fastprune.kernels import common as K
 from fastprune.kernels.reference import step_reference
 from fastprune.kernels.step import launch_scale_grad, launch_step, step_config
 
-pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 GRAD_TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
@@ -93,6 +92,14 @@ def test_step_consistency(B, C, D, mode, dtype):
     e = emb[indices] if mode == K.EMB_TABLE else emb
     expected = F.cosine_similarity(e.double(), text[labels].double(), dim=1)
     torch.testing.assert_close(s_k["consistency"][indices].double(), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_largest_class_count():
+    """C = 262,144 (64 chunks, two passes) with int64 offsets, in bf16."""
+    B, C, N = 2, 1 << 18, 5
+    logits, labels, indices = random_batch(B, C, N, torch.bfloat16)
+    out_k, out_r, s_k, s_r = run_both(logits, labels, indices, make_state(N))
+    assert_step_matches(out_k, out_r, s_k, s_r, torch.bfloat16)
 
 
 def test_table_consistency_cached_after_first_visit():
