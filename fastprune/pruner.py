@@ -177,6 +177,7 @@ class DynamicPruner:
         self._err_host = torch.zeros(K.ERR_SLOTS, dtype=torch.int64,
                                      pin_memory=dev.type == "cuda")
         self._err_event = None
+        self._reported = [0] * K.ERR_SLOTS  # error counts already reported
         self._dup_warned = False
         self._has_batch_consistency = False
         self._step_count = 0
@@ -319,29 +320,42 @@ class DynamicPruner:
         self._err_event.record()
 
     def _check_errors(self, counts: torch.Tensor):
-        """Raise or warn for what the kernel recorded; then clear the counters."""
+        """Raise or warn for what the kernel recorded since the last report.
+
+        The device counters only grow; what was already reported is remembered on the
+        host, so nothing recorded while a report is on its way is lost.  Raising resets
+        the counters so that a caller who handles the error can go on.
+        """
         c = counts.tolist()
-        if not any(c[K.ERR_LABEL_COUNT::2]):
+        seen = self._reported
+        new = {slot: c[slot] - seen[slot] for slot in range(K.ERR_LABEL_COUNT, K.ERR_SLOTS, 2)}
+        if not any(v > 0 for v in new.values()):
             return
-        self._errors.zero_()
-        self._err_host.zero_()
-        self._err_event = None
-        if c[K.ERR_LABEL_COUNT]:
+        fatal = new[K.ERR_LABEL_COUNT] > 0 or new[K.ERR_INDEX_COUNT] > 0 or (
+            new[K.ERR_NONFINITE_COUNT] > 0 and self.validate == "sync")
+        if fatal:
+            self._errors.zero_()
+            self._err_host.zero_()
+            self._err_event = None
+            self._reported = [0] * K.ERR_SLOTS
+        else:
+            self._reported = c
+        if new[K.ERR_LABEL_COUNT]:
             raise ValueError(
                 f"labels: value {c[K.ERR_LABEL_VALUE]} is outside [0, {self.num_classes}) and is not "
-                f"ignore_index={self.ignore_index} ({c[K.ERR_LABEL_COUNT]} bad rows; they were left out)")
-        if c[K.ERR_INDEX_COUNT]:
+                f"ignore_index={self.ignore_index} ({new[K.ERR_LABEL_COUNT]} bad rows; they were left out)")
+        if new[K.ERR_INDEX_COUNT]:
             raise IndexError(
                 f"indices: value {c[K.ERR_INDEX_VALUE]} is outside [0, num_samples={self.num_samples}) "
-                f"({c[K.ERR_INDEX_COUNT]} bad rows; they were left out)")
-        if c[K.ERR_NONFINITE_COUNT]:
-            msg = (f"logits: {c[K.ERR_NONFINITE_COUNT]} rows had a non-finite loss (NaN or Inf logits; "
+                f"({new[K.ERR_INDEX_COUNT]} bad rows; they were left out)")
+        if new[K.ERR_NONFINITE_COUNT]:
+            msg = (f"logits: {new[K.ERR_NONFINITE_COUNT]} rows had a non-finite loss (NaN or Inf logits; "
                    f"first seen at batch row {c[K.ERR_NONFINITE_ROW]}); their scores were left unchanged "
                    "and the returned loss is non-finite")
             if self.validate == "sync":
                 raise ValueError(msg)
             warnings.warn(msg, RuntimeWarning, stacklevel=3)
-        if c[K.ERR_DUP_COUNT] and not self._dup_warned:
+        if new[K.ERR_DUP_COUNT] and not self._dup_warned:
             self._dup_warned = True
             warnings.warn(
                 f"indices: sample {c[K.ERR_DUP_VALUE]} appeared twice in one batch ({c[K.ERR_DUP_COUNT]} repeats "
@@ -475,6 +489,7 @@ class DynamicPruner:
         self._stamp.fill_(-1)
         self._errors.zero_()
         self._err_event = None
+        self._reported = [0] * K.ERR_SLOTS
         self.epoch = int(sd["epoch"])
         self._step_count = int(sd["step_count"])
         self._epoch_indices = sd["epoch_indices"].to("cpu", torch.int64).clone()

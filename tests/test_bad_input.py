@@ -130,6 +130,8 @@ def test_nonfinite_logits_warn_by_default_and_raise_in_sync_mode(path, request):
         loss = p.step(logits, labels, indices)
     assert torch.isnan(loss)
     assert torch.isfinite(p.scores).all() and p.visits[3] == 0
+    with pytest.warns(RuntimeWarning, match=r"logits: 1 rows had a non-finite loss"):  # only the new ones
+        p.step(logits, labels, indices)
     strict = make(validate="sync")
     with pytest.raises(ValueError, match=r"logits: 1 rows had a non-finite loss"):
         strict.step(logits, labels, indices)
