@@ -1,5 +1,16 @@
-"""Data paths that feed the pruner: datasets that return each sample's index."""
+"""Data paths that feed the pruner.
 
+- ``ImageFolderIndex``: a dataset's files and labels (ImageNet-style folder or CSV list), cached scan.
+- ``DaliLoader``: NVIDIA DALI pipeline reading and decoding only the pruner's selection each epoch.
+- ``IndexedDataset`` + ``ImageFileDataset``: the fallback for a plain ``DataLoader`` with
+  ``pruner.sampler()``.
+"""
+
+from .dali import DaliLoader, require_dali
+from .errors import SkippedFiles
+from .fallback import ImageFileDataset, default_transform
+from .index import ImageFolderIndex
 from .indexed import IndexedDataset
 
-__all__ = ["IndexedDataset"]
+__all__ = ["DaliLoader", "ImageFileDataset", "ImageFolderIndex", "IndexedDataset", "SkippedFiles",
+           "default_transform", "require_dali"]

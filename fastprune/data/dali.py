@@ -1,0 +1,261 @@
+"""DaliLoader: each epoch, read and decode only the samples the pruner selected, with NVIDIA DALI.
+
+The pipeline is built once.  Its ``external_source`` callback hands DALI the file
+paths, labels and indices of the current epoch's order, batch by batch; DALI's
+own threads read the bytes (``fn.io.file.read``) and decode them (on the GPU,
+``mixed``, when training on CUDA; on the CPU otherwise), so a file outside the
+selection is never opened.  At an epoch boundary only the callback's order
+changes and the iterator is reset: no rebuild.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+import warnings
+
+import numpy as np
+import torch
+
+from .errors import SkippedFiles, find_bad_files, raise_for_bad_file
+from .index import ImageFolderIndex
+
+log = logging.getLogger("fastprune.data")
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+_OUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def require_dali():
+    """Import DALI or explain how to get it (or what to use instead)."""
+    try:
+        import nvidia.dali  # noqa: F401
+        from nvidia.dali.plugin import pytorch  # noqa: F401
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise ImportError(
+            "DaliLoader needs NVIDIA DALI: pip install 'fastprune[dali]'. Without it, use the DataLoader "
+            "fallback: DataLoader(fastprune.data.IndexedDataset(fastprune.data.ImageFileDataset(index)), "
+            "sampler=pruner.sampler(), ...)") from e
+
+
+class _EpochSource:
+    """``external_source`` callback: batch ``info.iteration`` of the current order, from ``start``."""
+
+    def __init__(self, files: list[str], labels: np.ndarray, batch_size: int):
+        self.files = files
+        self.labels = labels
+        self.batch_size = batch_size
+        self.order = np.zeros(0, dtype=np.int64)
+        self.start = 0
+
+    def __call__(self, info):
+        lo = self.start + info.iteration * self.batch_size
+        if lo >= self.order.size:
+            raise StopIteration
+        sel = self.order[lo:lo + self.batch_size]
+        paths = [np.frombuffer(self.files[i].encode(), dtype=np.uint8) for i in sel.tolist()]
+        return paths, [self.labels[sel[k:k + 1]] for k in range(sel.size)], [sel[k:k + 1] for k in range(sel.size)]
+
+
+class DaliLoader:
+    """Iterates ``(images, labels, idx)`` over exactly ``pruner.epoch_indices``, in that order.
+
+    Every selected sample comes once per epoch, the last partial batch included.  Images are
+    NCHW, normalised, on ``device``, in ``dtype`` (optionally channels_last memory).  Train:
+    random-resized crop, horizontal flip, normalise; eval: resize to ``image_size / 0.875``,
+    centre crop ``image_size``.  Without a ``pruner`` each iteration is one pass over the index.
+
+    Iterating again within the same epoch continues where the last iteration stopped (the position
+    is part of ``state_dict()``); after ``pruner.next_epoch()`` iteration starts the new epoch.
+
+    ``on_error="raise"`` turns a missing, empty, corrupt or truncated file into an error naming it;
+    ``on_error="skip"`` logs each such file, leaves it out, and reports them at the end of the epoch
+    (``loader.skipped``).
+    """
+
+    def __init__(self, index: ImageFolderIndex, pruner=None, batch_size: int = 256, train: bool = True,
+                 device: str | torch.device | None = None, num_threads: int | None = None, image_size: int = 224,
+                 dtype: torch.dtype = torch.float32, channels_last: bool = False, seed: int = 0,
+                 prefetch: int = 2, on_error: str = "raise", shard_id: int = 0, num_shards: int = 1,
+                 mean=IMAGENET_MEAN, std=IMAGENET_STD):
+        require_dali()
+        if not isinstance(index, ImageFolderIndex):
+            raise ValueError(f"index must be a fastprune.data.ImageFolderIndex, got {type(index).__name__}")
+        if pruner is not None and pruner.num_samples != len(index):
+            raise ValueError(f"pruner has num_samples={pruner.num_samples} but the index has {len(index)} samples")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+        if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 8:
+            raise ValueError(f"image_size must be an integer >= 8, got {image_size!r}")
+        if dtype not in _OUT_DTYPES:
+            raise ValueError(f"dtype must be torch.float32, torch.bfloat16 or torch.float16, got {dtype}")
+        if on_error not in ("raise", "skip"):
+            raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+        if (shard_id, num_shards) != (0, 1):
+            raise NotImplementedError(
+                f"shard_id={shard_id}, num_shards={num_shards}: sharded loading comes with distributed "
+                "support, where pruner.epoch_indices becomes this rank's shard")
+        if device is None:
+            device = pruner.device if pruner is not None else ("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        self.index, self.pruner = index, pruner
+        self.batch_size, self.train, self.image_size = batch_size, train, image_size
+        self.dtype, self.channels_last, self.seed = dtype, channels_last, seed
+        self.num_threads = num_threads or max(1, min(8, os.cpu_count() or 1))
+        self.prefetch, self.on_error = prefetch, on_error
+        self.mean = [255.0 * m for m in mean]
+        self.std = [255.0 * s for s in std]
+        self._source = _EpochSource(index.files, index._labels, batch_size)
+        self._pipe = self._iter = None
+        self._clean = False  # the DALI iterator ended its last epoch and can be reset
+        self._epoch = None  # epoch of the order in progress
+        self._position = 0  # samples yielded from that order
+        self._bad: dict[int, tuple[str, str]] = {}  # unusable files found so far: index -> (path, reason)
+        self._passes = 0
+        self.skipped = SkippedFiles()
+        self.epoch_seconds = float("nan")
+
+    # ---------------------------------------------------------------- pipeline
+
+    def _build(self):
+        from nvidia.dali import fn, pipeline_def, types
+        from nvidia.dali.plugin.pytorch import DALIGenericIterator
+
+        gpu = self.device.type == "cuda"
+        size = self.image_size
+        layout = "HWC" if self.channels_last else "CHW"
+        out_type = types.FLOAT16 if self.dtype == torch.float16 else types.FLOAT
+
+        @pipeline_def(enable_conditionals=False)
+        def pipeline():
+            paths, labels, idx = fn.external_source(source=self._source, num_outputs=3, batch=True,
+                                                    batch_info=True, dtype=[types.UINT8, types.INT64, types.INT64])
+            data = fn.io.file.read(paths)
+            dec = "mixed" if gpu else "cpu"
+            if self.train:
+                images = fn.decoders.image_random_crop(data, device=dec, output_type=types.RGB,
+                                                       random_area=[0.08, 1.0], random_aspect_ratio=[0.75, 4 / 3])
+                images = fn.resize(images, resize_x=size, resize_y=size)
+                mirror = fn.random.coin_flip(probability=0.5)
+                crop = None
+            else:
+                images = fn.decoders.image(data, device=dec, output_type=types.RGB)
+                images = fn.resize(images, resize_shorter=math.floor(size / 0.875 + 0.5))
+                mirror, crop = 0, (size, size)
+            images = fn.crop_mirror_normalize(images, dtype=out_type, output_layout=layout, crop=crop,
+                                              mean=self.mean, std=self.std, mirror=mirror)
+            if gpu:
+                labels, idx = labels.gpu(), idx.gpu()
+            return images, labels, idx
+
+        self._pipe = pipeline(batch_size=self.batch_size, num_threads=self.num_threads,
+                              device_id=self.device.index if gpu else None, seed=self.seed & 0x7FFFFFFF,
+                              prefetch_queue_depth=self.prefetch)
+        self._pipe.build()
+        self._iter = DALIGenericIterator(self._pipe, ["images", "labels", "idx"], auto_reset=False, size=-1)
+        self._clean = False
+
+    # --------------------------------------------------------------- iteration
+
+    def _current(self) -> tuple[int, np.ndarray]:
+        if self.pruner is None:
+            return self._passes, np.arange(len(self.index), dtype=np.int64)
+        return self.pruner.epoch, self.pruner.epoch_indices.numpy()
+
+    def _order(self, order: np.ndarray) -> np.ndarray:
+        if not self._bad:
+            return order
+        return order[~np.isin(order, np.fromiter(self._bad, dtype=np.int64))]
+
+    def __len__(self) -> int:
+        epoch, order = self._current()
+        return -(-order.size // self.batch_size)
+
+    def __iter__(self):
+        epoch, order = self._current()
+        if epoch != self._epoch or self._position >= self._order(order).size:
+            self._epoch, self._position = epoch, 0
+            in_order = set(order.tolist()) & set(self._bad) if self._bad else ()
+            self.skipped = SkippedFiles((i, *self._bad[i]) for i in sorted(in_order))  # known bad: left out again
+        return self._run(order)
+
+    def _start(self, order):
+        self._source.order = self._order(order)
+        self._source.start = self._position
+        if self._iter is not None and self._clean:
+            self._iter.reset()
+            self._clean = False
+        else:
+            self._build()  # first use, or the previous iteration stopped mid-epoch
+
+    def _run(self, order):
+        t0 = time.perf_counter()
+        started = False
+        while True:
+            try:
+                if not started:
+                    started = True
+                    self._start(order)  # building the iterator already prefetches: errors can start here
+                out = next(self._iter)[0]
+            except StopIteration:
+                self._clean = True
+                break
+            except RuntimeError as e:
+                self._recover(order, e)  # raises unless on_error="skip"
+                started = False
+                continue
+            images, labels, idx = out["images"], out["labels"], out["idx"]
+            self._position += idx.numel()  # handed out = consumed, as state_dict() reports it
+            yield self._to_device(images), labels.view(-1).to(self.device), idx.view(-1).to(self.device)
+        self.epoch_seconds = time.perf_counter() - t0
+        if self.pruner is None:
+            self._passes += 1
+        if self.skipped:
+            warnings.warn(f"DaliLoader skipped {len(self.skipped)} unreadable files this epoch "
+                          f"(first: {self.skipped[0][1]}: {self.skipped[0][2]}); see loader.skipped",
+                          RuntimeWarning, stacklevel=2)
+
+    def _to_device(self, images: torch.Tensor) -> torch.Tensor:
+        if self.channels_last:
+            images = images.permute(0, 3, 1, 2)  # NHWC memory seen as NCHW: channels_last
+        images = images.to(self.device, non_blocking=True)
+        if images.dtype != self.dtype:
+            images = images.to(self.dtype)
+        return images
+
+    def _recover(self, order, error: Exception):
+        """A batch failed in DALI: name the bad files; with on_error='skip' leave them out and go on."""
+        self._iter = self._pipe = None  # DALI invalidates a pipeline after an error
+        current = self._order(order)
+        lo = self._position
+        window = current[lo:lo + self.batch_size * (self.prefetch + 1)]
+        bad = find_bad_files(self.index.files, window.tolist())
+        if not bad:
+            names = ", ".join(self.index.files[i] for i in window[:4].tolist())
+            raise RuntimeError(f"DALI failed on a batch starting with {names}: {error}") from error
+        if self.on_error == "raise":
+            raise_for_bad_file(bad[0], len(bad), error)
+        for i, path, reason in bad:
+            log.warning("skipping %s: %s", path, reason)
+            self._bad[i] = (path, reason)
+            self.skipped.append((i, path, reason))
+
+    # --------------------------------------------------------------- resume
+
+    def state_dict(self) -> dict:
+        """Position in the current epoch, for resuming an interrupted epoch at the next unseen batch."""
+        return {"epoch": self._epoch, "position": self._position, "passes": self._passes,
+                "bad": {i: list(v) for i, v in self._bad.items()}}
+
+    def load_state_dict(self, sd: dict) -> None:
+        self._epoch = sd["epoch"]
+        self._position = int(sd["position"])
+        self._bad = {int(k): tuple(v) for k, v in sd["bad"].items()}
+        self._passes = int(sd.get("passes", 0))
+        self._iter = self._pipe = None
+        self._clean = False
