@@ -127,7 +127,7 @@ def fused_step_kernel(
         z_sum = tl.sum(tl.where(m2, x, 0.0), axis=1)
         arg = tl.argmax(x, axis=1)
         if write_grad:
-            p = e * (1.0 / denom)[:, None]
+            p = e / denom[:, None]
             g = (p - smoothing * inv_c - tl.where(is_y, 1.0 - smoothing, 0.0)) * gscale[:, None]
             g = tl.where(ok[:, None], g, 0.0)
             tl.store(grad_ptr + g_rows[:, None] + cols[None, :], g.to(grad_ptr.dtype.element_ty), mask=m2)

@@ -1,0 +1,1 @@
+"""fastprune benchmarks: each measures fastprune and its baselines in one run (see BENCHMARKS.md)."""

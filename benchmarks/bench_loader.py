@@ -1,0 +1,158 @@
+"""Loader throughput: DaliLoader vs. torchvision ImageFolder + DataLoader (PIL) over the same selection.
+
+    python -m benchmarks.bench_loader [--smoke] [--size N] [--workers W] [--no-write]
+
+Generates an ImageNet-like JPEG folder (about 500x375, quality 90) once, then for keep ratios
+1.0, 0.7 and 0.5 measures one training epoch of each loader over the same random selection
+(a real DynamicPruner with policy="random"): images/s, epoch time, and the stall at the epoch
+boundary (time from starting the epoch to its first batch).  Epoch time should follow the kept
+fraction: only selected files are read and decoded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import fastprune as fp
+from fastprune.data import DaliLoader, ImageFileDataset, ImageFolderIndex, IndexedDataset
+
+from .report import describe, machine, table, write_section
+
+
+def make_dataset(root: Path, size: int, classes: int = 10, seed: int = 0) -> Path:
+    """ImageNet-like JPEGs (smooth content, ~500x375, quality 90); reused when already there."""
+    from PIL import Image
+
+    done = root / f".complete-{size}"
+    if done.exists():
+        return root
+    rng = np.random.default_rng(seed)
+    for i in range(size):
+        cdir = root / f"n{i % classes:08d}"
+        cdir.mkdir(parents=True, exist_ok=True)
+        w, h = (500, 375) if i % 3 else (375, 500)
+        low = rng.integers(0, 255, (h // 25 + 1, w // 25 + 1, 3), dtype=np.uint8)  # smooth, photo-like
+        img = Image.fromarray(low).resize((w, h), Image.BICUBIC)
+        noise = rng.integers(-12, 12, (h, w, 3))
+        img = Image.fromarray(np.clip(np.asarray(img, dtype=np.int16) + noise, 0, 255).astype(np.uint8))
+        img.save(cdir / f"img_{i:07d}.JPEG", quality=90)
+    done.touch()
+    return root
+
+
+def selection(n: int, num_classes: int, keep: float, seed: int = 0) -> fp.DynamicPruner:
+    """A pruner whose current epoch is a random subset of ``keep * n`` samples."""
+    pruner = fp.DynamicPruner(n, num_classes, epochs=3, keep_ratio=keep, policy="random" if keep < 1 else "full",
+                              warmup=1, anneal=0.0, seed=seed, device="cpu")
+    with torch.no_grad():
+        idx = torch.arange(n)
+        pruner.step(torch.zeros(n, num_classes), idx % num_classes, idx)  # every sample seen once
+    pruner.next_epoch()
+    return pruner
+
+
+def time_epoch(loader, device) -> tuple[float, float, int]:
+    """(epoch seconds, seconds to the first batch, images)."""
+    t0 = time.perf_counter()
+    first = None
+    count = 0
+    for x, _y, _idx in loader:
+        if first is None:
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            first = time.perf_counter() - t0
+        count += x.shape[0]
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0, first or 0.0, count
+
+
+def run(args) -> list[dict]:
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
+    root = make_dataset(Path(args.data), args.size)
+    index = ImageFolderIndex(root, progress=False)
+    rows = []
+    for keep in (1.0, 0.7, 0.5):
+        pruner = selection(len(index), index.num_classes, keep)
+        kept = pruner.epoch_indices.numel()
+        loaders = {
+            "DaliLoader": lambda p=pruner: DaliLoader(index, p, batch_size=args.batch_size, device=device,
+                                                      num_threads=args.workers, image_size=args.image_size),
+            "torchvision DataLoader (PIL)": lambda p=pruner: torch.utils.data.DataLoader(
+                IndexedDataset(ImageFileDataset(index, train=True, image_size=args.image_size)),
+                batch_size=args.batch_size, sampler=p.sampler(), num_workers=args.workers,
+                persistent_workers=args.workers > 0),
+        }
+        for name, make in loaders.items():
+            loader = make()
+            times, stalls = [], []
+            for r in range(args.repeats + 1):  # the first epoch warms caches and workers
+                sec, stall, count = time_epoch(loader, device)
+                assert count == kept, (name, count, kept)
+                if r:
+                    times.append(sec)
+                    stalls.append(stall)
+            med = statistics.median(times)
+            rows.append({"loader": name, "keep": keep, "images": kept, "epoch_s": med,
+                         "images_per_s": kept / med, "first_batch_s": statistics.median(stalls)})
+            print(f"  {name:30s} keep={keep:.1f}: {kept / med:8.1f} img/s, epoch {med:.3f} s", file=sys.stderr)
+    return rows
+
+
+def render(rows: list[dict], info: dict, args) -> str:
+    base = {(r["keep"]): r for r in rows if r["loader"].startswith("torchvision")}
+    full = {r["loader"]: r["epoch_s"] for r in rows if r["keep"] == 1.0}
+    out = []
+    for r in rows:
+        out.append([r["loader"], f"{r['keep']:.1f}", r["images"], f"{r['images_per_s']:.1f}",
+                    f"{r['epoch_s']:.3f}", f"{r['epoch_s'] / full[r['loader']]:.2f}",
+                    f"{r['images_per_s'] / base[r['keep']]['images_per_s']:.2f}x",
+                    f"{r['first_batch_s'] * 1000:.0f}"])
+    decode = "CPU decode: CPU figures" if info["device"] == "cpu" or args.cpu else "GPU (mixed) decode"
+    mode = f"smoke run, {decode}" if args.smoke else decode
+    head = (f"### Loader throughput — {describe(info)}\n\n{args.size} JPEGs ~500x375 q90, {args.image_size}px "
+            f"train crops, batch {args.batch_size}, {args.workers} worker threads/processes each, median of "
+            f"{args.repeats} epochs; {mode}.\n\n")
+    return head + table(["loader", "keep", "images", "images/s", "epoch s", "epoch / keep-1.0 epoch",
+                         "vs torchvision", "first batch ms"], out)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--smoke", action="store_true", help="tiny run for CPU machines and CI")
+    ap.add_argument("--size", type=int, default=None, help="number of images (default 3000; smoke 120)")
+    ap.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1))
+    ap.add_argument("--batch-size", type=int, default=None)
+    ap.add_argument("--image-size", type=int, default=224)
+    ap.add_argument("--repeats", type=int, default=None)
+    ap.add_argument("--data", default=None, help="where to generate the images")
+    ap.add_argument("--cpu", action="store_true", help="measure the CPU pipeline even with a GPU")
+    ap.add_argument("--out", default=None, help="write the records as JSON here")
+    ap.add_argument("--no-write", action="store_true", help="do not update BENCHMARKS.md")
+    args = ap.parse_args(argv)
+    args.size = args.size or (120 if args.smoke else 3000)
+    args.batch_size = args.batch_size or (16 if args.smoke else 128)
+    args.repeats = args.repeats or (1 if args.smoke else 3)
+    args.data = args.data or os.path.join(os.environ.get("TMPDIR", "/tmp"), f"fastprune-bench-jpegs-{args.size}")
+    info = machine()
+    rows = run(args)
+    text = render(rows, info, args)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(json.dumps({"machine": info, "records": rows}, indent=1))
+    if not args.no_write:
+        write_section(f"loader-{'cpu' if info['device'] == 'cpu' or args.cpu else info['device']}", text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
