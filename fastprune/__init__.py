@@ -5,10 +5,11 @@
     order = pruner.next_epoch()                   # the next epoch's shuffled sample list
 """
 
+__version__ = "0.1.0"  # before the imports: submodules read it
+
 from . import data
+from .embeddings import Embeddings
 from .policies import POLICIES
 from .pruner import DynamicPruner, EpochSampler
 
-__version__ = "0.1.0"
-
-__all__ = ["POLICIES", "data", "DynamicPruner", "EpochSampler", "__version__"]
+__all__ = ["POLICIES", "Embeddings", "data", "DynamicPruner", "EpochSampler", "__version__"]

@@ -27,6 +27,7 @@ log = logging.getLogger("fastprune.data")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 _OUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_INTERP = {"linear": "INTERP_LINEAR", "cubic": "INTERP_CUBIC", "nearest": "INTERP_NN"}
 
 
 def require_dali():
@@ -65,7 +66,8 @@ class DaliLoader:
 
     Every selected sample comes once per epoch, the last partial batch included.  Images are
     NCHW, normalised, on ``device``, in ``dtype`` (optionally channels_last memory).  Train:
-    random-resized crop, horizontal flip, normalise; eval: resize to ``image_size / 0.875``,
+    random-resized crop, horizontal flip, normalise; eval: resize the shorter side to
+    ``resize_size`` (default ``image_size / 0.875``; ``resize_mode="squash"`` resizes both sides),
     centre crop ``image_size``.  Without a ``pruner`` each iteration is one pass over the index.
 
     Iterating again within the same epoch continues where the last iteration stopped (the position
@@ -80,7 +82,8 @@ class DaliLoader:
                  device: str | torch.device | None = None, num_threads: int | None = None, image_size: int = 224,
                  dtype: torch.dtype = torch.float32, channels_last: bool = False, seed: int = 0,
                  prefetch: int = 2, on_error: str = "raise", shard_id: int = 0, num_shards: int = 1,
-                 mean=IMAGENET_MEAN, std=IMAGENET_STD):
+                 mean=IMAGENET_MEAN, std=IMAGENET_STD, resize_size: int | None = None,
+                 interpolation: str = "linear", resize_mode: str = "shorter"):
         require_dali()
         if not isinstance(index, ImageFolderIndex):
             raise ValueError(f"index must be a fastprune.data.ImageFolderIndex, got {type(index).__name__}")
@@ -92,6 +95,10 @@ class DaliLoader:
             raise ValueError(f"image_size must be an integer >= 8, got {image_size!r}")
         if dtype not in _OUT_DTYPES:
             raise ValueError(f"dtype must be torch.float32, torch.bfloat16 or torch.float16, got {dtype}")
+        if interpolation not in _INTERP:
+            raise ValueError(f"interpolation must be one of {', '.join(_INTERP)}, got {interpolation!r}")
+        if resize_mode not in ("shorter", "squash"):
+            raise ValueError(f"resize_mode must be 'shorter' or 'squash', got {resize_mode!r}")
         if on_error not in ("raise", "skip"):
             raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
         if (shard_id, num_shards) != (0, 1):
@@ -108,6 +115,8 @@ class DaliLoader:
         self.dtype, self.channels_last, self.seed = dtype, channels_last, seed
         self.num_threads = num_threads or max(1, min(8, os.cpu_count() or 1))
         self.prefetch, self.on_error = prefetch, on_error
+        self.resize_size = resize_size or math.floor(image_size / 0.875 + 0.5)
+        self.interpolation, self.resize_mode = interpolation, resize_mode
         self.mean = [255.0 * m for m in mean]
         self.std = [255.0 * s for s in std]
         self._source = _EpochSource(index.files, index._labels, batch_size)
@@ -137,15 +146,20 @@ class DaliLoader:
                                                     batch_info=True, dtype=[types.UINT8, types.INT64, types.INT64])
             data = fn.io.file.read(paths)
             dec = "mixed" if gpu else "cpu"
+            interp = getattr(types, _INTERP[self.interpolation])
             if self.train:
                 images = fn.decoders.image_random_crop(data, device=dec, output_type=types.RGB,
                                                        random_area=[0.08, 1.0], random_aspect_ratio=[0.75, 4 / 3])
-                images = fn.resize(images, resize_x=size, resize_y=size)
+                images = fn.resize(images, resize_x=size, resize_y=size, interp_type=interp, antialias=True)
                 mirror = fn.random.coin_flip(probability=0.5)
                 crop = None
             else:
                 images = fn.decoders.image(data, device=dec, output_type=types.RGB)
-                images = fn.resize(images, resize_shorter=math.floor(size / 0.875 + 0.5))
+                if self.resize_mode == "squash":
+                    images = fn.resize(images, resize_x=self.resize_size, resize_y=self.resize_size,
+                                       interp_type=interp, antialias=True)
+                else:
+                    images = fn.resize(images, resize_shorter=self.resize_size, interp_type=interp, antialias=True)
                 mirror, crop = 0, (size, size)
             images = fn.crop_mirror_normalize(images, dtype=out_type, output_layout=layout, crop=crop,
                                               mean=self.mean, std=self.std, mirror=mirror)
