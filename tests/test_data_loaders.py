@@ -5,6 +5,7 @@ import os
 import shutil
 import sys
 
+import fileopens
 import pytest
 import torch
 from imagegen import make_tree
@@ -79,6 +80,29 @@ def test_dali_yields_exactly_the_selection_and_reads_nothing_else(index, tmp_pat
         sizes.append((order.numel(), moved))
         pruner.next_epoch()
     assert sizes[0] == (13, 0) and all(n < 13 and m == 13 - n for n, m in sizes[1:])
+
+
+@pytest.mark.skipif(not fileopens.available(), reason="needs Linux inotify")
+@pytest.mark.parametrize("which", ["dali", "fallback"])
+def test_files_opened_are_exactly_the_selection(index, which):
+    """inotify sees every open, DALI's C++ reader threads included: the opened set is the selection."""
+    pruner = make_pruner(index, keep_ratio=0.4)
+    if which == "dali":
+        loader = DaliLoader(index, pruner, batch_size=4, image_size=SIZE, num_threads=2)
+    else:
+        loader = torch.utils.data.DataLoader(IndexedDataset(ImageFileDataset(index, image_size=SIZE)),
+                                             batch_size=4, sampler=pruner.sampler(), num_workers=0)
+    folders = sorted({os.path.dirname(f) for f in index.files})
+    for _ in range(3):
+        counter = fileopens.OpenCounter(folders)
+        try:
+            order = pruner.epoch_indices.clone()
+            train_epoch(pruner, loader, index.num_classes)
+            opened = set(counter.poll())
+        finally:
+            counter.close()
+        assert opened == {index.files[i] for i in order.tolist()}
+        pruner.next_epoch()
 
 
 def test_eval_mode_without_pruner(index):
