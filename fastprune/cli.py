@@ -10,9 +10,9 @@ from . import __version__
 
 
 def _demo(args) -> int:
-    from .synthetic import demo
+    from .demo import run
 
-    demo(epochs=args.epochs, num_samples=args.samples, device=args.device)
+    run(epochs=args.epochs, out=args.out, clip=args.clip, device=args.device, workers=args.workers)
     return 0
 
 
@@ -36,13 +36,24 @@ def _embed(args) -> int:
     return 0
 
 
+def _train(args) -> int:
+    from .train import TrainConfig, train
+
+    fields = {f for f in TrainConfig.__dataclass_fields__ if f != "extra"}
+    cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
+    train(cfg, progress=not args.no_progress)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="fastprune", description="Dynamic dataset pruning with fused Triton kernels.")
     ap.add_argument("--version", action="version", version=f"fastprune {__version__}")
     sub = ap.add_subparsers(dest="command", required=True)
-    d = sub.add_parser("demo", help="train with and without pruning on a built-in noisy-label task")
-    d.add_argument("--epochs", type=int, default=12)
-    d.add_argument("--samples", type=int, default=20_000)
+    d = sub.add_parser("demo", help="full vs. pruned training on real digits with 20%% planted label noise")
+    d.add_argument("--epochs", type=int, default=15)
+    d.add_argument("--out", default=None, help="where to write the data and runs (default: a temp folder)")
+    d.add_argument("--clip", default=None, help="embeddings from `fastprune embed` instead of the proxy")
+    d.add_argument("--workers", type=int, default=2)
     d.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     d.set_defaults(func=_demo)
 
@@ -62,6 +73,43 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     e.add_argument("--model-config", default=None, help="extra open_clip model config (JSON file or folder)")
     e.set_defaults(func=_embed)
+
+    t = sub.add_parser("train", help="train an image classifier on an ImageNet-style folder with pruning")
+    t.add_argument("data", help="training folder root/<class>/<image> (or a path,label CSV)")
+    t.add_argument("--val", default=None, help="validation folder with the same classes")
+    t.add_argument("--out", default="runs/fastprune", help="run directory: log.jsonl, checkpoint.pt, plots")
+    t.add_argument("--arch", default="resnet50", help="torchvision or timm model name, or smallcnn")
+    t.add_argument("--epochs", type=int, default=90)
+    t.add_argument("--batch-size", type=int, default=256)
+    t.add_argument("--lr", type=float, default=0.1)
+    t.add_argument("--optimizer", default="sgd", choices=["sgd", "adamw"])
+    t.add_argument("--momentum", type=float, default=0.9)
+    t.add_argument("--weight-decay", type=float, default=5e-5)
+    t.add_argument("--schedule", default="cosine", choices=["cosine", "step", "constant"],
+                   help="over samples actually trained, so it follows the shrinking epochs")
+    t.add_argument("--lr-warmup", type=float, default=0.02, help="fraction of training with linear lr warm-up")
+    t.add_argument("--label-smoothing", type=float, default=0.0)
+    t.add_argument("--image-size", type=int, default=224)
+    t.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1))
+    t.add_argument("--device", default=None)
+    t.add_argument("--compile", action="store_true", help="torch.compile the model")
+    t.add_argument("--channels-last", dest="channels_last", action="store_true", default=None)
+    t.add_argument("--no-channels-last", dest="channels_last", action="store_false")
+    t.add_argument("--loader", default="auto", choices=["auto", "dali", "torch"])
+    t.add_argument("--checkpoint-every", type=int, default=0, help="also checkpoint every N steps")
+    t.add_argument("--resume", action="store_true", help="continue the run in --out after an interruption")
+    t.add_argument("--no-progress", action="store_true", help="no progress bars")
+    g = t.add_argument_group("pruning (DynamicPruner arguments)")
+    g.add_argument("--keep-ratio", type=float, default=0.7)
+    g.add_argument("--policy", default="infobatch", choices=["infobatch", "topk", "random", "full"],
+                   help="'full' trains on everything: the baseline")
+    g.add_argument("--ema", type=float, default=0.9)
+    g.add_argument("--warmup", type=int, default=1, help="epochs on the full set before pruning")
+    g.add_argument("--anneal", type=float, default=0.125, help="fraction of final epochs on the full set")
+    g.add_argument("--noise-ratio", type=float, default=0.0, help="fraction left out as likely mislabeled")
+    g.add_argument("--embeddings", default=None, help="directory from `fastprune embed` (for consistency)")
+    g.add_argument("--seed", type=int, default=0)
+    t.set_defaults(func=_train)
     return ap
 
 

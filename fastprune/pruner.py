@@ -11,7 +11,6 @@ import torch
 
 from . import kernels as _k
 from .kernels import common as K
-from .kernels.step import MAX_CLASSES
 from .policies import POLICIES, Schedule
 
 _LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -132,7 +131,7 @@ class DynamicPruner:
         validate: str = "async",
     ):
         self.num_samples = _check_int("num_samples", num_samples, 1)
-        self.num_classes = _check_int("num_classes", num_classes, 1, MAX_CLASSES)
+        self.num_classes = _check_int("num_classes", num_classes, 1, K.MAX_CLASSES)
         self.epochs = _check_int("epochs", epochs, 1)
         self.keep_ratio = _check_real("keep_ratio", keep_ratio, 0.0, 1.0, True, False)
         if policy not in POLICIES:
@@ -448,9 +447,14 @@ class DynamicPruner:
 
     @property
     def visits_saved(self) -> float:
-        """Fraction of sample visits saved so far versus training every epoch on everything."""
-        trained = sum(h["kept"] for h in self.history)
-        return 1.0 - trained / (len(self.history) * self.num_samples)
+        """Fraction of sample visits saved so far versus training every epoch on everything.
+
+        Counts the epochs selected so far, the current one included, except a selection made past
+        the planned ``epochs`` that has not started (the usual ``next_epoch()`` after the last epoch).
+        """
+        counted = [h for h in self.history if h["epoch"] < self.epochs or h["epoch"] < self.epoch]
+        counted = counted or self.history[:1]
+        return 1.0 - sum(h["kept"] for h in counted) / (len(counted) * self.num_samples)
 
     # ------------------------------------------------------------ persistence
 

@@ -4,6 +4,8 @@ Both implementations must agree bit for bit on anything random or discrete
 (error slots, random streams, sample classes), so those live here once.
 """
 
+MAX_CLASSES = 1 << 18  # 262,144: the step kernel's int32 column offsets stay far from overflow
+
 # --- step error buffer: int64[8], cumulative until the pruner reports them ---
 # Each kind has a count and one example value (the bad label, the bad index,
 # the batch row with non-finite logits, the duplicated index).

@@ -28,7 +28,7 @@ TILES = (
     (4096, 1, 4096, 512, True, 8),
     (None, 1, 4096, 512, False, 8),
 )
-MAX_CLASSES = 1 << 18  # 262,144: int32 column offsets stay far from overflow
+MAX_CLASSES = K.MAX_CLASSES
 
 
 @dataclass(frozen=True)

@@ -8,9 +8,9 @@
 
 from .dali import DaliLoader, require_dali
 from .errors import SkippedFiles
-from .fallback import ImageFileDataset, default_transform
+from .fallback import ImageFileDataset, TorchLoader, default_transform
 from .index import ImageFolderIndex
 from .indexed import IndexedDataset
 
-__all__ = ["DaliLoader", "ImageFileDataset", "ImageFolderIndex", "IndexedDataset", "SkippedFiles",
+__all__ = ["DaliLoader", "ImageFileDataset", "ImageFolderIndex", "IndexedDataset", "SkippedFiles", "TorchLoader",
            "default_transform", "require_dali"]

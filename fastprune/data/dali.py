@@ -66,7 +66,7 @@ class DaliLoader:
 
     Every selected sample comes once per epoch, the last partial batch included.  Images are
     NCHW, normalised, on ``device``, in ``dtype`` (optionally channels_last memory).  Train:
-    random-resized crop, horizontal flip, normalise; eval: resize the shorter side to
+    random-resized crop (area fraction in ``random_area``), horizontal flip (``hflip``), normalise; eval: resize the shorter side to
     ``resize_size`` (default ``image_size / 0.875``; ``resize_mode="squash"`` resizes both sides),
     centre crop ``image_size``.  Without a ``pruner`` each iteration is one pass over the index.
 
@@ -83,7 +83,8 @@ class DaliLoader:
                  dtype: torch.dtype = torch.float32, channels_last: bool = False, seed: int = 0,
                  prefetch: int = 2, on_error: str = "raise", shard_id: int = 0, num_shards: int = 1,
                  mean=IMAGENET_MEAN, std=IMAGENET_STD, resize_size: int | None = None,
-                 interpolation: str = "linear", resize_mode: str = "shorter"):
+                 interpolation: str = "linear", resize_mode: str = "shorter", random_area=(0.08, 1.0),
+                 hflip: bool = True):
         require_dali()
         if not isinstance(index, ImageFolderIndex):
             raise ValueError(f"index must be a fastprune.data.ImageFolderIndex, got {type(index).__name__}")
@@ -117,6 +118,9 @@ class DaliLoader:
         self.prefetch, self.on_error = prefetch, on_error
         self.resize_size = resize_size or math.floor(image_size / 0.875 + 0.5)
         self.interpolation, self.resize_mode = interpolation, resize_mode
+        if not (len(random_area) == 2 and 0 < random_area[0] <= random_area[1] <= 1):
+            raise ValueError(f"random_area must be (min, max) with 0 < min <= max <= 1, got {random_area!r}")
+        self.random_area, self.hflip = tuple(float(a) for a in random_area), bool(hflip)
         self.mean = [255.0 * m for m in mean]
         self.std = [255.0 * s for s in std]
         self._source = _EpochSource(index.files, index._labels, batch_size)
@@ -149,9 +153,10 @@ class DaliLoader:
             interp = getattr(types, _INTERP[self.interpolation])
             if self.train:
                 images = fn.decoders.image_random_crop(data, device=dec, output_type=types.RGB,
-                                                       random_area=[0.08, 1.0], random_aspect_ratio=[0.75, 4 / 3])
+                                                       random_area=list(self.random_area),
+                                                       random_aspect_ratio=[0.75, 4 / 3])
                 images = fn.resize(images, resize_x=size, resize_y=size, interp_type=interp, antialias=True)
-                mirror = fn.random.coin_flip(probability=0.5)
+                mirror = fn.random.coin_flip(probability=0.5) if self.hflip else 0
                 crop = None
             else:
                 images = fn.decoders.image(data, device=dec, output_type=types.RGB)

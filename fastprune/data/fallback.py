@@ -16,28 +16,38 @@ import torch
 from .dali import IMAGENET_MEAN, IMAGENET_STD
 from .errors import check_file, raise_for_bad_file
 from .index import ImageFolderIndex
+from .indexed import IndexedDataset
 
 
-def default_transform(train: bool, image_size: int = 224, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+def default_transform(train: bool, image_size: int = 224, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+                      random_area=(0.08, 1.0), hflip: bool = True):
     """torchvision transforms matching DaliLoader's: random-resized crop + flip, or resize + centre crop."""
     from torchvision import transforms as T
 
     norm = [T.ToTensor(), T.Normalize(mean, std)]
     if train:
-        return T.Compose([T.RandomResizedCrop(image_size, scale=(0.08, 1.0)), T.RandomHorizontalFlip(), *norm])
+        flip = [T.RandomHorizontalFlip()] if hflip else []
+        return T.Compose([T.RandomResizedCrop(image_size, scale=tuple(random_area)), *flip, *norm])
     return T.Compose([T.Resize(math.floor(image_size / 0.875 + 0.5)), T.CenterCrop(image_size), *norm])
 
 
 class ImageFileDataset(torch.utils.data.Dataset):
-    """``(image, label)`` for each file of an ``ImageFolderIndex``; errors name the file."""
+    """``(image, label)`` for each file of an ``ImageFolderIndex``; errors name the file.
 
-    def __init__(self, index: ImageFolderIndex, train: bool = True, image_size: int = 224, transform=None):
+    Random augmentations are drawn from a generator seeded by ``(seed, epoch, index)``, so they
+    depend neither on the order nor on the worker that loads a sample, and a resumed run repeats
+    them exactly.  Set ``epoch`` before each epoch (``TorchLoader`` does).
+    """
+
+    def __init__(self, index: ImageFolderIndex, train: bool = True, image_size: int = 224, transform=None,
+                 seed: int = 0):
         if not isinstance(index, ImageFolderIndex):
             raise ValueError(f"index must be a fastprune.data.ImageFolderIndex, got {type(index).__name__}")
         self.index = index
         self.files = index.files
         self.labels = index.labels.tolist()
         self.transform = transform if transform is not None else default_transform(train, image_size)
+        self.seed, self.epoch = seed, 0
 
     def __len__(self) -> int:
         return len(self.files)
@@ -51,4 +61,62 @@ class ImageFileDataset(torch.utils.data.Dataset):
                 image = im.convert("RGB")
         except Exception as e:  # noqa: BLE001 - report which file, whatever PIL raised
             raise_for_bad_file((i, path, check_file(path) or f"unreadable image ({e})"), 1, e)
-        return self.transform(image), self.labels[i]
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(((self.seed * 1_000_003 + self.epoch) * 1_000_033 + i) % (1 << 63))
+            return self.transform(image), self.labels[i]
+
+
+class TorchLoader:
+    """The fallback with DaliLoader's interface: ``(images, labels, idx)`` over the pruner's epoch order,
+    on ``device``, resumable mid-epoch (``state_dict``), decoded by PIL in ``num_workers`` processes."""
+
+    def __init__(self, index: ImageFolderIndex, pruner=None, batch_size: int = 256, train: bool = True,
+                 device=None, num_workers: int = 4, image_size: int = 224, transform=None,
+                 channels_last: bool = False, dtype: torch.dtype = torch.float32, random_area=(0.08, 1.0),
+                 hflip: bool = True, seed: int = 0):
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+        if pruner is not None and pruner.num_samples != len(index):
+            raise ValueError(f"pruner has num_samples={pruner.num_samples} but the index has {len(index)} samples")
+        self.index, self.pruner, self.batch_size = index, pruner, batch_size
+        self.device = torch.device(device or (pruner.device if pruner is not None else "cpu"))
+        if transform is None:
+            transform = default_transform(train, image_size, random_area=random_area, hflip=hflip)
+        self.images = ImageFileDataset(index, transform=transform, seed=seed)
+        self.dataset = IndexedDataset(self.images)
+        self.num_workers, self.channels_last, self.dtype = num_workers, channels_last, dtype
+        self._epoch, self._position, self._passes = None, 0, 0
+
+    def _current(self):
+        if self.pruner is None:
+            return self._passes, list(range(len(self.index)))
+        return self.pruner.epoch, self.pruner.epoch_indices.tolist()
+
+    def __len__(self) -> int:
+        return -(-len(self._current()[1]) // self.batch_size)
+
+    def __iter__(self):
+        epoch, order = self._current()
+        if epoch != self._epoch or self._position >= len(order):
+            self._epoch, self._position = epoch, 0
+        self.images.epoch = epoch
+        loader = torch.utils.data.DataLoader(self.dataset, batch_size=self.batch_size,
+                                             sampler=order[self._position:], num_workers=self.num_workers,
+                                             pin_memory=self.device.type == "cuda")
+        rng = torch.get_rng_state()
+        batches = iter(loader)  # draws its worker seed from the global RNG: put the stream back
+        torch.set_rng_state(rng)
+        for x, y, idx in batches:
+            self._position += idx.numel()  # handed out = consumed
+            x = x.to(self.device, self.dtype, non_blocking=True)
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            yield x, y.to(self.device, non_blocking=True), idx.to(self.device, non_blocking=True)
+        if self.pruner is None:
+            self._passes += 1
+
+    def state_dict(self) -> dict:
+        return {"epoch": self._epoch, "position": self._position, "passes": self._passes}
+
+    def load_state_dict(self, sd: dict) -> None:
+        self._epoch, self._position, self._passes = sd["epoch"], int(sd["position"]), int(sd.get("passes", 0))

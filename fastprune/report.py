@@ -1,0 +1,88 @@
+"""End-of-run outputs: PNG plots and the suspected-noisy CSV."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import torch
+
+
+def plot_run(history: list[dict], pruner, out: Path) -> list[Path]:
+    """Kept fraction and accuracy per epoch, score and consistency histograms, suspected-noisy count."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    epochs = [h["epoch"] for h in history]
+
+    fig, ax = plt.subplots(1, 2, figsize=(10, 3.6))
+    ax[0].plot(epochs, [h["kept_fraction"] for h in history], marker="o")
+    ax[0].set(xlabel="epoch", ylabel="fraction of the dataset trained", ylim=(0, 1.05), title="kept fraction")
+    if any(h.get("val_top1") is not None for h in history):
+        ax[1].plot(epochs, [h.get("val_top1") for h in history], marker="o", label="top-1")
+        if any(h.get("val_top5") is not None for h in history):
+            ax[1].plot(epochs, [h.get("val_top5") for h in history], marker="s", label="top-5")
+        ax[1].legend()
+    ax[1].set(xlabel="epoch", ylabel="validation accuracy", title="accuracy")
+    fig.tight_layout()
+    paths.append(_save(fig, out / "kept_and_accuracy.png"))
+
+    seen = pruner.visits.cpu() > 0
+    fig, ax = plt.subplots(1, 2, figsize=(10, 3.6))
+    ax[0].hist(pruner.scores.cpu()[seen].numpy(), bins=50)
+    ax[0].set(xlabel="EMA cross-entropy", ylabel="samples", title="score")
+    if pruner.text_emb is not None:
+        ax[1].hist(pruner.consistency.cpu()[seen].numpy(), bins=50, color="tab:green")
+        ax[1].set(xlabel="cosine(image, label text)", title="consistency")
+    else:
+        ax[1].text(0.5, 0.5, "no embeddings", ha="center", va="center")
+        ax[1].set_axis_off()
+    fig.tight_layout()
+    paths.append(_save(fig, out / "score_consistency_hist.png"))
+
+    fig, ax = plt.subplots(figsize=(5, 3.6))
+    ax.bar(epochs, [h["suspected_noisy"] for h in history])
+    ax.set(xlabel="epoch", ylabel="samples", title="left out as suspected mislabeled")
+    fig.tight_layout()
+    paths.append(_save(fig, out / "suspected_noisy.png"))
+    return paths
+
+
+def _save(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_suspected_noisy(pruner, index, path: Path) -> int:
+    """``index, path, given_label, clip_label, consistency, score`` for each suspected-noisy sample."""
+    noisy = pruner.suspected_noisy()
+    preferred = None
+    if pruner.image_emb is not None and noisy.numel():
+        sims = pruner.image_emb[noisy.to(pruner.device)].float() @ pruner.text_emb.float().T
+        preferred = sims.argmax(1).cpu()
+    labels = index.labels
+    cons, scores = pruner.consistency.cpu(), pruner.scores.cpu()
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["index", "path", "given_label", "clip_label", "consistency", "score"])
+        for k, i in enumerate(noisy.tolist()):
+            clip = index.classes[int(preferred[k])] if preferred is not None else ""
+            w.writerow([i, index.files[i], index.classes[int(labels[i])], clip, f"{float(cons[i]):.4f}",
+                        f"{float(scores[i]):.4f}"])
+    return int(noisy.numel())
+
+
+@torch.no_grad()
+def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> list[torch.Tensor]:
+    """Number of rows whose label is among the top-k logits, for each k (device tensors: no sync)."""
+    kmax = min(max(ks), logits.shape[1])
+    top = logits.topk(kmax, dim=1).indices
+    hit = top == labels[:, None]
+    return [hit[:, :min(k, kmax)].any(1).sum() for k in ks]

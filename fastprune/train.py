@@ -1,0 +1,314 @@
+"""Drop-in training for ImageNet-style folders: the library behind ``fastprune train``."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from .data import ImageFolderIndex
+from .pruner import DynamicPruner
+from .report import plot_run, topk_correct, write_suspected_noisy
+from .schedule import SampleSchedule, expected_total_samples
+
+
+@dataclass
+class TrainConfig:
+    """Everything ``fastprune train`` takes; pruning fields map one-to-one onto DynamicPruner."""
+
+    data: str
+    val: str | None = None
+    out: str = "runs/fastprune"
+    arch: str = "resnet50"
+    epochs: int = 90
+    batch_size: int = 256
+    lr: float = 0.1
+    optimizer: str = "sgd"  # sgd (momentum + Nesterov) or adamw
+    momentum: float = 0.9
+    weight_decay: float = 5e-5
+    schedule: str = "cosine"  # cosine, step or constant, over samples actually trained
+    lr_warmup: float = 0.02  # fraction of training
+    label_smoothing: float = 0.0
+    image_size: int = 224
+    workers: int = 8
+    device: str | None = None
+    compile: bool = False
+    channels_last: bool | None = None  # default: on CUDA
+    loader: str = "auto"  # auto (DALI when installed), dali, torch
+    checkpoint_every: int = 0  # also checkpoint every N steps inside an epoch (0: epoch ends only)
+    resume: bool = False
+    crop_area: tuple = (0.08, 1.0)  # random-resized-crop area fraction
+    hflip: bool = True
+    # pruning
+    keep_ratio: float = 0.7
+    policy: str = "infobatch"
+    ema: float = 0.9
+    warmup: int = 1
+    anneal: float = 0.125
+    noise_ratio: float = 0.0
+    embeddings: str | None = None
+    seed: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+class SmallCNN(torch.nn.Module):
+    """A small convolutional network for small images (the demo, tests, quick CPU runs)."""
+
+    def __init__(self, num_classes: int, width: int = 32):
+        super().__init__()
+        c = width
+
+        def block(i, o):
+            return torch.nn.Sequential(torch.nn.Conv2d(i, o, 3, padding=1, bias=False), torch.nn.BatchNorm2d(o),
+                                       torch.nn.ReLU(inplace=True))
+
+        self.features = torch.nn.Sequential(block(3, c), block(c, c), torch.nn.MaxPool2d(2), block(c, 2 * c),
+                                            torch.nn.MaxPool2d(2), block(2 * c, 4 * c),
+                                            torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+        self.head = torch.nn.Linear(4 * c, num_classes)
+
+    def forward(self, x):
+        return self.head(self.features(x))
+
+
+def build_model(arch: str, num_classes: int) -> torch.nn.Module:
+    """``smallcnn``, a torchvision model name, or (when installed) a timm model name."""
+    if arch == "smallcnn":
+        return SmallCNN(num_classes)
+    import torchvision
+
+    if arch in torchvision.models.list_models(module=torchvision.models):
+        return torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
+    try:
+        import timm
+    except ImportError:
+        timm = None
+    if timm is not None and arch in timm.list_models():
+        return timm.create_model(arch, pretrained=False, num_classes=num_classes)
+    import difflib
+
+    known = ["smallcnn", *torchvision.models.list_models(module=torchvision.models)]
+    close = difflib.get_close_matches(arch, known + (timm.list_models() if timm else []), n=3)
+    hint = f"; did you mean {', '.join(close)}?" if close else ""
+    raise ValueError(f"unknown architecture {arch!r} (torchvision{', timm' if timm else ''} or smallcnn){hint}")
+
+
+def _make_loader(kind, index, pruner, cfg, train, device):
+    from .data import TorchLoader
+
+    if kind == "auto":
+        try:
+            import nvidia.dali  # noqa: F401
+
+            kind = "dali"
+        except ImportError:
+            kind = "torch"
+    channels_last = cfg.channels_last if cfg.channels_last is not None else device.type == "cuda"
+    if kind == "dali":
+        from .data import DaliLoader
+
+        loader = DaliLoader(index, pruner, batch_size=cfg.batch_size, train=train, device=device,
+                            num_threads=cfg.workers, image_size=cfg.image_size, channels_last=channels_last,
+                            seed=cfg.seed, random_area=cfg.crop_area, hflip=cfg.hflip)
+        return loader, "DALI (GPU decode)" if device.type == "cuda" else "DALI (CPU decode)"
+    if kind != "torch":
+        raise ValueError(f"loader must be 'auto', 'dali' or 'torch', got {kind!r}")
+    loader = TorchLoader(index, pruner, batch_size=cfg.batch_size, train=train, device=device,
+                         num_workers=cfg.workers, image_size=cfg.image_size, channels_last=channels_last,
+                         random_area=cfg.crop_area, hflip=cfg.hflip, seed=cfg.seed)
+    return loader, "torch DataLoader fallback (PIL decode)"
+
+
+def _optimizer(cfg, model):
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg.lr)
+    raise ValueError(f"optimizer must be 'sgd' or 'adamw', got {cfg.optimizer!r}")
+
+
+def _atomic_save(obj, path: Path):
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    os.close(fd)
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+@torch.no_grad()
+def evaluate(model, loader, device) -> tuple[float, float | None]:
+    """Top-1 and top-5 accuracy (top-5 is None with fewer than 5 classes)."""
+    model.eval()
+    hits1 = torch.zeros((), dtype=torch.int64, device=device)
+    hits5 = torch.zeros((), dtype=torch.int64, device=device)
+    n = 0
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    for images, labels, _ in loader:
+        with autocast:
+            logits = model(images)
+        h1, h5 = topk_correct(logits.float(), labels)
+        hits1 += h1
+        hits5 += h5
+        n += labels.numel()
+    classes = loader.index.num_classes
+    return hits1.item() / max(n, 1), (hits5.item() / max(n, 1) if classes >= 5 else None)
+
+
+def selection_hash(order: torch.Tensor) -> str:
+    return hashlib.sha256(order.numpy().tobytes()).hexdigest()[:16]
+
+
+def train(cfg: TrainConfig, log: Callable[[str], None] = print,
+          on_epoch_end: Callable[[int, dict], None] | None = None, progress: bool = True) -> dict:
+    """Train ``cfg.arch`` on ``cfg.data`` with the pruner; returns the run summary.
+
+    Writes ``log.jsonl`` (one line per epoch), ``checkpoint.pt`` (atomic; model, optimiser,
+    schedule, pruner, loader state and RNG states), and at the end the plots and
+    ``suspected_noisy.csv`` into ``cfg.out``.
+    """
+    out = Path(cfg.out)
+    ckpt_path = out / "checkpoint.pt"
+    if not cfg.resume and (out / "log.jsonl").exists():
+        raise FileExistsError(f"{str(out)!r} already holds a run; pass --resume to continue it or choose --out")
+    if cfg.resume and not ckpt_path.exists():
+        raise FileNotFoundError(f"nothing to resume: {str(ckpt_path)!r} does not exist")
+    out.mkdir(parents=True, exist_ok=True)
+    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+    index = ImageFolderIndex(cfg.data)
+    val_index = None
+    if cfg.val:
+        val_index = ImageFolderIndex(cfg.val)
+        if val_index.classes != index.classes:
+            only_t = sorted(set(index.classes) - set(val_index.classes))[:3]
+            only_v = sorted(set(val_index.classes) - set(index.classes))[:3]
+            raise ValueError(f"--val has other classes than the training data ({len(val_index.classes)} vs "
+                             f"{len(index.classes)}; only in train: {only_t}, only in val: {only_v})")
+    image_emb = text_emb = None
+    if cfg.embeddings:
+        from .embeddings import Embeddings
+
+        emb = Embeddings.load(cfg.embeddings, index=index, device=device)
+        image_emb, text_emb = emb.image, emb.text
+    torch.manual_seed(cfg.seed)  # model init and augmentation draws; a resumed run restores the RNG states
+    model = build_model(cfg.arch, index.num_classes).to(device)
+    pruner = DynamicPruner(len(index), index.num_classes, epochs=cfg.epochs, keep_ratio=cfg.keep_ratio,
+                           policy=cfg.policy, ema=cfg.ema, warmup=cfg.warmup, anneal=cfg.anneal,
+                           noise_ratio=cfg.noise_ratio, image_emb=image_emb, text_emb=text_emb,
+                           label_smoothing=cfg.label_smoothing, seed=cfg.seed, device=device)
+    channels_last = cfg.channels_last if cfg.channels_last is not None else device.type == "cuda"
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = _optimizer(cfg, model)
+    schedule = SampleSchedule(cfg.lr, cfg.schedule, cfg.lr_warmup)
+    loader, loader_name = _make_loader(cfg.loader, index, pruner, cfg, True, device)
+    val_loader = _make_loader(cfg.loader, val_index, None, cfg, False, device)[0] if val_index else None
+
+    history: list[dict] = []
+    start_epoch, step = 0, 0
+    if cfg.resume:
+        ck = torch.load(ckpt_path, map_location=device, weights_only=False)
+        model.load_state_dict(ck["model"])
+        optimizer.load_state_dict(ck["optimizer"])
+        schedule.load_state_dict(ck["schedule"])
+        pruner.load_state_dict(ck["pruner"])
+        loader.load_state_dict(ck["loader"])
+        history, start_epoch, step = ck["history"], ck["epoch"], ck["step"]
+        torch.set_rng_state(ck["rng"]["torch"])
+        if device.type == "cuda" and ck["rng"].get("cuda") is not None:
+            torch.cuda.set_rng_state(ck["rng"]["cuda"])
+        log(f"resumed {out} at epoch {start_epoch} (step {step})")
+    net = torch.compile(model) if cfg.compile else model
+    log(f"fastprune train: {len(index)} images, {index.num_classes} classes, {cfg.arch} on {device}, "
+        f"loader: {loader_name}, policy {cfg.policy} keep {cfg.keep_ratio}")
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+    def checkpoint(epoch):
+        rng = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if device.type == "cuda" else None}
+        _atomic_save({"config": dataclasses.asdict(cfg), "epoch": epoch, "step": step, "model": model.state_dict(),
+                      "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(), "scaler": None,
+                      "pruner": pruner.state_dict(), "loader": loader.state_dict(), "history": history,
+                      "rng": rng}, ckpt_path)
+
+    t_run = time.perf_counter()
+    for epoch in range(start_epoch, cfg.epochs):
+        order = pruner.epoch_indices
+        schedule.set_total(expected_total_samples(pruner))
+        schedule.advance(0, optimizer)
+        net.train()
+        t0 = time.perf_counter()
+        trained = 0
+        state = loader.state_dict()
+        done = state["position"] if state["epoch"] == epoch else 0  # > 0 when resuming inside this epoch
+        bar = tqdm(total=order.numel(), initial=done, unit="img", desc=f"epoch {epoch}", disable=not progress,
+                   leave=False)
+        for images, labels, idx in loader:
+            with autocast:
+                logits = net(images)
+            loss = pruner.step(logits, labels, idx)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            lr = schedule.advance(idx.numel(), optimizer)
+            trained += idx.numel()
+            step += 1
+            bar.update(idx.numel())
+            if step % 50 == 0:
+                bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.3g}")  # a sync every 50 steps only
+            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
+                checkpoint(epoch)
+        bar.close()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        train_s = time.perf_counter() - t0
+        top1, top5 = evaluate(net, val_loader, device) if val_loader is not None else (None, None)
+        record = {"epoch": epoch, "policy": pruner.history[-1]["policy"], "samples_trained": int(order.numel()),
+                  "kept_fraction": order.numel() / len(index), "suspected_noisy": pruner.history[-1]["noisy"],
+                  "visits_saved": pruner.visits_saved, "train_seconds": round(train_s, 3),
+                  "epoch_seconds": round(time.perf_counter() - t0, 3),
+                  "images_per_s": round(trained / max(train_s, 1e-9), 1), "val_top1": top1, "val_top5": top5,
+                  "lr": lr if trained else schedule.lr(), "selection": selection_hash(order), "step": step}
+        history.append(record)
+        with open(out / "log.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+        acc = f", val top-1 {top1:.2%}" + (f" top-5 {top5:.2%}" if top5 is not None else "") if top1 is not None else ""
+        log(f"epoch {epoch}: trained {order.numel()}/{len(index)} ({record['kept_fraction']:.0%}) in {train_s:.1f} s, "
+            f"{record['images_per_s']:.0f} img/s, visits saved {pruner.visits_saved:.1%}{acc}")
+        pruner.next_epoch()
+        checkpoint(epoch + 1)
+        if on_epoch_end is not None:
+            on_epoch_end(epoch, record)
+
+    total_s = time.perf_counter() - t_run
+    summary = {"epochs": cfg.epochs, "final_top1": history[-1]["val_top1"] if history else None,
+               "best_top1": max((h["val_top1"] for h in history if h["val_top1"] is not None), default=None),
+               "total_seconds": round(total_s, 1),
+               "samples_trained": sum(h["samples_trained"] for h in history),
+               "visits_saved": 1.0 - sum(h["samples_trained"] for h in history) / max(1, len(history) * len(index)),
+               "loader": loader_name}
+    plot_run(history, pruner, out)
+    summary["suspected_noisy"] = write_suspected_noisy(pruner, index, out / "suspected_noisy.csv")
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    log(format_summary(summary))
+    return summary
+
+
+def format_summary(s: dict) -> str:
+    top1 = "-" if s["final_top1"] is None else f"{s['final_top1']:.2%}"
+    best = "-" if s["best_top1"] is None else f"{s['best_top1']:.2%}"
+    return ("| epochs | final top-1 | best top-1 | samples trained | visits saved vs. full | suspected noisy | time |\n"
+            "|---|---|---|---|---|---|---|\n"
+            f"| {s['epochs']} | {top1} | {best} | {s['samples_trained']} | {s['visits_saved']:.1%} | "
+            f"{s.get('suspected_noisy', 0)} | {s['total_seconds']:.1f} s |")

@@ -1,0 +1,185 @@
+"""`fastprune train` and `fastprune demo`: end to end, resume after a kill, outputs, error messages."""
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from imagegen import make_tree
+from PIL import Image
+
+from fastprune import cli
+
+USER_ENV = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    make_tree(str(root / "train"), per_class=(16, 15, 14))
+    make_tree(str(root / "val"), per_class=(4, 4, 4), seed=1)
+    return root
+
+
+def train_args(folders, out, *extra):
+    return [str(folders / "train"), "--val", str(folders / "val"), "--out", str(out), "--arch", "smallcnn",
+            "--epochs", "3", "--batch-size", "8", "--image-size", "32", "--workers", "0", "--lr", "0.05",
+            "--loader", "torch", "--no-progress", "--keep-ratio", "0.6", *extra]
+
+
+KILL_AFTER_FIRST_EPOCH = textwrap.dedent("""
+    import os, signal, sys
+    from fastprune import cli
+    from fastprune.train import TrainConfig, train
+    args = cli.build_parser().parse_args(["train", *sys.argv[1:]])
+    fields = {f for f in TrainConfig.__dataclass_fields__ if f != "extra"}
+    cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
+    train(cfg, progress=False, on_epoch_end=lambda e, r: os.kill(os.getpid(), signal.SIGKILL))
+""")
+
+
+def read_log(out):
+    return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+
+
+def test_train_kill_and_resume_continues_exactly(folders, tmp_path):
+    straight = tmp_path / "straight"  # in a process of its own too: the same kernels as the resumed run
+    subprocess.run([sys.executable, "-m", "fastprune", "train", *train_args(folders, straight)], env=USER_ENV,
+                   check=True, capture_output=True, timeout=600)
+    killed = tmp_path / "killed"
+    script = tmp_path / "kill.py"
+    script.write_text(KILL_AFTER_FIRST_EPOCH)
+    proc = subprocess.run([sys.executable, str(script), *train_args(folders, killed)], env=USER_ENV,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    assert len(read_log(killed)) == 1 and (killed / "checkpoint.pt").exists()
+    resumed = subprocess.run([sys.executable, "-m", "fastprune", "train", *train_args(folders, killed, "--resume")],
+                             env=USER_ENV, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed" in resumed.stdout
+    a, b = read_log(straight), read_log(killed)
+    assert [r["epoch"] for r in b] == [0, 1, 2]  # the log continues
+    assert [r["selection"] for r in a] == [r["selection"] for r in b]  # same selections
+    assert [r["samples_trained"] for r in a] == [r["samples_trained"] for r in b]
+    assert a[1]["samples_trained"] < a[0]["samples_trained"]  # pruned after the warm-up epoch
+    for key in ("val_top1", "val_top5", "images_per_s", "kept_fraction", "visits_saved", "epoch_seconds"):
+        assert key in b[-1]
+
+
+def test_mid_epoch_checkpoint_resumes_at_the_next_batch(folders, tmp_path, monkeypatch):
+    """Interrupted right after a mid-epoch checkpoint, the run resumes at the next batch and ends
+    exactly where an uninterrupted run ends."""
+    import fastprune.train as T
+
+    def cfg(out, resume=False):
+        return T.TrainConfig(data=str(folders / "train"), out=str(out), arch="smallcnn", epochs=3, batch_size=8,
+                             image_size=32, workers=0, loader="torch", checkpoint_every=4, keep_ratio=0.6,
+                             resume=resume)
+
+    quiet = {"progress": False, "log": lambda *_: None}
+    T.train(cfg(tmp_path / "straight"), **quiet)
+
+    class Interrupted(Exception):
+        pass
+
+    real_save = T._atomic_save
+
+    def save_then_die(obj, path):
+        real_save(obj, path)
+        if obj["step"] == 8:  # inside epoch 1 (epoch 0 has 6 steps)
+            raise Interrupted
+
+    monkeypatch.setattr(T, "_atomic_save", save_then_die)
+    with pytest.raises(Interrupted):
+        T.train(cfg(tmp_path / "cut"), **quiet)
+    ck = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=False)
+    assert ck["epoch"] == 1 and ck["loader"]["epoch"] == 1 and ck["loader"]["position"] == 16
+    monkeypatch.setattr(T, "_atomic_save", real_save)
+    T.train(cfg(tmp_path / "cut", resume=True), **quiet)
+    a, b = read_log(tmp_path / "straight"), read_log(tmp_path / "cut")
+    assert [r["selection"] for r in a] == [r["selection"] for r in b]
+    assert [r["step"] for r in a] == [r["step"] for r in b]
+    straight = torch.load(tmp_path / "straight" / "checkpoint.pt", weights_only=False)
+    resumed = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=False)
+    for k, v in straight["model"].items():
+        assert torch.equal(v, resumed["model"][k]), k
+
+
+def test_outputs_exist_and_parse(folders, tmp_path):
+    out = tmp_path / "run"
+    assert cli.main(["train", *train_args(folders, out)]) == 0
+    for png in ("kept_and_accuracy.png", "score_consistency_hist.png", "suspected_noisy.png"):
+        with Image.open(out / png) as im:
+            assert im.size[0] > 100
+    with open(out / "suspected_noisy.csv") as f:
+        assert next(csv.reader(f)) == ["index", "path", "given_label", "clip_label", "consistency", "score"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["epochs"] == 3 and 0 < summary["visits_saved"] < 1
+
+
+def run_cli(args, capsys):
+    rc = cli.main(args)
+    err = capsys.readouterr().err
+    return rc, err
+
+
+def test_error_messages_are_one_line(folders, tmp_path, capsys):
+    cases = [
+        (["train", str(tmp_path / "missing"), "--out", str(tmp_path / "o1")], "dataset root '.*missing' does not exist"),
+        (["train", str(folders / "train"), "--arch", "resnet5O", "--out", str(tmp_path / "o2"), "--loader", "torch"],
+         "unknown architecture 'resnet5O'"),
+    ]
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    (flat / "x.jpg").write_bytes(b"")
+    cases.append((["train", str(flat), "--out", str(tmp_path / "o3")], "has no class folders"))
+    other = tmp_path / "other_val"
+    make_tree(str(other), per_class=(2, 2))
+    os.rename(other / "class_01", other / "zebra")
+    cases.append((["train", str(folders / "train"), "--val", str(other), "--out", str(tmp_path / "o4")],
+                  "--val has other classes than the training data"))
+    from fastprune.embeddings import Embeddings
+
+    Embeddings.from_arrays(torch.rand(5, 8), torch.rand(3, 8), meta={"fingerprint": "abc", "N": 5}).save(tmp_path / "e")
+    cases.append((["train", str(folders / "train"), "--embeddings", str(tmp_path / "e"), "--out", str(tmp_path / "o5")],
+                  "were computed for another dataset"))
+    import re
+
+    for args, pattern in cases:
+        rc, err = run_cli(args, capsys)
+        assert rc == 2, args
+        lines = [ln for ln in err.splitlines() if ln.strip() and not ln.startswith("scanning")]
+        assert len(lines) == 1 and re.search(pattern, lines[0]), err
+        assert "Traceback" not in err
+
+
+def test_demo_fast_mode(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "fastprune", "demo", "--epochs", "2", "--out", str(tmp_path)],
+                          env=USER_ENV, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout
+    assert "semantic consistency: proxy (no CLIP weights offline)" in out
+    assert "| full data |" in out and "| fastprune (infobatch 0.7 + noise filter) |" in out
+    assert (tmp_path / "fastprune" / "kept_and_accuracy.png").exists()
+    truth = json.loads((tmp_path / "digits" / "truth.json").read_text())
+    assert sum(t["true"] != t["given"] for t in truth.values()) == int(0.2 * len(truth))
+
+
+@pytest.mark.parametrize("script", ["plain_pytorch.py", "dali_loop.py"])
+def test_examples_run(folders, script):
+    if script == "dali_loop.py":
+        pytest.importorskip("nvidia.dali")
+    from pathlib import Path
+
+    path = Path(__file__).parent.parent / "examples" / script
+    extra = ["--workers", "0"] if script == "plain_pytorch.py" else []
+    proc = subprocess.run([sys.executable, str(path), str(folders / "train"), "--epochs", "2", "--batch-size", "16",
+                           "--image-size", "64", "--arch", "resnet18", *extra], env=USER_ENV, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "epoch 1: trained" in proc.stdout
