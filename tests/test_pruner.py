@@ -298,3 +298,14 @@ def test_no_global_rng_is_touched(kernel_path):
     pruner = fp.DynamicPruner(300, 3, epochs=3, device="cpu")
     run_epoch(pruner, 3, margins(300), 100)
     assert torch.equal(torch.get_rng_state(), before)
+
+
+def test_visits_saved_ignores_the_selection_after_the_last_epoch(reference_path):
+    n, c = 400, 4
+    pruner = fp.DynamicPruner(n, c, epochs=2, keep_ratio=0.5, policy="random", warmup=1, anneal=0.0, device="cpu")
+    kept = []
+    for _ in range(2):
+        kept.append(pruner.epoch_indices.numel())
+        run_epoch(pruner, c, margins(n), 200)
+    assert pruner.epoch == 2 and len(pruner.history) == 3  # the usual next_epoch() after the last epoch
+    assert pruner.visits_saved == pytest.approx(1 - sum(kept) / (2 * n))

@@ -124,7 +124,7 @@ def _scan(root: Path, progress: bool):
     rel, labels = [], []
     dirs = {".": os.stat(root).st_mtime_ns}
     for label, cls in enumerate(tqdm(classes, desc=f"scanning {root.name}", unit="class", disable=not progress,
-                                     leave=False)):
+                                     leave=False, delay=2.0)):
         before = len(rel)
         for dirpath, _, fnames in sorted(os.walk(root / cls, followlinks=True)):
             dirs[os.path.relpath(dirpath, root)] = os.stat(dirpath).st_mtime_ns
