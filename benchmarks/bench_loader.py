@@ -126,7 +126,7 @@ def render(rows: list[dict], info: dict, args) -> str:
                          "vs torchvision", "first batch ms"], out)
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--smoke", action="store_true", help="tiny run for CPU machines and CI")
     ap.add_argument("--size", type=int, default=None, help="number of images (default 3000; smoke 120)")
@@ -143,14 +143,27 @@ def main(argv=None) -> int:
     args.batch_size = args.batch_size or (16 if args.smoke else 128)
     args.repeats = args.repeats or (1 if args.smoke else 3)
     args.data = args.data or os.path.join(os.environ.get("TMPDIR", "/tmp"), f"fastprune-bench-jpegs-{args.size}")
-    info = machine()
+    return args
+
+
+def produce(args, info) -> tuple[list[dict], str, str]:
     rows = run(args)
-    text = render(rows, info, args)
+    records = [{"bench": "loader", "method": r["loader"], "dtype": "float32",
+                "sizes": {"N": args.size, "keep": r["keep"], "batch": args.batch_size},
+                "median_us": r["epoch_s"] * 1e6, "iqr_us": 0.0, **r} for r in rows]
+    section = f"loader-{'cpu' if info['device'] == 'cpu' or args.cpu else info['device']}"
+    return records, render(rows, info, args), section
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    info = machine()
+    records, text, section = produce(args, info)
     print(text)
     if args.out:
-        Path(args.out).write_text(json.dumps({"machine": info, "records": rows}, indent=1))
+        Path(args.out).write_text(json.dumps({"machine": info, "records": records}, indent=1))
     if not args.no_write:
-        write_section(f"loader-{'cpu' if info['device'] == 'cpu' or args.cpu else info['device']}", text)
+        write_section(section, text)
     return 0
 
 

@@ -45,6 +45,12 @@ def _train(args) -> int:
     return 0
 
 
+def _bench(args) -> int:
+    from .benchmarks.__main__ import main as bench_main
+
+    return bench_main(args.bench_args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="fastprune", description="Dynamic dataset pruning with fused Triton kernels.")
     ap.add_argument("--version", action="version", version=f"fastprune {__version__}")
@@ -110,10 +116,18 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--embeddings", default=None, help="directory from `fastprune embed` (for consistency)")
     g.add_argument("--seed", type=int, default=0)
     t.set_defaults(func=_train)
+
+    b = sub.add_parser("bench", help="run the benchmarks (see BENCHMARKS.md); --smoke for a quick check",
+                       add_help=False)
+    b.add_argument("bench_args", nargs=argparse.REMAINDER)
+    b.set_defaults(func=_bench)
     return ap
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["bench"]:  # its own parser: every flag, --help included, goes to the benchmarks
+        return _bench(argparse.Namespace(bench_args=argv[1:]))
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

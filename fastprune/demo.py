@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -103,6 +104,8 @@ def run(epochs: int = 15, out: str | None = None, clip: str | None = None, devic
     out = Path(out or tempfile.mkdtemp(prefix="fastprune-demo-"))
     out.mkdir(parents=True, exist_ok=True)
     data = out / "digits"
+    if data.exists():
+        shutil.rmtree(data)
     truth = render_digits(data)
     planted = {p for p, t in truth.items() if t["true"] != t["given"]}
     log(f"data: scikit-learn digits as {SIZE}x{SIZE} PNGs in {data}: {len(truth)} train images "
@@ -120,7 +123,10 @@ def run(epochs: int = 15, out: str | None = None, clip: str | None = None, devic
                      ("fastprune (infobatch 0.7 + noise filter)",
                       {"policy": "infobatch", "keep_ratio": 0.7, "noise_ratio": NOISE, "embeddings": str(emb_dir)})):
         log(f"\n== {name}")
-        cfg = TrainConfig(data=str(data / "train"), val=str(data / "test"), out=str(out / name.split()[0]),
+        run_dir = out / name.split()[0]
+        if run_dir.exists():  # the demo owns its run folders: a new demo replaces the last one's
+            shutil.rmtree(run_dir)
+        cfg = TrainConfig(data=str(data / "train"), val=str(data / "test"), out=str(run_dir),
                           arch="smallcnn", epochs=epochs, batch_size=64, lr=0.05, weight_decay=5e-4,
                           schedule="cosine", lr_warmup=0.05, image_size=SIZE, workers=workers, device=device,
                           crop_area=(0.6, 1.0), hflip=False, warmup=1, anneal=0.15, seed=0, **kw)

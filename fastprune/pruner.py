@@ -375,8 +375,11 @@ class DynamicPruner:
             semantic_weight=self.semantic_weight, max_drop=self.max_drop, seed=self.seed, epoch=epoch)
 
     def _adopt(self, epoch: int, policy: str, sel: _k.Selection) -> torch.Tensor:
-        counts = torch.stack([sel.n_keep.to(torch.float64), sel.noisy.sum().to(torch.float64),
-                              sel.drop_prob.to(torch.float64)]).tolist()  # the one sync of the epoch switch
+        # One small transfer brings the counts and the step error counters; then the index list itself.
+        counts = torch.cat([torch.stack([sel.n_keep.to(torch.float64), sel.noisy.sum().to(torch.float64),
+                                         sel.drop_prob.to(torch.float64)]), self._errors.to(torch.float64)])
+        counts = counts.tolist()
+        self._check_errors(torch.tensor(counts[3:], dtype=torch.int64))
         n_keep, n_noisy, drop = int(counts[0]), int(counts[1]), counts[2]
         order = sel.order[:n_keep].cpu()
         self._weights.copy_(sel.weights)
@@ -388,8 +391,10 @@ class DynamicPruner:
         return order
 
     def next_epoch(self) -> torch.Tensor:
-        """Build, adopt and return the next epoch's shuffled index list (a CPU LongTensor)."""
-        self.check_errors()
+        """Build, adopt and return the next epoch's shuffled index list (a CPU LongTensor).
+
+        Errors the device recorded during the epoch are raised here at the latest (before adopting).
+        """
         epoch = self.epoch + 1
         policy = self.schedule.policy_for(epoch)
         return self._adopt(epoch, policy, self._select(epoch, policy))

@@ -183,3 +183,22 @@ def test_examples_run(folders, script):
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "epoch 1: trained" in proc.stdout
+
+
+def test_demo_with_clip_tables(tmp_path):
+    """--clip DIR uses given embedding tables (here stand-ins built for the rendered folder) and says so."""
+    from fastprune.data import ImageFolderIndex
+    from fastprune.demo import render_digits
+    from fastprune.embeddings import Embeddings
+
+    render_digits(tmp_path / "digits")
+    index = ImageFolderIndex(tmp_path / "digits" / "train", cache_dir=False)
+    g = torch.Generator().manual_seed(0)
+    text = torch.randn(10, 12, generator=g)
+    image = text[index.labels] + 0.3 * torch.randn(len(index), 12, generator=g)
+    Embeddings.from_arrays(image, text, meta={"fingerprint": index.fingerprint}).save(tmp_path / "clip")
+    proc = subprocess.run([sys.executable, "-m", "fastprune", "demo", "--epochs", "2", "--out", str(tmp_path),
+                           "--clip", str(tmp_path / "clip")], env=USER_ENV, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"semantic consistency: CLIP embeddings from {tmp_path / 'clip'}" in proc.stdout

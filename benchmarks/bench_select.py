@@ -1,0 +1,110 @@
+"""Epoch selection: ``next_epoch()`` over N scores against torch.topk / torch.sort and a NumPy host version.
+
+    python -m benchmarks.bench_select [--smoke] [--no-write]
+
+``next_epoch`` (infobatch with noise filter and consistency, the most work) includes the hand-over of the
+index list to the host.  Baselines get the same scores: ``torch.topk`` of the kept count, ``torch.sort``
+of all scores (each followed by the same host copy), and a NumPy implementation on the host
+(``argpartition`` + permutation), whose time includes copying the scores to the host.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import numpy as np
+import torch
+
+import fastprune as fp
+
+from .report import describe, machine, table, write_section
+from .timing import measure
+
+
+def sizes(smoke: bool, device: torch.device) -> list[int]:
+    if smoke:
+        return [10_000, 100_000]
+    return [1_281_167, 10_000_000, 100_000_000] if device.type == "cuda" else [1_281_167, 10_000_000]
+
+
+def make_pruner(n: int, device, seed=0) -> fp.DynamicPruner:
+    """A pruner mid-training: every sample seen, scores and consistency set, embeddings-style noise filter."""
+    g = torch.Generator().manual_seed(seed)
+    pruner = fp.DynamicPruner(n, 1000, epochs=10, keep_ratio=0.7, noise_ratio=0.05,
+                              text_emb=torch.randn(1000, 8).to(device), device=device)
+    pruner._scores.copy_((torch.rand(n, generator=g) * 5).to(device))
+    pruner._consistency.copy_((torch.randn(n, generator=g) * 0.1 + 0.3).to(device))
+    pruner._visits.fill_(1)
+    pruner._has_batch_consistency = True
+    return pruner
+
+
+def run(args) -> list[dict]:
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
+    records = []
+    for n in sizes(args.smoke, device):
+        pruner = make_pruner(n, device)
+        scores = pruner.scores.clone()
+        k = int(0.7 * n)
+
+        def next_epoch():
+            pruner.epoch = 1  # the same epoch each time: the same work
+            pruner.history = pruner.history[:1]
+            return pruner.next_epoch()
+
+        cases = {
+            "next_epoch": next_epoch,
+            "torch.topk": lambda: torch.topk(scores, k).indices.cpu(),
+            "torch.sort": lambda: torch.sort(scores).indices.cpu(),
+            "numpy (host)": lambda: np.random.default_rng(0).permutation(
+                np.argpartition(scores.cpu().numpy(), n - k)[n - k:]),
+        }
+        reps = 5 if args.smoke else 10
+        timed = {name: measure(fn, device, reps=reps, warmup=2) for name, fn in cases.items()}
+        for name, t in timed.items():
+            records.append({"bench": "select", "method": name, "dtype": "float32", "sizes": {"N": n}, **t,
+                            "ratio_to_next_epoch": t["median_us"] / timed["next_epoch"]["median_us"]})
+        print(f"  N={n}: " + ", ".join(f"{k_} {v['median_us'] / 1000:.2f} ms" for k_, v in timed.items()),
+              file=sys.stderr)
+    return records
+
+
+def render(records, info) -> str:
+    methods = list(dict.fromkeys(r["method"] for r in records))
+    rows = []
+    for n in sorted({r["sizes"]["N"] for r in records}):
+        by = {r["method"]: r for r in records if r["sizes"]["N"] == n}
+        rows.append([f"{n:,}"] + [f"{by[m]['median_us'] / 1000:.2f}" for m in methods] +
+                    [f"{by[m]['median_us'] / by['next_epoch']['median_us']:.2f}" for m in methods[1:]])
+    headers = ["N"] + [f"{m} ms" for m in methods] + [f"{m} / next_epoch" for m in methods[1:]]
+    mode = "CPU figures" if info["device"] == "cpu" else "GPU figures"
+    return (f"### Epoch selection — {describe(info)}\n\n`next_epoch()` = infobatch keep 0.7 with the noise filter "
+            f"and consistency, index list handed to the host; median ({mode}). Goals (H100): <= 0.3 ms at "
+            "1.28M, <= 20 ms at 100M.\n\n" + table(headers, rows))
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--cpu", action="store_true")
+    ap.add_argument("--no-write", action="store_true")
+    return ap.parse_args(argv)
+
+
+def produce(args, info) -> tuple[list[dict], str, str]:
+    records = run(args)
+    return records, render(records, info), f"select-{info['device']}"
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    records, text, section = produce(args, machine())
+    print(text)
+    if not args.no_write:
+        write_section(section, text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

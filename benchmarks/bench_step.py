@@ -1,0 +1,186 @@
+"""Score-and-select overhead per training step: fastprune's fused step against what it replaces.
+
+    python -m benchmarks.bench_step [--smoke] [--no-write]
+
+Per configuration (B, C, dtype; D = 512 CLIP width), each method computes the batch loss and its gradient
+w.r.t. the logits:
+- fused: ``DynamicPruner.step`` + ``backward`` (loss, gradient, consistency, EMA, weights in one pass);
+- ce: plain ``F.cross_entropy`` forward + backward — what a user pays without any pruning;
+- eager: the same scoring in eager PyTorch (per-sample CE, gathers, cosine, EMA scatter, weights, backward);
+- compiled: ``eager`` under ``torch.compile`` (GPU runs; skipped in CPU smoke runs, where compiling
+  dominates);
+- liger: Liger-Kernel's fused cross-entropy forward + backward, where installed;
+- infobatch-style: scores kept on the host, per-step copy of the losses to the CPU (as InfoBatch's paper and
+  public code describe it; reimplemented here from that description).
+Reported: median and IQR, ratios against the fused step, host syncs (CUDA), and achieved GB/s of the fused
+step (its compulsory traffic: read the logits, write the gradient) against the copy bandwidth measured in
+the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+import torch.nn.functional as F
+
+import fastprune as fp
+
+from .report import describe, machine, table, write_section
+from .timing import copy_bandwidth, count_host_syncs, measure
+
+METHODS = ("fused", "ce", "eager", "compiled", "liger", "infobatch")
+
+
+def configs(smoke: bool, device: torch.device):
+    if smoke:
+        return [(b, c, d) for b in (64, 256) for c in (100, 1000) for d in (torch.float32,)], 64
+    if device.type != "cuda":  # CPU figures: sizes a CPU finishes in minutes
+        return [(b, c, torch.float32) for b in (256, 1024) for c in (1000, 10000)], 512
+    return [(b, c, d) for d in (torch.bfloat16, torch.float32) for b in (256, 1024, 4096, 16384)
+            for c in (1000, 10000, 32000)], 512
+
+
+class Setup:
+    """Inputs shared by every method of one configuration."""
+
+    def __init__(self, B, C, dtype, D, device, seed=0):
+        g = torch.Generator(device="cpu").manual_seed(seed)
+        self.N = 4 * B
+        self.logits = (torch.randn(B, C, generator=g) * 2).to(device, dtype).requires_grad_()
+        self.labels = torch.randint(0, C, (B,), generator=g).to(device)
+        self.idx = torch.randperm(self.N, generator=g)[:B].to(device)
+        self.image = F.normalize(torch.randn(self.N, D, generator=g), dim=1).to(device, torch.float16)
+        self.text = F.normalize(torch.randn(C, D, generator=g), dim=1).to(device, torch.float16)
+        self.scores = torch.zeros(self.N, device=device)
+        self.visits = torch.zeros(self.N, dtype=torch.int32, device=device)
+        self.consistency = torch.zeros(self.N, device=device)
+        self.weights = torch.ones(self.N, device=device)
+        self.pruner = fp.DynamicPruner(self.N, C, epochs=10, image_emb=self.image, text_emb=self.text,
+                                       device=device, validate="none")
+        self.host_scores = torch.zeros(self.N)  # infobatch-style: scores on the host
+        self.host_weights = torch.ones(self.N)
+
+
+def eager_scoring(logits, labels, idx, image, text, scores, visits, consistency, weights, ema=0.9):
+    """The fused step's work written plainly in PyTorch."""
+    ce = F.cross_entropy(logits.float(), labels, reduction="none")
+    w = weights[idx]
+    loss = (w * ce).sum() / logits.shape[0]
+    with torch.no_grad():
+        first = visits[idx] == 0
+        cos = F.cosine_similarity(image[idx].float(), text[labels].float(), dim=1)
+        consistency[idx] = torch.where(first, cos, consistency[idx])
+        scores[idx] = torch.where(first, ce.detach(), ema * scores[idx] + (1 - ema) * ce.detach())
+        visits[idx] += 1
+    return loss
+
+
+def methods(s: Setup, device: torch.device, smoke: bool) -> dict:
+    def backward(loss):
+        loss.backward()
+        s.logits.grad = None
+
+    out = {
+        "fused": lambda: backward(s.pruner.step(s.logits, s.labels, s.idx)),
+        "ce": lambda: backward(F.cross_entropy(s.logits, s.labels)),
+        "eager": lambda: backward(eager_scoring(s.logits, s.labels, s.idx, s.image, s.text, s.scores, s.visits,
+                                                s.consistency, s.weights)),
+    }
+    if device.type == "cuda" or not smoke:
+        compiled = torch.compile(eager_scoring)
+        out["compiled"] = lambda: backward(compiled(s.logits, s.labels, s.idx, s.image, s.text, s.scores,
+                                                    s.visits, s.consistency, s.weights))
+    try:
+        from liger_kernel.transformers import LigerCrossEntropyLoss
+
+        if device.type == "cuda":
+            liger = LigerCrossEntropyLoss()
+            out["liger"] = lambda: backward(liger(s.logits, s.labels))
+    except ImportError:
+        pass
+
+    def infobatch_style():
+        ce = F.cross_entropy(s.logits.float(), s.labels, reduction="none")
+        idx_host = s.idx.cpu()  # the per-step trip to the host
+        s.host_scores[idx_host] = ce.detach().cpu()
+        w = s.host_weights[idx_host].to(device, non_blocking=True)
+        backward((ce * w).mean())
+
+    out["infobatch"] = infobatch_style
+    return out
+
+
+def run(args) -> tuple[list[dict], dict]:
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
+    cfgs, D = configs(args.smoke, device)
+    bw = copy_bandwidth(device, (256 << 20) if device.type == "cuda" else (64 << 20))
+    records = []
+    for B, C, dtype in cfgs:
+        s = Setup(B, C, dtype, D, device)
+        timed = {}
+        for name, fn in methods(s, device, args.smoke).items():
+            timed[name] = measure(fn, device, reps=5 if args.smoke else 20)
+            timed[name]["host_syncs"] = count_host_syncs(fn, device)
+        nbytes = 2 * B * C * s.logits.element_size()  # read logits + write gradient
+        for name, t in timed.items():
+            rec = {"bench": "step", "method": name, "dtype": str(dtype).replace("torch.", ""),
+                   "sizes": {"B": B, "C": C, "D": D}, **t, "bytes": nbytes,
+                   "GBps": nbytes / (t["median_us"] * 1e-6) / 1e9,
+                   "ratio_to_fused": t["median_us"] / timed["fused"]["median_us"]}
+            records.append(rec)
+        print(f"  B={B} C={C} {dtype}: " + ", ".join(f"{k} {v['median_us']:.0f} us" for k, v in timed.items()),
+              file=sys.stderr)
+    return records, {"copy_GBps": bw}
+
+
+def render(records, extra, info, args) -> str:
+    rows = []
+    keys = sorted({(r["sizes"]["B"], r["sizes"]["C"], r["dtype"]) for r in records},
+                  key=lambda k: (k[2], k[0], k[1]))
+    present = [m for m in METHODS if any(r["method"] == m for r in records)]
+    for B, C, dtype in keys:
+        by = {r["method"]: r for r in records if (r["sizes"]["B"], r["sizes"]["C"], r["dtype"]) == (B, C, dtype)}
+        f = by["fused"]
+        row = [B, C, dtype] + [f"{by[m]['median_us']:.0f}" if m in by else "-" for m in present]
+        row += [f"{f['median_us'] / by['ce']['median_us']:.2f}"]
+        row += [f"{by[m]['median_us'] / f['median_us']:.1f}x" if m in by else "-" for m in present[2:]]
+        row += [f"{f['GBps']:.0f} ({100 * f['GBps'] / extra['copy_GBps']:.0f}%)",
+                "-" if f["host_syncs"] is None else f["host_syncs"]]
+        rows.append(row)
+    headers = (["B", "C", "dtype"] + [f"{m} us" for m in present] + ["fused / ce"] +
+               [f"{m} / fused" for m in present[2:]] + ["fused GB/s (% of copy)", "fused host syncs"])
+    mode = "smoke run, CPU figures" if info["device"] == "cpu" else "GPU figures"
+    return (f"### Step overhead — {describe(info)}\n\nMedian of repeated forward+backward per method ({mode}); "
+            f"device copy bandwidth measured in the same run: {extra['copy_GBps']:.0f} GB/s. Goals (H100): fused "
+            "/ ce <= 0.7, eager / fused >= 3, compiled / fused >= 1.5, zero host syncs, >= 80% of copy bandwidth "
+            "at B*C >= 64M.\n\n" + table(headers, rows))
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--cpu", action="store_true")
+    ap.add_argument("--no-write", action="store_true")
+    return ap.parse_args(argv)
+
+
+def produce(args, info) -> tuple[list[dict], str, str]:
+    records, extra = run(args)
+    for r in records:
+        r["copy_GBps"] = extra["copy_GBps"]
+    return records, render(records, extra, info, args), f"step-{info['device']}"
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    records, text, section = produce(args, machine())
+    print(text)
+    if not args.no_write:
+        write_section(section, text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

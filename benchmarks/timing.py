@@ -1,0 +1,51 @@
+"""Timing that is honest on both devices: medians and IQRs, CUDA events or ``do_bench`` on GPUs."""
+
+from __future__ import annotations
+
+import statistics
+import time
+import warnings
+from typing import Callable
+
+import torch
+
+
+def measure(fn: Callable[[], object], device: torch.device, reps: int = 20, warmup: int = 3) -> dict:
+    """Median and interquartile range of ``fn()`` in microseconds."""
+    if device.type == "cuda":
+        import triton.testing
+
+        q25, q50, q75 = triton.testing.do_bench(fn, warmup=25, rep=100, quantiles=[0.25, 0.5, 0.75])
+        return {"median_us": q50 * 1e3, "iqr_us": (q75 - q25) * 1e3}
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e6)
+    q = statistics.quantiles(times, n=4) if len(times) > 1 else [times[0]] * 3
+    return {"median_us": statistics.median(times), "iqr_us": q[2] - q[0]}
+
+
+def count_host_syncs(fn: Callable[[], object], device: torch.device) -> int | None:
+    """Synchronisations PyTorch reports while ``fn()`` runs (CUDA only; None elsewhere)."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    return sum("synchroniz" in str(w.message).lower() for w in caught)
+
+
+def copy_bandwidth(device: torch.device, nbytes: int) -> float:
+    """Device copy bandwidth in GB/s (read + write), measured now, as the roofline for the tables."""
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
+    dst = torch.empty_like(src)
+    t = measure(lambda: dst.copy_(src), device, reps=10)
+    return 2 * src.numel() * 4 / (t["median_us"] * 1e-6) / 1e9
