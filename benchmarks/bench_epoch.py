@@ -123,7 +123,7 @@ def render(records, info, args) -> str:
         rows.append([f"{r['sizes']['keep']:.1f}", r["images"], f"{r['median_us'] / 1e6:.2f}",
                      f"{r['ratio_to_full']:.2f}", f"{r['images_per_s']:.0f}",
                      " / ".join(f"{100 * sp[k] / total:.0f}%" for k in ("loader", "compute", "pruner"))])
-    mode = "smoke run, CPU figures" if info["device"] == "cpu" else "GPU figures"
+    mode = ("smoke run, " if args.smoke else "") + ("CPU figures" if info["device"] == "cpu" else "GPU figures")
     head = (f"### Epoch time — {describe(info)}\n\n{records[0]['method']}, {args.size} generated JPEGs, "
             f"{args.image_size} px, batch {args.batch_size} ({mode}). Goal: keep 0.7 <= 0.73x the full epoch.\n\n")
     return head + table(["keep", "images", "epoch s", "vs keep 1.0", "images/s",

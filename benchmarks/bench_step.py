@@ -151,7 +151,8 @@ def render(records, extra, info, args) -> str:
         rows.append(row)
     headers = (["B", "C", "dtype"] + [f"{m} us" for m in present] + ["fused / ce"] +
                [f"{m} / fused" for m in present[2:]] + ["fused GB/s (% of copy)", "fused host syncs"])
-    mode = "smoke run, CPU figures" if info["device"] == "cpu" else "GPU figures"
+    mode = ("smoke run, " if args.smoke else "") + ("CPU figures: the CPU path is the PyTorch reference"
+                                                     if info["device"] == "cpu" else "GPU figures")
     return (f"### Step overhead — {describe(info)}\n\nMedian of repeated forward+backward per method ({mode}); "
             f"device copy bandwidth measured in the same run: {extra['copy_GBps']:.0f} GB/s. Goals (H100): fused "
             "/ ce <= 0.7, eager / fused >= 3, compiled / fused >= 1.5, zero host syncs, >= 80% of copy bandwidth "

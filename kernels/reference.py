@@ -127,11 +127,18 @@ def step_reference(
 
     y = torch.where(ok, labels, torch.zeros_like(labels))
     n = torch.where(ok, indices, torch.zeros_like(indices))
-    lse = torch.logsumexp(z, dim=1)
+    # Everything read from the logits first: with an in-place gradient, z is overwritten below.
+    mx, arg = z.max(dim=1)  # the first maximal index, as argmax
     z_y = z.gather(1, y[:, None])[:, 0]
-    nll = lse - z_y
     eps = float(label_smoothing)
-    ce = lse - (1.0 - eps) * z_y - eps * z.mean(dim=1) if eps else nll
+    z_mean = z.mean(dim=1) if eps else None
+    direct = grad is not None and grad.dtype == z.dtype
+    e = grad if direct else torch.empty_like(z)  # exp(z - max): the softmax numerator, one pass
+    torch.sub(z, mx[:, None], out=e).exp_()
+    denom = e.sum(dim=1)
+    lse = mx + denom.log()
+    nll = lse - z_y
+    ce = lse - (1.0 - eps) * z_y - eps * z_mean if eps else nll
     finite = torch.isfinite(ce)
     nonfinite = ok & ~finite
     _record(errors, K.ERR_NONFINITE_COUNT, K.ERR_NONFINITE_ROW, nonfinite, torch.arange(B, device=dev))
@@ -140,15 +147,18 @@ def step_reference(
     zero = torch.zeros((), dtype=compute_dtype, device=dev)
     ce_out = torch.where(ok, ce, zero)
     contrib = torch.where(ok, w * ce * scale, zero)
-    correct = ok & (z.argmax(dim=1) == y) & finite
+    correct = ok & (arg == y) & finite
 
-    if grad is not None:
-        g = torch.softmax(z, dim=1)
-        g = g - eps / C
+    if grad is not None:  # (softmax - (1 - eps) onehot - eps / C) * w * scale, in place on e
+        g = e.div_(denom[:, None])
+        if eps:
+            g.sub_(eps / C)
         g.scatter_add_(1, y[:, None], torch.full((B, 1), -(1.0 - eps), dtype=compute_dtype, device=dev))
-        g = g * (w * scale)[:, None]
-        g = torch.where(ok[:, None], g, zero)
-        grad.copy_(g.to(grad.dtype))
+        g.mul_((w * scale)[:, None])
+        if not bool(ok.all()):
+            g[~ok] = 0.0  # also clears NaN from bad rows (0 * NaN is NaN)
+        if not direct:
+            grad.copy_(g)
 
     # --- state update: valid finite rows, first occurrence of each index wins ---
     upd = ok & finite
@@ -169,15 +179,14 @@ def step_reference(
         s_new = nll[rows].to(torch.float32)
         s_old = scores[idx]
         scores[idx] = torch.where(first, s_new, ema * s_old + (1.0 - ema) * s_new).to(scores.dtype)
-        if emb_mode != K.EMB_NONE:
-            e = emb[idx] if emb_mode == K.EMB_TABLE else emb[rows]
-            t = text[y[rows]]
-            cos = cosine(e.to(compute_dtype), t.to(compute_dtype)).to(torch.float32)
-            c_old = consistency[idx]
-            if emb_mode == K.EMB_TABLE:
-                consistency[idx] = torch.where(first, cos, c_old)
-            else:
-                consistency[idx] = torch.where(first, cos, ema * c_old + (1.0 - ema) * cos)
+        if emb_mode == K.EMB_TABLE:  # computed once per sample, on its first visit
+            fresh, frows = idx[first], rows[first]
+            if fresh.numel():
+                cos = cosine(emb[fresh].to(compute_dtype), text[y[frows]].to(compute_dtype))
+                consistency[fresh] = cos.to(torch.float32)
+        elif emb_mode == K.EMB_BATCH:
+            cos = cosine(emb[rows].to(compute_dtype), text[y[rows]].to(compute_dtype)).to(torch.float32)
+            consistency[idx] = torch.where(first, cos, ema * consistency[idx] + (1.0 - ema) * cos)
         visits[idx] += 1
 
     return StepOutput(ce=ce_out, contrib=contrib, correct=correct, grad=grad)

@@ -214,8 +214,10 @@ def test_per_batch_embeddings_mode(kernel_path):
     assert len(pruner.suspected_noisy()) == int(0.05 * n)
 
 
+@pytest.mark.parametrize("path", ["reference_path", "kernel_path"])
 @pytest.mark.parametrize("inplace", [False, True])
-def test_training_gradients_match_cross_entropy(kernel_path, inplace):
+def test_training_gradients_match_cross_entropy(path, inplace, request):
+    request.getfixturevalue(path)
     """In a real model, pruner.step gives the same gradients as F.cross_entropy (weights 1)."""
     torch.manual_seed(0)
     n, c = 64, 13
