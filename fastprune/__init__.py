@@ -7,9 +7,9 @@
 
 __version__ = "0.1.0"  # before the imports: submodules read it
 
-from . import data
+from . import data, static
 from .embeddings import Embeddings
 from .policies import POLICIES
 from .pruner import DynamicPruner, EpochSampler
 
-__all__ = ["POLICIES", "Embeddings", "data", "DynamicPruner", "EpochSampler", "__version__"]
+__all__ = ["POLICIES", "Embeddings", "data", "static", "DynamicPruner", "EpochSampler", "__version__"]

@@ -1,0 +1,163 @@
+"""Static pruning: influence estimates against retraining, the pruning solver, baselines, errors."""
+
+import numpy as np
+import pytest
+import torch
+
+from fastprune.static import (el2n_scores, fit_head, forgetting_scores, influence_prune, influence_scores,
+                              random_subset)
+from fastprune.static.influence import _influence
+
+
+def spearman(a, b):
+    ra = np.argsort(np.argsort(a))
+    rb = np.argsort(np.argsort(b))
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+@pytest.fixture(scope="module")
+def digits():
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x, y = torch.tensor(d.data / 16.0), torch.tensor(d.target)
+    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
+    tr, te = perm[:1200], perm[1200:]
+    return x[tr], y[tr], x[te], y[te]
+
+
+def small_problem(n=14, f=3, c=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, f, generator=g, dtype=torch.float64)
+    y = torch.randint(0, c, (n,), generator=g)
+    return x, y
+
+
+def test_single_removals_match_brute_force_leave_one_out():
+    x, y = small_problem(n=80)  # large enough that one removal is a small perturbation (first order holds)
+    head = fit_head(x, y, l2=0.05)
+    inf = _influence(x, y, head, 4096)
+    est, act = [], []
+    for i in range(0, len(y), 4):
+        keep = torch.arange(len(y)) != i
+        # retrain on N-1 samples with the same total regularisation scale as the estimate assumes
+        other = fit_head(x[keep], y[keep], num_classes=3, l2=0.05 * len(y) / (len(y) - 1))
+        act.append((other.weight - head.weight).numpy().ravel())
+        est.append((inf.vectors[i] / len(y)).numpy())
+    act, est = np.array(act), np.array(est)
+    rel = np.linalg.norm(act - est, axis=1) / np.linalg.norm(act, axis=1)
+    assert np.median(rel) < 0.1, rel
+    assert spearman(np.linalg.norm(est, axis=1), np.linalg.norm(act, axis=1)) > 0.9
+
+
+def test_scores_are_the_single_removal_norms():
+    x, y = small_problem()
+    head = fit_head(x, y, l2=0.05)
+    s = influence_scores(x, y, head=head)
+    assert s.shape == (len(y),) and (s > 0).all()
+    torch.testing.assert_close(s, _influence(x, y, head, 4096).vectors.norm(dim=1) / len(y))
+
+
+def test_digits_estimates_rank_like_retraining(digits):
+    xtr, ytr, _, _ = digits
+    head = fit_head(xtr, ytr, l2=1e-3)
+    inf = _influence(xtr, ytr, head, 4096)
+    g = torch.Generator().manual_seed(1)
+    est, act = [], []
+    for i in torch.randperm(len(ytr), generator=g)[:12].tolist():
+        keep = torch.arange(len(ytr)) != i
+        other = fit_head(xtr[keep], ytr[keep], num_classes=10, l2=1e-3)
+        est.append(float(inf.vectors[i].norm()) / len(ytr))
+        act.append(float((other.weight - head.weight).norm()))
+    assert spearman(est, act) >= 0.9
+    groups_est, groups_act = [], []
+    for _ in range(6):  # random groups of 30
+        grp = torch.randperm(len(ytr), generator=g)[:30]
+        keep = torch.ones(len(ytr), dtype=torch.bool)
+        keep[grp] = False
+        other = fit_head(xtr[keep], ytr[keep], num_classes=10, l2=1e-3)
+        groups_est.append(float(inf.vectors[grp].sum(0).norm()) / len(ytr))
+        groups_act.append(float((other.weight - head.weight).norm()))
+    assert spearman(groups_est, groups_act) >= 0.6
+
+
+def test_digits_prune_40_percent_beats_random(digits):
+    xtr, ytr, xte, yte = digits
+
+    def acc(keep):
+        h = fit_head(xtr[keep], ytr[keep], num_classes=10, l2=1e-3)
+        return float((h.logits(xte).argmax(1) == yte).double().mean())
+
+    full = acc(torch.arange(len(ytr)))
+    keep = influence_prune(xtr, ytr, prune_ratio=0.4, l2=1e-3)
+    assert len(keep) == 720
+    pruned = acc(keep)
+    rand = np.mean([acc(random_subset(len(ytr), 0.6, s)) for s in range(5)])
+    assert pruned >= full - 0.015 and pruned > rand
+
+
+def test_ratio_and_epsilon_edges(recwarn):
+    x, y = small_problem(n=20)
+    assert influence_prune(x, y, prune_ratio=0.0, l2=0.05).tolist() == list(range(20))
+    assert influence_prune(x, y, prune_ratio=1.0, l2=0.05).numel() == 0
+    with pytest.warns(RuntimeWarning, match="epsilon=1e-12 is smaller than every single sample"):
+        assert influence_prune(x, y, epsilon=1e-12, l2=0.05).numel() == 20
+    assert influence_prune(x, y, epsilon=1e6, l2=0.05).numel() == 0
+    head = fit_head(x, y, l2=0.05)
+    small = influence_scores(x, y, head=head).min().item()
+    kept = influence_prune(x, y, epsilon=small * 3, l2=0.05, head=head)
+    removed = sorted(set(range(20)) - set(kept.tolist()))
+    delta = _influence(x, y, head, 4096).vectors[removed].sum(0).norm() / 20
+    assert 0 < len(removed) < 20 and float(delta) <= small * 3 + 1e-12
+
+
+def test_factored_hessian_for_large_heads():
+    x, y = small_problem(n=60, f=8, c=4)
+    exact = influence_scores(x, y, l2=0.05)
+    kfac = influence_scores(x, y, l2=0.05, exact_limit=0)
+    assert spearman(exact.numpy(), kfac.numpy()) > 0.5
+    keep = influence_prune(x, y, prune_ratio=0.25, l2=0.05, exact_limit=0)
+    assert keep.numel() == 45 and keep.unique().numel() == 45
+
+
+def test_bad_input():
+    x, y = small_problem()
+    with pytest.raises(ValueError, match="features has 14 rows but labels has 13"):
+        influence_prune(x, y[:-1], prune_ratio=0.2)
+    bad = x.clone()
+    bad[3, 1] = float("nan")
+    with pytest.raises(ValueError, match="features: row 3 has NaN or Inf values"):
+        influence_prune(bad, y, prune_ratio=0.2)
+    dup = torch.cat([x, x[:, :1]], dim=1)  # a repeated column: singular without regularisation
+    with pytest.raises(ValueError, match="the Hessian is singular: use l2 > 0"):
+        influence_prune(dup, y, prune_ratio=0.2, l2=0.0)
+    with pytest.raises(ValueError, match="give exactly one of prune_ratio and epsilon"):
+        influence_prune(x, y)
+    with pytest.raises(ValueError, match=r"prune_ratio must be in \[0, 1\], got 1.5"):
+        influence_prune(x, y, prune_ratio=1.5)
+    with pytest.raises(ValueError, match="features must be a 2-D float tensor"):
+        influence_prune(torch.arange(5), y, prune_ratio=0.2)
+    with pytest.raises(ValueError, match=r"keep must be in \[0, 1\], got 2"):
+        random_subset(10, 2)
+
+
+def test_baselines_find_mislabeled_samples(digits):
+    xtr, ytr, _, _ = digits
+    x, y = xtr[:600].float(), ytr[:600].clone()
+    g = torch.Generator().manual_seed(0)
+    flipped = torch.randperm(600, generator=g)[:60]
+    y[flipped] = (y[flipped] + 1 + torch.randint(0, 9, (60,), generator=g)) % 10
+    clean = torch.ones(600, dtype=torch.bool)
+    clean[flipped] = False
+    el2n = el2n_scores(x, y, epochs=3, seeds=(0, 1))
+    forget = forgetting_scores(x, y, epochs=6)
+    assert el2n.shape == forget.shape == (600,)
+
+    def precision_at_60(scores):  # share of the 60 highest scores that are flipped labels (chance: 10%)
+        return len(set(scores.topk(60).indices.tolist()) & set(flipped.tolist())) / 60
+
+    assert precision_at_60(el2n) > 0.7
+    assert precision_at_60(forget) > 0.4
+    assert forget[flipped].mean() > forget[clean].mean()
+    a, b = random_subset(600, 0.5, seed=3), random_subset(600, 0.5, seed=3)
+    assert torch.equal(a, b) and a.numel() == 300 and torch.equal(a, a.sort().values)
