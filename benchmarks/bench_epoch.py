@@ -11,7 +11,6 @@ which removes some overlap — the wall time column is measured separately witho
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
@@ -24,7 +23,7 @@ from fastprune.data import ImageFolderIndex
 from fastprune.train import build_model
 
 from .bench_loader import make_dataset
-from .report import describe, machine, table, write_section
+from .report import base_parser, cli_main, describe, table
 
 
 def _loader(index, pruner, args, device):
@@ -131,10 +130,7 @@ def render(records, info, args) -> str:
 
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--smoke", action="store_true")
-    ap.add_argument("--cpu", action="store_true")
-    ap.add_argument("--no-write", action="store_true")
+    ap = base_parser(__doc__)
     ap.add_argument("--size", type=int, default=None)
     ap.add_argument("--arch", default=None)
     ap.add_argument("--image-size", type=int, default=None)
@@ -157,12 +153,7 @@ def produce(args, info) -> tuple[list[dict], str, str]:
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    records, text, section = produce(args, machine())
-    print(text)
-    if not args.no_write:
-        write_section(section, text)
-    return 0
+    return cli_main(parse_args, produce, argv)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,6 @@ of all scores (each followed by the same host copy), and a NumPy implementation 
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 import numpy as np
@@ -18,7 +17,7 @@ import torch
 
 import fastprune as fp
 
-from .report import describe, machine, table, write_section
+from .report import base_parser, cli_main, describe, table
 from .timing import measure
 
 
@@ -85,10 +84,7 @@ def render(records, info) -> str:
 
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--smoke", action="store_true")
-    ap.add_argument("--cpu", action="store_true")
-    ap.add_argument("--no-write", action="store_true")
+    ap = base_parser(__doc__)
     return ap.parse_args(argv)
 
 
@@ -98,12 +94,7 @@ def produce(args, info) -> tuple[list[dict], str, str]:
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    records, text, section = produce(args, machine())
-    print(text)
-    if not args.no_write:
-        write_section(section, text)
-    return 0
+    return cli_main(parse_args, produce, argv)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,6 @@ the same run.
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 import torch
@@ -27,7 +26,7 @@ import torch.nn.functional as F
 
 import fastprune as fp
 
-from .report import describe, machine, table, write_section
+from .report import base_parser, cli_main, describe, table
 from .timing import copy_bandwidth, count_host_syncs, measure
 
 METHODS = ("fused", "ce", "eager", "compiled", "liger", "infobatch")
@@ -160,10 +159,7 @@ def render(records, extra, info, args) -> str:
 
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--smoke", action="store_true")
-    ap.add_argument("--cpu", action="store_true")
-    ap.add_argument("--no-write", action="store_true")
+    ap = base_parser(__doc__)
     return ap.parse_args(argv)
 
 
@@ -175,12 +171,7 @@ def produce(args, info) -> tuple[list[dict], str, str]:
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    records, text, section = produce(args, machine())
-    print(text)
-    if not args.no_write:
-        write_section(section, text)
-    return 0
+    return cli_main(parse_args, produce, argv)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import datetime as _dt
 import os
 import platform
@@ -72,3 +73,22 @@ def write_section(name: str, body: str, path: Path = BENCHMARKS_MD) -> None:
     pattern = re.compile(rf"<!-- {re.escape(name)} -->.*?<!-- /{re.escape(name)} -->", re.S)
     text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"
     path.write_text(text)
+
+
+def base_parser(doc: str) -> argparse.ArgumentParser:
+    """The flags every benchmark takes."""
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    ap.add_argument("--smoke", action="store_true", help="tiny sizes: checks that it runs")
+    ap.add_argument("--cpu", action="store_true", help="measure on the CPU even with a GPU")
+    ap.add_argument("--no-write", action="store_true", help="do not update BENCHMARKS.md")
+    return ap
+
+
+def cli_main(parse_args, produce, argv=None) -> int:
+    """Parse, measure, print the table and update its BENCHMARKS.md section."""
+    args = parse_args(argv)
+    _records, text, section = produce(args, machine())
+    print(text)
+    if not args.no_write:
+        write_section(section, text)
+    return 0

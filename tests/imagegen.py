@@ -13,7 +13,6 @@ def make_tree(root, per_class=(5, 4, 3), seed=0) -> list[tuple[str, int]]:
     CMYK JPEG, upper-case extensions, a non-image file and a nested folder; returns (path, label)
     in torchvision ImageFolder order (13 images by default: an odd number)."""
     rng = np.random.default_rng(seed)
-    out = []
     for c, count in enumerate(per_class):
         cdir = os.path.join(root, f"class_{c:02d}")
         os.makedirs(cdir, exist_ok=True)
