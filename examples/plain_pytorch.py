@@ -7,7 +7,6 @@ import argparse
 import math
 
 import torch
-import torch.nn.functional as F  # noqa: F401  (the line fastprune replaces used it)
 import torchvision
 from torchvision import transforms as T
 
