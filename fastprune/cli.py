@@ -51,6 +51,17 @@ def _bench(args) -> int:
     return bench_main(args.bench_args)
 
 
+def _prune_static(args) -> int:
+    from .data import ImageFolderIndex
+    from .static.cli import prune_static
+
+    index = ImageFolderIndex(args.data)
+    keep, meta = prune_static(index, method=args.method, prune_ratio=args.prune_ratio, epsilon=args.epsilon,
+                              features=args.features, l2=args.l2, seed=args.seed, out=args.out)
+    print(f"wrote {args.out}: kept {keep.numel()} of {len(index)} samples ({args.method})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="fastprune", description="Dynamic dataset pruning with fused Triton kernels.")
     ap.add_argument("--version", action="version", version=f"fastprune {__version__}")
@@ -114,8 +125,21 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--anneal", type=float, default=0.125, help="fraction of final epochs on the full set")
     g.add_argument("--noise-ratio", type=float, default=0.0, help="fraction left out as likely mislabeled")
     g.add_argument("--embeddings", default=None, help="directory from `fastprune embed` (for consistency)")
+    g.add_argument("--subset", default=None, help="train only on this subset file (`fastprune prune-static`)")
     g.add_argument("--seed", type=int, default=0)
     t.set_defaults(func=_train)
+
+    s = sub.add_parser("prune-static", help="choose a static subset (influence, el2n, forgetting or random)")
+    s.add_argument("data", help="the training folder (labels and fingerprint come from it)")
+    s.add_argument("--out", required=True, help="subset file to write (JSON)")
+    s.add_argument("--method", default="influence", choices=["influence", "el2n", "forgetting", "random"])
+    s.add_argument("--prune-ratio", type=float, default=None, help="fraction of samples to remove")
+    s.add_argument("--epsilon", type=float, default=None, help="influence only: bound on the parameter change")
+    s.add_argument("--features", default=None,
+                   help="N x F features: a directory from `fastprune embed` (its image table) or a .npy/.pt file")
+    s.add_argument("--l2", type=float, default=1e-3, help="influence: L2 regularisation of the linear head")
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(func=_prune_static)
 
     b = sub.add_parser("bench", help="run the benchmarks (see BENCHMARKS.md); --smoke for a quick check",
                        add_help=False)

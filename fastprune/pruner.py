@@ -102,6 +102,8 @@ class DynamicPruner:
         ignore_index: label value whose rows contribute nothing (as in ``F.cross_entropy``).
         inplace_grad: write the logits' gradient over the logits (saves a B x C buffer; the
             logits' version counter is bumped so autograd refuses any other use of them).
+        initial_subset: indices of a static subset (e.g. from ``fastprune.static``); samples outside
+            it are never trained and ``keep_ratio`` applies to the subset.
         validate: ``"async"`` (default) reports bad labels/indices from the device without
             stalling the step, raising a step or two later, and warns about non-finite rows;
             ``"sync"`` raises in the offending step (synchronises; for debugging);
@@ -129,6 +131,7 @@ class DynamicPruner:
         ignore_index: int = -100,
         inplace_grad: bool = False,
         validate: str = "async",
+        initial_subset=None,
     ):
         self.num_samples = _check_int("num_samples", num_samples, 1)
         self.num_classes = _check_int("num_classes", num_classes, 1, K.MAX_CLASSES)
@@ -172,6 +175,7 @@ class DynamicPruner:
         self._weights = torch.ones(n, dtype=torch.float32, device=dev)
         self._noisy = torch.zeros(n, dtype=torch.bool, device=dev)
         self._stamp = torch.full((n,), -1, dtype=torch.int32, device=dev)
+        self._excluded, self._population = self._check_subset(initial_subset)
         self._errors = torch.zeros(K.ERR_SLOTS, dtype=torch.int64, device=dev)
         self._err_host = torch.zeros(K.ERR_SLOTS, dtype=torch.int64,
                                      pin_memory=dev.type == "cuda")
@@ -187,6 +191,21 @@ class DynamicPruner:
         self._adopt(0, "full", self._select(0, "full"))  # epoch 0: every sample, shuffled
 
     # ------------------------------------------------------------------ inputs
+
+    def _check_subset(self, subset):
+        """(excluded mask on the device or None, number of samples that can be trained)."""
+        if subset is None:
+            return None, self.num_samples
+        subset = torch.as_tensor(subset)
+        if subset.dim() != 1 or subset.dtype not in (torch.int64, torch.int32) or subset.numel() == 0:
+            raise ValueError(f"initial_subset must be a non-empty 1-D integer tensor of sample indices, got "
+                             f"{subset.dtype} of shape {tuple(subset.shape)}")
+        if int(subset.min()) < 0 or int(subset.max()) >= self.num_samples:
+            raise IndexError(f"initial_subset: indices must be in [0, num_samples={self.num_samples}); got "
+                             f"{int(subset.min())}..{int(subset.max())}")
+        excluded = torch.ones(self.num_samples, dtype=torch.bool)
+        excluded[subset.to(torch.int64)] = False
+        return excluded.to(self.device), int((~excluded).sum())
 
     def _check_embeddings(self, image_emb, text_emb):
         for name, t in (("image_emb", image_emb), ("text_emb", text_emb)):
@@ -372,7 +391,8 @@ class DynamicPruner:
         return _k.select_epoch(
             self._scores, self._visits, self._consistency, use_consistency=use_cons, policy=policy,
             keep_ratio=self.keep_ratio, noise_ratio=self.noise_ratio if use_cons else 0.0,
-            semantic_weight=self.semantic_weight, max_drop=self.max_drop, seed=self.seed, epoch=epoch)
+            semantic_weight=self.semantic_weight, max_drop=self.max_drop, seed=self.seed, epoch=epoch,
+            exclude=self._excluded, population=self._population)
 
     def _adopt(self, epoch: int, policy: str, sel: _k.Selection) -> torch.Tensor:
         # One small transfer brings the counts and the step error counters; then the index list itself.
@@ -443,7 +463,7 @@ class DynamicPruner:
             n = self.history[epoch]["kept"]
         else:
             noisy = self.history[-1]["noisy"] if self.history else 0
-            n = max(0, self.schedule.expected_kept(epoch, self.num_samples, self.keep_ratio) - noisy)
+            n = max(0, self.schedule.expected_kept(epoch, self._population, self.keep_ratio) - noisy)
         return n // batch_size if drop_last else -(-n // batch_size)
 
     def total_steps(self, batch_size: int, drop_last: bool = False) -> int:
@@ -477,6 +497,7 @@ class DynamicPruner:
             "consistency": self._consistency.clone(),
             "weights": self._weights.clone(),
             "noisy": self._noisy.clone(),
+            "excluded": None if self._excluded is None else self._excluded.clone(),
             "epoch_indices": self._epoch_indices.clone(),
             "has_batch_consistency": self._has_batch_consistency,
             "history": [dict(h) for h in self.history],
@@ -493,6 +514,9 @@ class DynamicPruner:
         if sd["seed"] != self.seed:
             warnings.warn(f"state_dict was made with seed={sd['seed']}, this pruner has seed={self.seed}; "
                           "selections from here on follow this pruner's seed", RuntimeWarning, stacklevel=2)
+        if (sd.get("excluded") is None) != (self._excluded is None) or (
+                self._excluded is not None and not torch.equal(sd["excluded"].to(self.device), self._excluded)):
+            raise ValueError("state_dict was made with a different initial_subset than this pruner's")
         for name in ("scores", "visits", "consistency", "weights", "noisy"):
             getattr(self, "_" + name).copy_(sd[name])
         self._stamp.fill_(-1)

@@ -56,6 +56,7 @@ class TrainConfig:
     anneal: float = 0.125
     noise_ratio: float = 0.0
     embeddings: str | None = None
+    subset: str | None = None  # subset file from `fastprune prune-static`
     seed: int = 0
     extra: dict = field(default_factory=dict)
 
@@ -202,12 +203,18 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print,
 
         emb = Embeddings.load(cfg.embeddings, index=index, device=device)
         image_emb, text_emb = emb.image, emb.text
+    initial_subset = None
+    if cfg.subset:
+        from .static import load_subset
+
+        initial_subset, _ = load_subset(cfg.subset, index=index)
     torch.manual_seed(cfg.seed)  # model init and augmentation draws; a resumed run restores the RNG states
     model = build_model(cfg.arch, index.num_classes).to(device)
     pruner = DynamicPruner(len(index), index.num_classes, epochs=cfg.epochs, keep_ratio=cfg.keep_ratio,
                            policy=cfg.policy, ema=cfg.ema, warmup=cfg.warmup, anneal=cfg.anneal,
                            noise_ratio=cfg.noise_ratio, image_emb=image_emb, text_emb=text_emb,
-                           label_smoothing=cfg.label_smoothing, seed=cfg.seed, device=device)
+                           label_smoothing=cfg.label_smoothing, seed=cfg.seed, device=device,
+                           initial_subset=initial_subset)
     channels_last = cfg.channels_last if cfg.channels_last is not None else device.type == "cuda"
     if channels_last:
         model = model.to(memory_format=torch.channels_last)

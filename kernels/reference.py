@@ -354,12 +354,24 @@ def select_reference(
     max_drop: float,
     seed: int,
     epoch: int,
+    exclude: torch.Tensor | None = None,
+    population: int | None = None,
     finalize=finalize_reference,
     priority=priority_reference,
 ) -> Selection:
-    """Next epoch's selection (see DESIGN §3).  ``finalize``/``priority`` swap in kernels."""
+    """Next epoch's selection (see DESIGN §3).  ``finalize``/``priority`` swap in kernels.
+
+    ``exclude`` (bool N) marks samples outside a static subset: never kept, not counted in the
+    statistics, and ``keep_ratio`` applies to the ``population`` that remains (pass it from the host
+    to avoid a sync; it is counted here otherwise).
+    """
     n = scores.numel()
     seen = visits > 0
+    if exclude is not None:
+        seen = seen & ~exclude
+        if population is None:
+            population = n - int(exclude.sum())
+    population = n if population is None else population
     if use_consistency and noise_ratio > 0:
         noisy = noise_mask(scores, consistency, seen, noise_ratio)
     else:
@@ -368,8 +380,9 @@ def select_reference(
         mu, sd = consistency_stats(consistency, seen & ~noisy)
     else:
         mu = sd = torch.ones((), device=scores.device)
-    cls, prio = priority(scores, visits, consistency, noisy, mu, sd, semantic_weight, use_consistency)
-    keep_count = int(round(keep_ratio * n))
+    blocked = noisy if exclude is None else noisy | exclude
+    cls, prio = priority(scores, visits, consistency, blocked, mu, sd, semantic_weight, use_consistency)
+    keep_count = int(round(keep_ratio * population))
     stats = policy_stats(cls, prio, keep_count, max_drop)
     rank = selection_ranks(policy, cls, prio, seed, epoch)
     keep, w, key = finalize(cls, prio, rank, stats, POLICY_CODES[policy], seed, epoch)

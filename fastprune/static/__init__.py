@@ -7,6 +7,7 @@
 
 from .baselines import el2n_scores, forgetting_scores, random_subset
 from .influence import LinearHead, fit_head, influence_prune, influence_scores
+from .subset import load_subset, save_subset
 
 __all__ = ["LinearHead", "el2n_scores", "fit_head", "forgetting_scores", "influence_prune", "influence_scores",
-           "random_subset"]
+           "load_subset", "random_subset", "save_subset"]

@@ -67,8 +67,8 @@ def fit_head(features: torch.Tensor, labels: torch.Tensor, num_classes: int | No
     if not (isinstance(l2, (int, float)) and l2 >= 0 and math.isfinite(l2)):
         raise ValueError(f"l2 must be a finite number >= 0, got {l2!r}")
     x = _with_bias(features.to(dtype))
-    y = labels.to(torch.int64)
-    w = torch.zeros(c, x.shape[1], dtype=dtype, requires_grad=True)
+    y = labels.to(x.device, torch.int64)
+    w = torch.zeros(c, x.shape[1], dtype=dtype, device=x.device, requires_grad=True)
     opt = torch.optim.LBFGS([w], lr=1.0, max_iter=max_iter, tolerance_grad=1e-12, tolerance_change=1e-14,
                             history_size=50, line_search_fn="strong_wolfe")
 
@@ -88,13 +88,13 @@ class _Exact:
     def __init__(self, x, r, s, l2):
         n, f1 = x.shape
         c = r.shape[1]
-        h = torch.empty(c, f1, c, f1, dtype=x.dtype)
+        h = torch.empty(c, f1, c, f1, dtype=x.dtype, device=x.device)
         for a in range(c):
             for b in range(a, c):
                 block = (x * s[:, a, b, None]).T @ x / n
                 h[a, :, b, :] = block
                 h[b, :, a, :] = block.T
-        h = h.reshape(c * f1, c * f1) + l2 * torch.eye(c * f1, dtype=x.dtype)
+        h = h.reshape(c * f1, c * f1) + l2 * torch.eye(c * f1, dtype=x.dtype, device=x.device)
         try:
             chol = torch.linalg.cholesky(h)
         except RuntimeError as e:
@@ -110,7 +110,7 @@ class _Exact:
         return self.vectors[idx]
 
     def zero(self):
-        return torch.zeros(self.vectors.shape[1], dtype=self.vectors.dtype)
+        return torch.zeros(self.vectors.shape[1], dtype=self.vectors.dtype, device=self.vectors.device)
 
 
 class _KFAC:
@@ -119,8 +119,8 @@ class _KFAC:
     def __init__(self, x, r, s, l2):
         n = x.shape[0]
         damp = math.sqrt(l2) if l2 > 0 else 0.0
-        a = x.T @ x / n + damp * torch.eye(x.shape[1], dtype=x.dtype)
-        gmat = s.mean(dim=0) + damp * torch.eye(r.shape[1], dtype=x.dtype)
+        a = x.T @ x / n + damp * torch.eye(x.shape[1], dtype=x.dtype, device=x.device)
+        gmat = s.mean(dim=0) + damp * torch.eye(r.shape[1], dtype=x.dtype, device=x.device)
         try:
             self.u = torch.linalg.solve(a, x.T).T  # N x F1
             self.v = torch.linalg.solve(gmat, r.T).T  # N x C
@@ -135,13 +135,13 @@ class _KFAC:
         return (self.v[idx, :, None] * self.u[idx, None, :]).flatten(1)
 
     def zero(self):
-        return torch.zeros(self.v.shape[1] * self.u.shape[1], dtype=self.u.dtype)
+        return torch.zeros(self.v.shape[1] * self.u.shape[1], dtype=self.u.dtype, device=self.u.device)
 
 
 def _influence(features, labels, head: LinearHead, exact_limit: int):
-    x = _with_bias(features.to(head.weight.dtype))
+    x = _with_bias(features.to(head.weight.device, head.weight.dtype))
     p = torch.softmax(x @ head.weight.T, dim=1)
-    r = p - F.one_hot(labels.to(torch.int64), p.shape[1]).to(p.dtype)
+    r = p - F.one_hot(labels.to(x.device, torch.int64), p.shape[1]).to(p.dtype)
     s = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]
     if head.weight.numel() <= exact_limit:
         return _Exact(x, r, s, head.l2)
@@ -201,7 +201,7 @@ def _greedy(inf, target: int, epsilon: float | None, window: int) -> list[int]:
             nxt += 1
         if not pool:
             break
-        cand = inf.window(torch.tensor(pool))
+        cand = inf.window(torch.tensor(pool, device=v.device))
         norms = (v[None, :] + cand).norm(dim=1) * scale
         j = int(torch.argmin(norms))
         if epsilon is not None and float(norms[j]) > epsilon:
