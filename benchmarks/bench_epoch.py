@@ -20,23 +20,10 @@ import torch
 
 import fastprune as fp
 from fastprune.data import ImageFolderIndex
-from fastprune.train import build_model
+from fastprune.train import TrainConfig, build_model, make_loader
 
 from .bench_loader import make_dataset
 from .report import base_parser, cli_main, describe, table
-
-
-def _loader(index, pruner, args, device):
-    try:
-        from fastprune.data import DaliLoader
-
-        return DaliLoader(index, pruner, batch_size=args.batch_size, device=device, num_threads=args.workers,
-                          image_size=args.image_size, channels_last=device.type == "cuda"), "DALI"
-    except ImportError:
-        from fastprune.data import TorchLoader
-
-        return TorchLoader(index, pruner, batch_size=args.batch_size, device=device, num_workers=args.workers,
-                           image_size=args.image_size, channels_last=device.type == "cuda"), "torch DataLoader"
 
 
 def one_epoch(model, opt, pruner, loader, device, split: bool) -> dict:
@@ -98,7 +85,9 @@ def run(args) -> list[dict]:
         policy = "random" if keep < 1 else "full"
         pruner = fp.DynamicPruner(len(index), index.num_classes, epochs=10, keep_ratio=keep, policy=policy,
                                   warmup=1, anneal=0.0, device=device, seed=0)
-        loader, name = _loader(index, pruner, args, device)
+        cfg = TrainConfig(data=str(root), batch_size=args.batch_size, workers=args.workers,
+                          image_size=args.image_size)
+        loader, name = make_loader("auto", index, pruner, cfg, True, device)
         one_epoch(model, opt, pruner, loader, device, split=False)  # warm-up epoch: every sample, caches
         wall = one_epoch(model, opt, pruner, loader, device, split=False)  # epoch 1: the pruned one
         parts = one_epoch(model, opt, pruner, loader, device, split=True)  # epoch 2: same keep, split timing

@@ -103,7 +103,12 @@ def build_model(arch: str, num_classes: int) -> torch.nn.Module:
     raise ValueError(f"unknown architecture {arch!r} (torchvision{', timm' if timm else ''} or smallcnn){hint}")
 
 
-def _make_loader(kind, index, pruner, cfg, train, device):
+def _channels_last(cfg, device) -> bool:
+    return cfg.channels_last if cfg.channels_last is not None else device.type == "cuda"
+
+
+def make_loader(kind, index, pruner, cfg, train, device):
+    """(loader, description): DaliLoader when ``kind`` is dali (or auto with DALI installed), else the fallback."""
     from .data import TorchLoader
 
     if kind == "auto":
@@ -113,7 +118,7 @@ def _make_loader(kind, index, pruner, cfg, train, device):
             kind = "dali"
         except ImportError:
             kind = "torch"
-    channels_last = cfg.channels_last if cfg.channels_last is not None else device.type == "cuda"
+    channels_last = _channels_last(cfg, device)
     if kind == "dali":
         from .data import DaliLoader
 
@@ -215,13 +220,12 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print,
                            noise_ratio=cfg.noise_ratio, image_emb=image_emb, text_emb=text_emb,
                            label_smoothing=cfg.label_smoothing, seed=cfg.seed, device=device,
                            initial_subset=initial_subset)
-    channels_last = cfg.channels_last if cfg.channels_last is not None else device.type == "cuda"
-    if channels_last:
+    if _channels_last(cfg, device):
         model = model.to(memory_format=torch.channels_last)
     optimizer = _optimizer(cfg, model)
     schedule = SampleSchedule(cfg.lr, cfg.schedule, cfg.lr_warmup)
-    loader, loader_name = _make_loader(cfg.loader, index, pruner, cfg, True, device)
-    val_loader = _make_loader(cfg.loader, val_index, None, cfg, False, device)[0] if val_index else None
+    loader, loader_name = make_loader(cfg.loader, index, pruner, cfg, True, device)
+    val_loader = make_loader(cfg.loader, val_index, None, cfg, False, device)[0] if val_index else None
 
     history: list[dict] = []
     start_epoch, step = 0, 0
