@@ -12,10 +12,11 @@ import json
 import re
 from pathlib import Path
 
-from . import bench_epoch, bench_loader, bench_select, bench_step
+from . import bench_distributed, bench_epoch, bench_loader, bench_select, bench_step
 from .report import machine, write_section
 
-BENCHES = {"step": bench_step, "select": bench_select, "loader": bench_loader, "epoch": bench_epoch}
+BENCHES = {"step": bench_step, "select": bench_select, "loader": bench_loader, "epoch": bench_epoch,
+           "distributed": bench_distributed}
 
 
 def main(argv=None) -> int:

@@ -9,6 +9,7 @@ from typing import Iterator
 
 import torch
 
+from . import distributed as _dist
 from . import kernels as _k
 from .kernels import common as K
 from .policies import POLICIES, Schedule
@@ -16,6 +17,7 @@ from .policies import POLICIES, Schedule
 _LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _EMB_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _VALIDATE = ("async", "sync", "none")
+_SYNC, _NEXT_EPOCH = 1, 2  # which collective sequence the ranks are in (checked to agree)
 
 
 class _FusedLoss(torch.autograd.Function):
@@ -108,6 +110,13 @@ class DynamicPruner:
             stalling the step, raising a step or two later, and warns about non-finite rows;
             ``"sync"`` raises in the offending step (synchronises; for debugging);
             ``"none"`` checks only at ``next_epoch()``.
+        process_group: under ``torch.distributed`` the pruner works on the default group when one
+            is initialised (or on this group).  Each rank scores only the samples it trains, with no
+            communication on the step; ``next_epoch()`` merges the ranks' updates with one all-reduce,
+            every rank computes the same global selection, and ``epoch_indices`` is this rank's shard
+            (see ``fastprune.distributed`` for the pad rule).  Building the pruner, ``next_epoch()``,
+            ``sync()`` and ``load_state_dict()`` are then collective: call them on every rank.
+            ``False`` keeps the pruner local to this process.
     """
 
     def __init__(
@@ -132,6 +141,7 @@ class DynamicPruner:
         inplace_grad: bool = False,
         validate: str = "async",
         initial_subset=None,
+        process_group=None,
     ):
         self.num_samples = _check_int("num_samples", num_samples, 1)
         self.num_classes = _check_int("num_classes", num_classes, 1, K.MAX_CLASSES)
@@ -163,6 +173,7 @@ class DynamicPruner:
             raise ValueError(f"device={str(device)!r} but CUDA is not available here; use device='cpu'")
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
+        self._group = _dist.resolve(process_group, self.device)
         self.image_emb, self.text_emb = self._check_embeddings(image_emb, text_emb)
         if self.noise_ratio > 0 and self.text_emb is None:
             raise ValueError(f"noise_ratio={noise_ratio!r} needs CLIP embeddings (text_emb, and image_emb or "
@@ -184,10 +195,19 @@ class DynamicPruner:
         self._dup_warned = False
         self._has_batch_consistency = False
         self._step_count = 0
+        self._merged_step = 0  # steps before this one are in the merged (global) state
         self.epoch = 0
-        self._epoch_indices = torch.empty(0, dtype=torch.int64)  # host copy of the current order
+        self._global_indices = torch.empty(0, dtype=torch.int64)  # host copy of the current selection
+        self._epoch_indices = self._global_indices  # this rank's shard of it
         self.history: list[dict] = []
         self.last_step: _k.StepOutput | None = None
+        self.last_sync: dict | None = None
+        if self._group is not None:
+            emb_shapes = [None if t is None else tuple(t.shape) for t in (self.image_emb, self.text_emb)]
+            _dist.check_same(self._group, "the pruner's configuration", _dist.fingerprint(
+                self.num_samples, self.num_classes, self.epochs, self.keep_ratio, self.policy, self.ema,
+                self.warmup, self.anneal, self.noise_ratio, self.label_smoothing, self.semantic_weight,
+                self.max_drop, self.seed, self.ignore_index, self._population, emb_shapes), self.device)
         self._adopt(0, "full", self._select(0, "full"))  # epoch 0: every sample, shuffled
 
     # ------------------------------------------------------------------ inputs
@@ -404,27 +424,108 @@ class DynamicPruner:
         order = sel.order[:n_keep].cpu()
         self._weights.copy_(sel.weights)
         self._noisy.copy_(sel.noisy)
-        self._epoch_indices = order
+        self._set_order(order)
         self.epoch = epoch
-        self.history.append({"epoch": epoch, "policy": policy, "kept": n_keep, "noisy": n_noisy,
-                             "drop_prob": drop, "num_samples": self.num_samples})
-        return order
+        record = {"epoch": epoch, "policy": policy, "kept": n_keep, "noisy": n_noisy, "drop_prob": drop,
+                  "num_samples": self.num_samples}
+        if self._group is not None:
+            record["world_size"] = self.world_size
+            record["sync_bytes"] = self.last_sync["bytes"] if self.last_sync else 0
+        self.history.append(record)
+        return self._epoch_indices
+
+    def _set_order(self, order: torch.Tensor):
+        self._global_indices = order
+        self._epoch_indices = _dist.shard(order, self.rank, self.world_size)
 
     def next_epoch(self) -> torch.Tensor:
-        """Build, adopt and return the next epoch's shuffled index list (a CPU LongTensor).
+        """Build and adopt the next epoch's shuffled selection; return this rank's part of it (CPU LongTensor).
 
         Errors the device recorded during the epoch are raised here at the latest (before adopting).
+        Under ``torch.distributed`` this is collective: the ranks' updates are merged first
+        (see ``sync()``), and every rank adopts the same global selection.
         """
         epoch = self.epoch + 1
         policy = self.schedule.policy_for(epoch)
+        if self._group is not None:
+            self._merge(_NEXT_EPOCH)
         return self._adopt(epoch, policy, self._select(epoch, policy))
+
+    # ------------------------------------------------------------ distributed
+
+    @property
+    def rank(self) -> int:
+        """This process's rank in the pruner's process group (0 without one)."""
+        return 0 if self._group is None else self._group.rank
+
+    @property
+    def world_size(self) -> int:
+        """Number of ranks sharing the pruner's selection (1 without a process group)."""
+        return 1 if self._group is None else self._group.world_size
+
+    def sync(self) -> int:
+        """Merge the per-sample updates every rank made since the last merge (collective; no-op alone).
+
+        ``next_epoch()`` does this itself; call it before a mid-epoch ``state_dict()`` so the saved
+        state holds every rank's updates.  Returns the bytes this rank handed to the all-reduce.
+        """
+        if self._group is None:
+            return 0
+        return self._merge(_SYNC)
+
+    def _merge(self, kind: int) -> int:
+        """Agree on the epoch and on errors, then merge the touched samples' state over ranks."""
+        import time
+
+        t0 = time.perf_counter()
+        g = self._group
+        errs = self._errors.tolist()  # a sync, at an epoch end
+        fatal = (errs[K.ERR_LABEL_COUNT] - self._reported[K.ERR_LABEL_COUNT]
+                 + errs[K.ERR_INDEX_COUNT] - self._reported[K.ERR_INDEX_COUNT]) > 0
+        header = [kind, -kind, self.epoch, -self.epoch, int(self._has_batch_consistency), self._step_count]
+        flags = [0] * g.world_size
+        flags[g.rank] = int(fatal)
+        head = g.all_max(torch.tensor(header + flags, dtype=torch.int64, device=self.device)).tolist()
+        sent = head_bytes = 8 * len(head)
+        if head[0] != -head[1] or head[2] != -head[3]:
+            raise _dist.RankFailure(
+                "fastprune: the ranks are out of step (one called next_epoch() while another called sync(), "
+                "or they are at different epochs); every rank must make the same pruner calls")
+        bad = [r for r, f in enumerate(head[6:]) if f]
+        if bad:
+            if fatal:
+                self._check_errors(torch.tensor(errs, dtype=torch.int64))  # raises the detailed error
+            raise _dist.RankFailure(
+                f"fastprune: rank{'s' if len(bad) > 1 else ''} {', '.join(map(str, bad))} reported bad labels or "
+                f"indices during epoch {self.epoch} (see {'their' if len(bad) > 1 else 'its'} error); every rank "
+                "stops here so that none waits for the others")
+        self._has_batch_consistency = bool(head[4])
+        touched = self._stamp >= self._merged_step
+        rows = [self._scores, self._visits] + ([self._consistency] if self.text_emb is not None else [])
+        sent += _dist.merge(rows, touched, g)
+        self._step_count = head[5]
+        self._merged_step = self._step_count
+        self.last_sync = {"bytes": sent, "header_bytes": head_bytes, "seconds": time.perf_counter() - t0}
+        return sent
 
     # ----------------------------------------------------------------- queries
 
     @property
     def epoch_indices(self) -> torch.Tensor:
-        """The current epoch's sample order (CPU LongTensor)."""
+        """The current epoch's sample order for this rank (CPU LongTensor; all of it in one process)."""
         return self._epoch_indices
+
+    @property
+    def global_indices(self) -> torch.Tensor:
+        """The current epoch's whole selection, every rank's shard together (CPU LongTensor)."""
+        return self._global_indices
+
+    def shard(self, start: int = 0) -> torch.Tensor:
+        """This rank's part of the selection's remainder ``global_indices[start:]`` (the pad rule of
+        ``fastprune.distributed``); loaders use it to resume an epoch under another world size."""
+        if start == 0:
+            return self._epoch_indices
+        return _dist.shard(self._global_indices[start:], self.rank, self.world_size)
 
     @property
     def scores(self) -> torch.Tensor:
@@ -455,15 +556,17 @@ class DynamicPruner:
         return EpochSampler(self)
 
     def steps_per_epoch(self, batch_size: int, drop_last: bool = False, epoch: int | None = None) -> int:
-        """Optimizer steps in ``epoch`` (default: the current one; future epochs are expected values)."""
+        """This rank's optimizer steps in ``epoch`` (default: the current one; future epochs are
+        expected values)."""
         batch_size = _check_int("batch_size", batch_size, 1)
         if epoch is None or epoch == self.epoch:
             n = self.epoch_indices.numel()
         elif epoch < self.epoch and epoch < len(self.history):
-            n = self.history[epoch]["kept"]
+            n = _dist.shard_len(self.history[epoch]["kept"], self.world_size)
         else:
             noisy = self.history[-1]["noisy"] if self.history else 0
             n = max(0, self.schedule.expected_kept(epoch, self._population, self.keep_ratio) - noisy)
+            n = _dist.shard_len(n, self.world_size)
         return n // batch_size if drop_last else -(-n // batch_size)
 
     def total_steps(self, batch_size: int, drop_last: bool = False) -> int:
@@ -484,9 +587,18 @@ class DynamicPruner:
     # ------------------------------------------------------------ persistence
 
     def state_dict(self) -> dict:
-        """Everything needed to continue bitwise identically (random draws derive from seed and epoch)."""
+        """Everything needed to continue bitwise identically (random draws derive from seed and epoch).
+
+        Under ``torch.distributed`` it is the same on every rank after ``next_epoch()`` or ``sync()``
+        (save it from rank 0), and it does not depend on the world size: a run can resume on more
+        or fewer ranks and makes the same global selections.
+        """
+        if self._group is not None and self._step_count != self._merged_step:
+            warnings.warn("state_dict(): this rank has stepped since the last merge, so the state holds only "
+                          "its own updates since then; call pruner.sync() on every rank first", RuntimeWarning,
+                          stacklevel=2)
         return {
-            "version": 1,
+            "version": 2,
             "num_samples": self.num_samples,
             "num_classes": self.num_classes,
             "seed": self.seed,
@@ -498,7 +610,7 @@ class DynamicPruner:
             "weights": self._weights.clone(),
             "noisy": self._noisy.clone(),
             "excluded": None if self._excluded is None else self._excluded.clone(),
-            "epoch_indices": self._epoch_indices.clone(),
+            "global_indices": self._global_indices.clone(),
             "has_batch_consistency": self._has_batch_consistency,
             "history": [dict(h) for h in self.history],
         }
@@ -509,8 +621,8 @@ class DynamicPruner:
             if sd.get(key) != getattr(self, key):
                 raise ValueError(f"state_dict is for {key}={sd.get(key)!r}, but this pruner has "
                                  f"{key}={getattr(self, key)!r}")
-        if sd.get("version") != 1:
-            raise ValueError(f"state_dict version {sd.get('version')!r} is not supported (expected 1)")
+        if sd.get("version") not in (1, 2):
+            raise ValueError(f"state_dict version {sd.get('version')!r} is not supported (expected 1 or 2)")
         if sd["seed"] != self.seed:
             warnings.warn(f"state_dict was made with seed={sd['seed']}, this pruner has seed={self.seed}; "
                           "selections from here on follow this pruner's seed", RuntimeWarning, stacklevel=2)
@@ -525,12 +637,18 @@ class DynamicPruner:
         self._reported = [0] * K.ERR_SLOTS
         self.epoch = int(sd["epoch"])
         self._step_count = int(sd["step_count"])
-        self._epoch_indices = sd["epoch_indices"].to("cpu", torch.int64).clone()
+        self._merged_step = self._step_count
+        order = sd["global_indices"] if sd["version"] >= 2 else sd["epoch_indices"]  # v1: single process
+        self._set_order(order.to("cpu", torch.int64).clone())
         self._has_batch_consistency = bool(sd["has_batch_consistency"])
         self.history = [dict(h) for h in sd["history"]]
+        if self._group is not None:
+            _dist.check_same(self._group, "the loaded pruner state (epoch, step count, selection)",
+                             _dist.fingerprint(self.epoch, self._step_count, self._global_indices.numel(),
+                                               int(self._global_indices[:64].sum())), self.device)
 
     def __repr__(self) -> str:
         emb = "none" if self.text_emb is None else ("table" if self.image_emb is not None else "per-batch")
         return (f"DynamicPruner(N={self.num_samples}, C={self.num_classes}, epochs={self.epochs}, "
                 f"policy={self.policy!r}, keep_ratio={self.keep_ratio}, epoch={self.epoch}, embeddings={emb}, "
-                f"device={self.device})")
+                f"device={self.device}" + (f", rank={self.rank}/{self.world_size})" if self._group else ")"))

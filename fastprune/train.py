@@ -15,6 +15,7 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
+from . import distributed as _dist
 from .data import ImageFolderIndex
 from .pruner import DynamicPruner
 from .report import plot_run, topk_correct, write_suspected_noisy
@@ -107,8 +108,10 @@ def _channels_last(cfg, device) -> bool:
     return cfg.channels_last if cfg.channels_last is not None else device.type == "cuda"
 
 
-def make_loader(kind, index, pruner, cfg, train, device):
-    """(loader, description): DaliLoader when ``kind`` is dali (or auto with DALI installed), else the fallback."""
+def make_loader(kind, index, pruner, cfg, train, device, shard=(None, None)):
+    """(loader, description): DaliLoader when ``kind`` is dali (or auto with DALI installed), else the fallback.
+
+    ``shard`` = (shard_id, num_shards) splits a pruner-less loader (evaluation) over ranks."""
     from .data import TorchLoader
 
     if kind == "auto":
@@ -124,13 +127,16 @@ def make_loader(kind, index, pruner, cfg, train, device):
 
         loader = DaliLoader(index, pruner, batch_size=cfg.batch_size, train=train, device=device,
                             num_threads=cfg.workers, image_size=cfg.image_size, channels_last=channels_last,
-                            seed=cfg.seed, random_area=cfg.crop_area, hflip=cfg.hflip)
+                            seed=cfg.seed + (pruner.rank if pruner is not None else 0),  # ranks draw apart
+                            random_area=cfg.crop_area, hflip=cfg.hflip, shard_id=shard[0],
+                            num_shards=shard[1])
         return loader, "DALI (GPU decode)" if device.type == "cuda" else "DALI (CPU decode)"
     if kind != "torch":
         raise ValueError(f"loader must be 'auto', 'dali' or 'torch', got {kind!r}")
     loader = TorchLoader(index, pruner, batch_size=cfg.batch_size, train=train, device=device,
                          num_workers=cfg.workers, image_size=cfg.image_size, channels_last=channels_last,
-                         random_area=cfg.crop_area, hflip=cfg.hflip, seed=cfg.seed)
+                         random_area=cfg.crop_area, hflip=cfg.hflip, seed=cfg.seed, shard_id=shard[0],
+                         num_shards=shard[1])
     return loader, "torch DataLoader fallback (PIL decode)"
 
 
@@ -155,7 +161,9 @@ def _atomic_save(obj, path: Path):
 
 @torch.no_grad()
 def evaluate(model, loader, device) -> tuple[float, float | None]:
-    """Top-1 and top-5 accuracy (top-5 is None with fewer than 5 classes)."""
+    """Top-1 and top-5 accuracy (top-5 is None with fewer than 5 classes).
+
+    Under ``torch.distributed`` each rank evaluates its shard of the loader and the counts are summed."""
     model.eval()
     hits1 = torch.zeros((), dtype=torch.int64, device=device)
     hits5 = torch.zeros((), dtype=torch.int64, device=device)
@@ -168,8 +176,12 @@ def evaluate(model, loader, device) -> tuple[float, float | None]:
         hits1 += h1
         hits5 += h5
         n += labels.numel()
+    counts = torch.stack([hits1, hits5, torch.tensor(n, device=device)])
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(counts)
+    hits1, hits5, n = counts.tolist()
     classes = loader.index.num_classes
-    return hits1.item() / max(n, 1), (hits5.item() / max(n, 1) if classes >= 5 else None)
+    return hits1 / max(n, 1), (hits5 / max(n, 1) if classes >= 5 else None)
 
 
 def selection_hash(order: torch.Tensor) -> str:
@@ -183,6 +195,11 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print,
     Writes ``log.jsonl`` (one line per epoch), ``checkpoint.pt`` (atomic; model, optimiser,
     schedule, pruner, loader state and RNG states), and at the end the plots and
     ``suspected_noisy.csv`` into ``cfg.out``.
+
+    Under ``torchrun`` (or with a process group already initialised) every process trains a DDP
+    replica on its shard of each epoch's selection (``batch_size`` is per process); rank 0 logs and
+    writes the files.  Resuming needs ``cfg.out`` readable by every rank (a shared file system)
+    and may use another number of processes.
     """
     out = Path(cfg.out)
     ckpt_path = out / "checkpoint.pt"
@@ -190,8 +207,23 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print,
         raise FileExistsError(f"{str(out)!r} already holds a run; pass --resume to continue it or choose --out")
     if cfg.resume and not ckpt_path.exists():
         raise FileNotFoundError(f"nothing to resume: {str(ckpt_path)!r} does not exist")
-    out.mkdir(parents=True, exist_ok=True)
-    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    own_group, device = _dist.init_from_env(cfg.device)
+    try:
+        return _train(cfg, out, ckpt_path, device, log, on_epoch_end, progress)
+    finally:
+        if own_group:
+            torch.distributed.destroy_process_group()
+
+
+def _train(cfg, out, ckpt_path, device, log, on_epoch_end, progress) -> dict:
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    rank = torch.distributed.get_rank() if distributed else 0
+    world = torch.distributed.get_world_size() if distributed else 1
+    main = rank == 0
+    if not main:
+        log, progress = (lambda msg: None), False
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
 
     index = ImageFolderIndex(cfg.data)
     val_index = None
@@ -225,7 +257,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print,
     optimizer = _optimizer(cfg, model)
     schedule = SampleSchedule(cfg.lr, cfg.schedule, cfg.lr_warmup)
     loader, loader_name = make_loader(cfg.loader, index, pruner, cfg, True, device)
-    val_loader = make_loader(cfg.loader, val_index, None, cfg, False, device)[0] if val_index else None
+    val_loader = make_loader(cfg.loader, val_index, None, cfg, False, device, (rank, world))[0] if val_index else None
 
     history: list[dict] = []
     start_epoch, step = 0, 0
@@ -241,12 +273,23 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print,
         if device.type == "cuda" and ck["rng"].get("cuda") is not None:
             torch.cuda.set_rng_state(ck["rng"]["cuda"])
         log(f"resumed {out} at epoch {start_epoch} (step {step})")
-    net = torch.compile(model) if cfg.compile else model
-    log(f"fastprune train: {len(index)} images, {index.num_classes} classes, {cfg.arch} on {device}, "
+    net = model
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    net = torch.compile(net) if cfg.compile else net
+    eval_net = net if world == 1 else model  # ranks evaluate different numbers of batches: no DDP there
+    where = f"{device}" if world == 1 else f"{world} processes ({device.type}, {torch.distributed.get_backend()})"
+    log(f"fastprune train: {len(index)} images, {index.num_classes} classes, {cfg.arch} on {where}, "
         f"loader: {loader_name}, policy {cfg.policy} keep {cfg.keep_ratio}")
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
 
-    def checkpoint(epoch):
+    def checkpoint(epoch, mid_epoch=False):
+        if mid_epoch:
+            pruner.sync()  # collective: the saved scores hold every rank's updates
+        if not main:
+            return
         rng = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if device.type == "cuda" else None}
         _atomic_save({"config": dataclasses.asdict(cfg), "epoch": epoch, "step": step, "model": model.state_dict(),
                       "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(), "scaler": None,
@@ -255,7 +298,8 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print,
 
     t_run = time.perf_counter()
     for epoch in range(start_epoch, cfg.epochs):
-        order = pruner.epoch_indices
+        order = pruner.epoch_indices  # this process's part of the selection
+        selected = pruner.global_indices
         schedule.set_total(expected_total_samples(pruner))
         schedule.advance(0, optimizer)
         net.train()
@@ -279,23 +323,25 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print,
             if step % 50 == 0:
                 bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.3g}")  # a sync every 50 steps only
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
-                checkpoint(epoch)
+                checkpoint(epoch, mid_epoch=True)
         bar.close()
         if device.type == "cuda":
             torch.cuda.synchronize()
         train_s = time.perf_counter() - t0
-        top1, top5 = evaluate(net, val_loader, device) if val_loader is not None else (None, None)
-        record = {"epoch": epoch, "policy": pruner.history[-1]["policy"], "samples_trained": int(order.numel()),
-                  "kept_fraction": order.numel() / len(index), "suspected_noisy": pruner.history[-1]["noisy"],
+        top1, top5 = evaluate(eval_net, val_loader, device) if val_loader is not None else (None, None)
+        record = {"epoch": epoch, "policy": pruner.history[-1]["policy"], "samples_trained": int(selected.numel()),
+                  "kept_fraction": selected.numel() / len(index), "suspected_noisy": pruner.history[-1]["noisy"],
                   "visits_saved": pruner.visits_saved, "train_seconds": round(train_s, 3),
                   "epoch_seconds": round(time.perf_counter() - t0, 3),
-                  "images_per_s": round(trained / max(train_s, 1e-9), 1), "val_top1": top1, "val_top5": top5,
-                  "lr": lr if trained else schedule.lr(), "selection": selection_hash(order), "step": step}
+                  "images_per_s": round(trained * world / max(train_s, 1e-9), 1), "val_top1": top1,
+                  "val_top5": top5, "lr": lr if trained else schedule.lr(), "selection": selection_hash(selected),
+                  "step": step, "world_size": world}
         history.append(record)
-        with open(out / "log.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
+        if main:
+            with open(out / "log.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
         acc = f", val top-1 {top1:.2%}" + (f" top-5 {top5:.2%}" if top5 is not None else "") if top1 is not None else ""
-        log(f"epoch {epoch}: trained {order.numel()}/{len(index)} ({record['kept_fraction']:.0%}) in {train_s:.1f} s, "
+        log(f"epoch {epoch}: trained {selected.numel()}/{len(index)} ({record['kept_fraction']:.0%}) in {train_s:.1f} s, "
             f"{record['images_per_s']:.0f} img/s, visits saved {pruner.visits_saved:.1%}{acc}")
         pruner.next_epoch()
         checkpoint(epoch + 1)
@@ -309,9 +355,10 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print,
                "samples_trained": sum(h["samples_trained"] for h in history),
                "visits_saved": 1.0 - sum(h["samples_trained"] for h in history) / max(1, len(history) * len(index)),
                "loader": loader_name}
-    plot_run(history, pruner, out)
-    summary["suspected_noisy"] = write_suspected_noisy(pruner, index, out / "suspected_noisy.csv")
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    if main:
+        plot_run(history, pruner, out)
+        summary["suspected_noisy"] = write_suspected_noisy(pruner, index, out / "suspected_noisy.csv")
+        (out / "summary.json").write_text(json.dumps(summary, indent=1))
     log(format_summary(summary))
     return summary
 

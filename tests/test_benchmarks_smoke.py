@@ -21,7 +21,7 @@ def test_bench_smoke_writes_well_formed_records(tmp_path):
     data = json.loads(files[0].read_text())
     assert {"date", "device", "torch", "cpu"} <= set(data["machine"])
     records = data["records"]
-    assert {r["bench"] for r in records} == {"step", "select", "loader", "epoch"}
+    assert {r["bench"] for r in records} == {"step", "select", "loader", "epoch", "distributed"}
     for r in records:
         for key in ("bench", "method", "device", "versions", "dtype", "sizes", "median_us", "iqr_us"):
             assert key in r, (key, r)
@@ -29,5 +29,7 @@ def test_bench_smoke_writes_well_formed_records(tmp_path):
     step = [r for r in records if r["bench"] == "step"]
     assert {"fused", "ce", "eager", "infobatch"} <= {r["method"] for r in step}
     assert all("GBps" in r and "ratio_to_fused" in r for r in step)
-    for table in ("Step overhead", "Epoch selection", "Loader throughput", "Epoch time"):
+    dist = [r for r in records if r["bench"] == "distributed"]
+    assert all(r["bytes_per_rank"] > 0 and r["sizes"]["ranks"] == 2 for r in dist)
+    for table in ("Step overhead", "Epoch selection", "Loader throughput", "Epoch time", "Distributed epoch end"):
         assert table in proc.stdout

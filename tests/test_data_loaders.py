@@ -193,8 +193,13 @@ def test_bad_arguments(index):
         DaliLoader(index, dtype=torch.int8)
     with pytest.raises(ValueError, match="on_error must be 'raise' or 'skip', got 'ignore'"):
         DaliLoader(index, on_error="ignore")
-    with pytest.raises(NotImplementedError, match="shard_id=1, num_shards=2"):
-        DaliLoader(index, shard_id=1, num_shards=2)
+    with pytest.raises(ValueError, match="shard_id=2 must be smaller than num_shards=2"):
+        DaliLoader(index, shard_id=2, num_shards=2)
+    with pytest.raises(ValueError, match="num_shards must be an integer >= 1, got 0"):
+        DaliLoader(index, shard_id=0, num_shards=0)
+    pruner = fp.DynamicPruner(len(index), index.num_classes, epochs=2, device="cpu")
+    with pytest.raises(ValueError, match="disagree with the pruner's rank 0 of 1"):
+        DaliLoader(index, pruner, shard_id=1, num_shards=2)
     with pytest.raises(ValueError, match=r"pruner has num_samples=99 but the index has 13 samples"):
         DaliLoader(index, fp.DynamicPruner(99, 3, epochs=2, device="cpu"))
     with pytest.raises(ValueError, match="index must be a fastprune.data.ImageFolderIndex"):

@@ -19,6 +19,7 @@ import warnings
 import numpy as np
 import torch
 
+from .cursor import EpochCursor
 from .errors import SkippedFiles, find_bad_files, raise_for_bad_file
 from .index import ImageFolderIndex
 
@@ -64,6 +65,10 @@ class _EpochSource:
 class DaliLoader:
     """Iterates ``(images, labels, idx)`` over exactly ``pruner.epoch_indices``, in that order.
 
+    Under ``torch.distributed`` that is this rank's shard, so each rank reads and decodes only its
+    own selected samples.  Without a pruner, ``shard_id``/``num_shards`` split the index into
+    strided parts (evaluation on several ranks).
+
     Every selected sample comes once per epoch, the last partial batch included.  Images are
     NCHW, normalised, on ``device``, in ``dtype`` (optionally channels_last memory).  Train:
     random-resized crop (area fraction in ``random_area``), horizontal flip (``hflip``), normalise; eval: resize the shorter side to
@@ -81,7 +86,8 @@ class DaliLoader:
     def __init__(self, index: ImageFolderIndex, pruner=None, batch_size: int = 256, train: bool = True,
                  device: str | torch.device | None = None, num_threads: int | None = None, image_size: int = 224,
                  dtype: torch.dtype = torch.float32, channels_last: bool = False, seed: int = 0,
-                 prefetch: int = 2, on_error: str = "raise", shard_id: int = 0, num_shards: int = 1,
+                 prefetch: int = 2, on_error: str = "raise", shard_id: int | None = None,
+                 num_shards: int | None = None,
                  mean=IMAGENET_MEAN, std=IMAGENET_STD, resize_size: int | None = None,
                  interpolation: str = "linear", resize_mode: str = "shorter", random_area=(0.08, 1.0),
                  hflip: bool = True):
@@ -102,10 +108,7 @@ class DaliLoader:
             raise ValueError(f"resize_mode must be 'shorter' or 'squash', got {resize_mode!r}")
         if on_error not in ("raise", "skip"):
             raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
-        if (shard_id, num_shards) != (0, 1):
-            raise NotImplementedError(
-                f"shard_id={shard_id}, num_shards={num_shards}: sharded loading comes with distributed "
-                "support, where pruner.epoch_indices becomes this rank's shard")
+        self.cursor = EpochCursor(len(index), pruner, shard_id, num_shards)
         if device is None:
             device = pruner.device if pruner is not None else ("cuda" if torch.cuda.is_available() else "cpu")
         self.device = torch.device(device)
@@ -126,10 +129,7 @@ class DaliLoader:
         self._source = _EpochSource(index.files, index._labels, batch_size)
         self._pipe = self._iter = None
         self._clean = False  # the DALI iterator ended its last epoch and can be reset
-        self._epoch = None  # epoch of the order in progress
-        self._position = 0  # samples yielded from that order
         self._bad: dict[int, tuple[str, str]] = {}  # unusable files found so far: index -> (path, reason)
-        self._passes = 0
         self.skipped = SkippedFiles()
         self.epoch_seconds = float("nan")
 
@@ -181,31 +181,26 @@ class DaliLoader:
 
     # --------------------------------------------------------------- iteration
 
-    def _current(self) -> tuple[int, np.ndarray]:
-        if self.pruner is None:
-            return self._passes, np.arange(len(self.index), dtype=np.int64)
-        return self.pruner.epoch, self.pruner.epoch_indices.numpy()
-
     def _order(self, order: np.ndarray) -> np.ndarray:
         if not self._bad:
             return order
         return order[~np.isin(order, np.fromiter(self._bad, dtype=np.int64))]
 
     def __len__(self) -> int:
-        epoch, order = self._current()
-        return -(-order.size // self.batch_size)
+        return -(-self.cursor.current()[1].numel() // self.batch_size)
 
     def __iter__(self):
-        epoch, order = self._current()
-        if epoch != self._epoch or self._position >= self._order(order).size:
-            self._epoch, self._position = epoch, 0
+        cur = self.cursor
+        epoch, order = cur.begin(lambda o: self._order(o.numpy()).size)
+        order = order.numpy()
+        if cur.position == 0:  # an epoch starts
             in_order = set(order.tolist()) & set(self._bad) if self._bad else ()
             self.skipped = SkippedFiles((i, *self._bad[i]) for i in sorted(in_order))  # known bad: left out again
         return self._run(order)
 
     def _start(self, order):
         self._source.order = self._order(order)
-        self._source.start = self._position
+        self._source.start = self.cursor.position
         if self._iter is not None and self._clean:
             self._iter.reset()
             self._clean = False
@@ -229,11 +224,10 @@ class DaliLoader:
                 started = False
                 continue
             images, labels, idx = out["images"], out["labels"], out["idx"]
-            self._position += idx.numel()  # handed out = consumed, as state_dict() reports it
+            self.cursor.position += idx.numel()  # handed out = consumed, as state_dict() reports it
             yield self._to_device(images), labels.view(-1).to(self.device), idx.view(-1).to(self.device)
         self.epoch_seconds = time.perf_counter() - t0
-        if self.pruner is None:
-            self._passes += 1
+        self.cursor.end_pass()
         if self.skipped:
             warnings.warn(f"DaliLoader skipped {len(self.skipped)} unreadable files this epoch "
                           f"(first: {self.skipped[0][1]}: {self.skipped[0][2]}); see loader.skipped",
@@ -251,7 +245,7 @@ class DaliLoader:
         """A batch failed in DALI: name the bad files; with on_error='skip' leave them out and go on."""
         self._iter = self._pipe = None  # DALI invalidates a pipeline after an error
         current = self._order(order)
-        lo = self._position
+        lo = self.cursor.position
         window = current[lo:lo + self.batch_size * (self.prefetch + 1)]
         bad = find_bad_files(self.index.files, window.tolist())
         if not bad:
@@ -268,13 +262,10 @@ class DaliLoader:
 
     def state_dict(self) -> dict:
         """Position in the current epoch, for resuming an interrupted epoch at the next unseen batch."""
-        return {"epoch": self._epoch, "position": self._position, "passes": self._passes,
-                "bad": {i: list(v) for i, v in self._bad.items()}}
+        return {**self.cursor.state_dict(), "bad": {i: list(v) for i, v in self._bad.items()}}
 
     def load_state_dict(self, sd: dict) -> None:
-        self._epoch = sd["epoch"]
-        self._position = int(sd["position"])
+        self.cursor.load_state_dict(sd)
         self._bad = {int(k): tuple(v) for k, v in sd["bad"].items()}
-        self._passes = int(sd.get("passes", 0))
         self._iter = self._pipe = None
         self._clean = False

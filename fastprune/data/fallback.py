@@ -13,6 +13,7 @@ import math
 
 import torch
 
+from .cursor import EpochCursor
 from .dali import IMAGENET_MEAN, IMAGENET_STD
 from .errors import check_file, raise_for_bad_file
 from .index import ImageFolderIndex
@@ -67,13 +68,15 @@ class ImageFileDataset(torch.utils.data.Dataset):
 
 
 class TorchLoader:
-    """The fallback with DaliLoader's interface: ``(images, labels, idx)`` over the pruner's epoch order,
-    on ``device``, resumable mid-epoch (``state_dict``), decoded by PIL in ``num_workers`` processes."""
+    """The fallback with DaliLoader's interface: ``(images, labels, idx)`` over the pruner's epoch order
+    (this rank's shard under ``torch.distributed``), on ``device``, resumable mid-epoch (``state_dict``),
+    decoded by PIL in ``num_workers`` processes.  Without a pruner: every sample in index order, or
+    the ``shard_id``-th of ``num_shards`` strided parts (evaluation on several ranks)."""
 
     def __init__(self, index: ImageFolderIndex, pruner=None, batch_size: int = 256, train: bool = True,
                  device=None, num_workers: int = 4, image_size: int = 224, transform=None,
                  channels_last: bool = False, dtype: torch.dtype = torch.float32, random_area=(0.08, 1.0),
-                 hflip: bool = True, seed: int = 0):
+                 hflip: bool = True, seed: int = 0, shard_id: int | None = None, num_shards: int | None = None):
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
         if pruner is not None and pruner.num_samples != len(index):
@@ -85,38 +88,31 @@ class TorchLoader:
         self.images = ImageFileDataset(index, transform=transform, seed=seed)
         self.dataset = IndexedDataset(self.images)
         self.num_workers, self.channels_last, self.dtype = num_workers, channels_last, dtype
-        self._epoch, self._position, self._passes = None, 0, 0
-
-    def _current(self):
-        if self.pruner is None:
-            return self._passes, list(range(len(self.index)))
-        return self.pruner.epoch, self.pruner.epoch_indices.tolist()
+        self.cursor = EpochCursor(len(index), pruner, shard_id, num_shards)
 
     def __len__(self) -> int:
-        return -(-len(self._current()[1]) // self.batch_size)
+        return -(-self.cursor.current()[1].numel() // self.batch_size)
 
     def __iter__(self):
-        epoch, order = self._current()
-        if epoch != self._epoch or self._position >= len(order):
-            self._epoch, self._position = epoch, 0
+        cur = self.cursor
+        epoch, order = cur.begin()
         self.images.epoch = epoch
         loader = torch.utils.data.DataLoader(self.dataset, batch_size=self.batch_size,
-                                             sampler=order[self._position:], num_workers=self.num_workers,
+                                             sampler=order[cur.position:].tolist(), num_workers=self.num_workers,
                                              pin_memory=self.device.type == "cuda")
         rng = torch.get_rng_state()
         batches = iter(loader)  # draws its worker seed from the global RNG: put the stream back
         torch.set_rng_state(rng)
         for x, y, idx in batches:
-            self._position += idx.numel()  # handed out = consumed
+            cur.position += idx.numel()  # handed out = consumed
             x = x.to(self.device, self.dtype, non_blocking=True)
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             yield x, y.to(self.device, non_blocking=True), idx.to(self.device, non_blocking=True)
-        if self.pruner is None:
-            self._passes += 1
+        cur.end_pass()
 
     def state_dict(self) -> dict:
-        return {"epoch": self._epoch, "position": self._position, "passes": self._passes}
+        return self.cursor.state_dict()
 
     def load_state_dict(self, sd: dict) -> None:
-        self._epoch, self._position, self._passes = sd["epoch"], int(sd["position"]), int(sd.get("passes", 0))
+        self.cursor.load_state_dict(sd)

@@ -1,0 +1,190 @@
+"""The pruner under torch.distributed: bytes exchanged per epoch and ``next_epoch()`` time, K processes.
+
+    python -m benchmarks.bench_distributed [--smoke] [--ranks 2] [--no-write]
+
+Spawns ``--ranks`` processes joined by a gloo group on the CPU (NCCL on GPUs when there are as many
+GPUs as ranks).  Each rank owns a pruner over N samples; an "epoch" marks this rank's shard as
+trained (scores changed, as the fused step would leave them) and then calls ``next_epoch()``: the
+merge (one all-reduce of the touched state), the global selection and the hand-over of this rank's
+shard.  Baseline: ``next_epoch()`` of a single-process pruner over the same N on the same machine.
+Bytes are what each rank hands to its collectives (ring all-reduce wire traffic per rank is about
+2(K-1)/K times that).  Past ``--select-limit`` samples on the CPU only ``sync()`` (the merge) is
+timed: the CPU selection itself is then the long pole and is measured by ``bench_select``.
+"""
+
+from __future__ import annotations
+
+import datetime
+import io
+import multiprocessing as mp
+import os
+import queue
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+
+from .report import base_parser, cli_main, describe, table
+from .timing import measure
+
+
+def sizes(smoke: bool) -> list[int]:
+    return [20_000] if smoke else [1_281_167, 10_000_000, 100_000_000]
+
+
+def _pruner(n: int, device, group):
+    import fastprune as fp
+
+    g = torch.Generator().manual_seed(0)
+    p = fp.DynamicPruner(n, 1000, epochs=10, keep_ratio=0.7, noise_ratio=0.05, text_emb=torch.randn(1000, 8).to(device),
+                         device=device, process_group=group)
+    p._scores.copy_((torch.rand(n, generator=g) * 5).to(device))
+    p._consistency.copy_((torch.randn(n, generator=g) * 0.1 + 0.3).to(device))
+    p._visits.fill_(1)
+    p._has_batch_consistency = True
+    return p
+
+
+def _train_shard(p):
+    """What an epoch of steps leaves behind on this rank: its shard's state changed and stamped."""
+    shard = p.epoch_indices.to(p.device)
+    p._scores[shard] *= 0.9
+    p._visits[shard] += 1
+    p._stamp[shard] = p._step_count
+    p._step_count += 1
+
+
+def _rank_main(rank, world, store, n, reps, select, results):
+    import torch.distributed as dist
+
+    use_cuda = torch.cuda.is_available() and torch.cuda.device_count() >= world
+    device = torch.device("cuda", rank) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    torch.set_num_threads(max(1, (os.cpu_count() or 2) // world))
+    dist.init_process_group("nccl" if use_cuda else "gloo", init_method=f"file://{store}", rank=rank,
+                            world_size=world, timeout=datetime.timedelta(minutes=10))
+    try:
+        p = _pruner(n, device, None)
+
+        times = []
+        for k in range(reps + 1):  # the first is a warm-up
+            _train_shard(p)
+            if use_cuda:
+                torch.cuda.synchronize()
+            dist.barrier()  # start together: time the epoch end, not the simulated epoch's skew
+            t0 = time.perf_counter()
+            if select:
+                p.epoch = 1  # the same epoch each time: the same work
+                p.history = p.history[:1]
+                p.next_epoch()
+            else:
+                p.sync()
+            if use_cuda:
+                torch.cuda.synchronize()
+            if k:
+                times.append((time.perf_counter() - t0) * 1e6)
+        q = statistics.quantiles(times, n=4) if len(times) > 1 else [times[0]] * 3
+        timed = {"median_us": statistics.median(times), "iqr_us": q[2] - q[0]}
+        out = {"timed": timed, "bytes": p.last_sync["bytes"], "sync_s": p.last_sync["seconds"],
+               "backend": dist.get_backend(), "device": str(device)}
+        if rank == 0 and select:
+            single = _pruner(n, device, False)
+
+            def alone():
+                single.epoch = 1
+                single.history = single.history[:1]
+                single.next_epoch()
+
+            out["single"] = measure(alone, device, reps=reps, warmup=1)
+    finally:
+        dist.barrier()
+        dist.destroy_process_group()
+    blob = io.BytesIO()
+    torch.save(out, blob)
+    results.put((rank, blob.getvalue()))
+
+
+def _launch(world, n, reps, select, timeout=1800):
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    with tempfile.TemporaryDirectory() as tmp:
+        store = os.path.join(tmp, "store")
+        procs = [ctx.Process(target=_rank_main, args=(r, world, store, n, reps, select, results))
+                 for r in range(world)]
+        for p in procs:
+            p.start()
+        out = {}
+        try:
+            while len(out) < world:
+                rank, blob = results.get(timeout=timeout)
+                out[rank] = torch.load(io.BytesIO(blob), weights_only=False)
+        except queue.Empty:
+            raise RuntimeError(f"bench_distributed: ranks did not finish in {timeout} s") from None
+        finally:
+            for p in procs:
+                p.join(timeout=30)
+                if p.is_alive():
+                    p.kill()
+    return [out[r] for r in range(world)]
+
+
+def run(args) -> list[dict]:
+    records = []
+    gpu = torch.cuda.is_available() and not args.cpu and torch.cuda.device_count() >= args.ranks
+    for n in sizes(args.smoke):
+        select = gpu or n <= args.select_limit
+        reps = 3 if (args.smoke or n > 10_000_000) else 5
+        res = _launch(args.ranks, n, reps, select)
+        r0 = res[0]
+        med = max(r["timed"]["median_us"] for r in res)  # the epoch ends when the slowest rank is through
+        rec = {"bench": "distributed", "method": "next_epoch" if select else "sync", "dtype": "float32",
+               "sizes": {"N": n, "ranks": args.ranks}, "backend": r0["backend"], "median_us": med,
+               "iqr_us": max(r["timed"]["iqr_us"] for r in res), "bytes_per_rank": r0["bytes"],
+               "ring_wire_bytes_per_rank": round(r0["bytes"] * 2 * (args.ranks - 1) / args.ranks)}
+        if "single" in r0:
+            rec["single_process_us"] = r0["single"]["median_us"]
+            rec["ratio_to_single"] = med / r0["single"]["median_us"]
+        records.append(rec)
+        print(f"  N={n}: {rec['method']} {med / 1000:.1f} ms, {r0['bytes'] / 2**20:.1f} MiB per rank", file=sys.stderr)
+    return records
+
+
+def render(records, info) -> str:
+    rows = []
+    for r in records:
+        single = f"{r['single_process_us'] / 1000:.1f}" if "single_process_us" in r else "-"
+        ratio = f"{r['ratio_to_single']:.2f}" if "ratio_to_single" in r else "-"
+        rows.append([f"{r['sizes']['N']:,}", r["sizes"]["ranks"], r["backend"], r["method"],
+                     f"{r['median_us'] / 1000:.1f}", single, ratio, f"{r['bytes_per_rank'] / 2**20:.1f}",
+                     f"{r['ring_wire_bytes_per_rank'] / 2**20:.1f}"])
+    headers = ["N", "ranks", "backend", "timed", "ms (slowest rank)", "1 process next_epoch ms",
+               "ratio", "MiB handed to all-reduce per rank", "ring wire MiB per rank"]
+    mode = "CPU figures" if info["device"] == "cpu" else "GPU figures"
+    return (f"### Distributed epoch end — {describe(info)}\n\nOne epoch's merge of per-sample state over ranks and "
+            f"the global selection (`next_epoch()`), or the merge alone (`sync()`) where the CPU selection would "
+            f"dominate; median over repeats, slowest rank ({mode}). The step path exchanges nothing.\n\n"
+            + table(headers, rows))
+
+
+def parse_args(argv=None):
+    ap = base_parser(__doc__)
+    ap.add_argument("--ranks", type=int, default=2, help="processes (default 2)")
+    ap.add_argument("--select-limit", type=int, default=2_000_000,
+                    help="on the CPU, time next_epoch() up to this N and sync() beyond")
+    return ap.parse_args(argv)
+
+
+def produce(args, info) -> tuple[list[dict], str, str]:
+    records = run(args)
+    return records, render(records, info), f"distributed-{info['device']}"
+
+
+def main(argv=None) -> int:
+    return cli_main(parse_args, produce, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,177 @@
+"""The pruner under ``torch.distributed``: rank shards and the epoch-end merge of per-sample state.
+
+During an epoch every rank updates the scores of the samples it trains on, locally, with no
+communication.  At ``next_epoch()`` (or ``sync()``) one all-reduce merges the epoch's updates:
+each rank contributes, for the samples it touched, its state multiplied by a 0/1 mask, plus the
+mask; a sample's merged state is the sum divided by the number of ranks that touched it.  Shards
+are disjoint except for the padding (below), so the division is by one and the merge is exact;
+a padded sample trained by two ranks takes the mean of their two updates.  Every rank then
+computes the same global selection from the same state and seed, and takes its shard.
+
+Shard rule (as ``DistributedSampler`` with ``drop_last=False``): the global order is padded to a
+multiple of the world size by repeating its first entries, and rank ``r`` takes positions
+``r, r + K, r + 2K, ...``; every rank gets ``ceil(n / K)`` samples, so every rank runs the same
+number of steps (what DDP needs), and the shards cover the selection.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import torch
+
+# Samples merged per all-reduce: bounds the temporary buffer (4 float32 rows -> 256 MiB).
+MERGE_CHUNK = 1 << 24
+
+
+def shard(order: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
+    """Rank ``rank``'s part of ``order``: padded to a multiple of ``world_size`` from its start, strided."""
+    if world_size == 1:
+        return order
+    n = order.numel()
+    if n == 0:
+        return order
+    size = -(-n // world_size)
+    pad = size * world_size - n
+    if pad:
+        order = torch.cat([order, order[:pad].repeat(-(-pad // n))[:pad]])
+    return order[rank::world_size].clone()
+
+
+def shard_len(n: int, world_size: int) -> int:
+    """Samples each rank trains when ``n`` are selected."""
+    return -(-n // world_size)
+
+
+@dataclass
+class Group:
+    """The process group the pruner communicates over, with this process's place in it."""
+
+    group: object
+    rank: int
+    world_size: int
+    backend: str
+
+    def all_max(self, values: torch.Tensor) -> torch.Tensor:
+        """Element-wise maximum over ranks (in place)."""
+        import torch.distributed as dist
+
+        _collective(lambda: dist.all_reduce(values, op=dist.ReduceOp.MAX, group=self.group))
+        return values
+
+    def all_sum(self, values: torch.Tensor) -> torch.Tensor:
+        """Element-wise sum over ranks (in place)."""
+        import torch.distributed as dist
+
+        _collective(lambda: dist.all_reduce(values, op=dist.ReduceOp.SUM, group=self.group))
+        return values
+
+
+class RankFailure(RuntimeError):
+    """A collective of the pruner failed: another rank most likely stopped (an error, or a crash)."""
+
+
+def _collective(call):
+    try:
+        call()
+    except RankFailure:
+        raise
+    except Exception as e:  # noqa: BLE001 - gloo/NCCL raise RuntimeError, DistBackendError, timeouts...
+        raise RankFailure(
+            "fastprune: a collective over the process group failed; another rank has probably stopped "
+            f"(an exception there, or it never reached this point): {type(e).__name__}: {e}") from e
+
+
+def resolve(process_group, device: torch.device) -> Group | None:
+    """The group to use: ``process_group`` itself, the default group when one is initialised, or
+    ``None`` (single process) when torch.distributed is not in use or ``process_group=False``."""
+    if process_group is False:
+        return None
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_initialized():
+        if process_group is not None:
+            raise ValueError("process_group was given but torch.distributed is not initialised "
+                             "(call torch.distributed.init_process_group first)")
+        return None
+    group = process_group if process_group is not None else dist.group.WORLD
+    world = dist.get_world_size(group)
+    rank = dist.get_rank(group)
+    if rank < 0:
+        raise ValueError("this process is not a member of process_group")
+    backend = str(dist.get_backend(group))
+    if world > 1 and device.type == "cpu" and backend == "nccl":
+        raise ValueError("the process group uses NCCL, which cannot reduce CPU tensors; keep the pruner's "
+                         "state on the GPU (device='cuda') or use a gloo group (process_group=...)")
+    return Group(group, rank, world, backend)
+
+
+def fingerprint(*values) -> int:
+    """A 62-bit hash of settings that must agree on every rank."""
+    digest = hashlib.sha256(repr(values).encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 2
+
+
+def check_same(group: Group, what: str, value: int, device: torch.device) -> None:
+    """Raise on every rank when ``value`` differs between ranks (one small collective)."""
+    t = torch.tensor([value, -value], dtype=torch.int64, device=device)
+    group.all_max(t)
+    hi, neg_lo = t.tolist()
+    if hi != -neg_lo:
+        raise ValueError(f"fastprune: {what} differs between ranks; every rank must build the pruner "
+                         "with the same arguments (and the same data)")
+
+
+def merge(rows: list[torch.Tensor], touched: torch.Tensor, group: Group, chunk: int = MERGE_CHUNK) -> int:
+    """Merge per-sample float32 state ``rows`` (each N, updated in place) over ranks.
+
+    Where at least one rank touched a sample, its value becomes the mean of the touching ranks'
+    values; elsewhere it stays (it is already the same on every rank).  Returns the bytes this
+    rank handed to the all-reduces.
+    """
+    n = touched.numel()
+    sent = 0
+    for lo in range(0, n, chunk):
+        hi = min(n, lo + chunk)
+        t = touched[lo:hi]
+        buf = torch.empty((len(rows) + 1, hi - lo), dtype=torch.float32, device=touched.device)
+        untouched = ~t
+        for k, row in enumerate(rows):
+            buf[k].copy_(row[lo:hi]).masked_fill_(untouched, 0.0)
+        buf[-1].copy_(t)
+        group.all_sum(buf)
+        sent += buf.numel() * buf.element_size()
+        count = buf[-1]
+        hit = count > 0
+        inv = 1.0 / count.clamp_min(1.0)
+        for k, row in enumerate(rows):
+            mean = torch.where(count > 1, buf[k] * inv, buf[k])  # one toucher: its value, bit for bit
+            if not row.dtype.is_floating_point:
+                mean = mean.round_()
+            row[lo:hi] = torch.where(hit, mean.to(row.dtype), row[lo:hi])
+    return sent
+
+
+def init_from_env(device: str | None = None) -> tuple[bool, torch.device]:
+    """Initialise the default group from torchrun's environment when there is one.
+
+    Returns (whether this call initialised it, this process's device: ``cuda:LOCAL_RANK`` on GPU
+    machines).  A single process (no ``WORLD_SIZE`` > 1) is left alone.
+    """
+    import os
+
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    want = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(want)
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", local_rank)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    if world <= 1 or dist.is_initialized():
+        return False, dev
+    dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    return True, dev

@@ -1,0 +1,201 @@
+"""Process launcher and per-rank programs for the torch.distributed tests (gloo, CPU)."""
+
+from __future__ import annotations
+
+import datetime
+import io
+import multiprocessing as mp
+import os
+import queue
+import traceback
+
+import torch
+
+N, C, D = 53, 7, 16
+
+
+def launch(target, world: int, tmp_path, *args, timeout: float = 240.0, collective_timeout: float = 60.0):
+    """Run ``target(rank, world, *args)`` in ``world`` spawned processes joined by a gloo group.
+
+    Returns each rank's return value, or the exception text it raised as ``("error", type, message)``.
+    Processes still alive after ``timeout`` seconds are killed and the test fails: nothing may hang.
+    """
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    store = str(tmp_path / f"store-{os.getpid()}-{id(args)}-{world}")
+    procs = [ctx.Process(target=_run, args=(target, rank, world, store, collective_timeout, results, args))
+             for rank in range(world)]
+    for p in procs:
+        p.start()
+    out = {}
+    try:
+        while len(out) < world:
+            rank, blob = results.get(timeout=timeout)
+            out[rank] = torch.load(io.BytesIO(blob), weights_only=False)
+    except queue.Empty:
+        raise AssertionError(f"ranks {sorted(set(range(world)) - set(out))} did not finish in {timeout} s") from None
+    finally:
+        for p in procs:
+            p.join(timeout=10)
+            if p.is_alive():
+                p.kill()
+    return [out[r] for r in range(world)]
+
+
+def _run(target, rank, world, store, collective_timeout, results, args):
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=collective_timeout))
+    failed = False
+    try:
+        value = target(rank, world, *args)
+    except Exception as e:  # noqa: BLE001 - reported to the test
+        value, failed = ("error", type(e).__name__, f"{e}\n{traceback.format_exc()}"), True
+    blob = io.BytesIO()
+    torch.save(value, blob)  # bytes, not tensors: nothing shared with a process about to exit
+    results.put((rank, blob.getvalue()))
+    if not failed:  # a failed rank just leaves, as a crashed one would
+        dist.destroy_process_group()
+
+
+# ----------------------------------------------------------------- pruners and data
+
+def embeddings():
+    g = torch.Generator().manual_seed(5)
+    image = torch.randn(N, D, generator=g)
+    text = torch.randn(C, D, generator=g)
+    return image, text
+
+
+def labels():
+    return torch.arange(N) % C
+
+
+def logits_for(indices: torch.Tensor, epoch: int) -> torch.Tensor:
+    """Each sample's logits depend only on (sample, epoch): any rank produces the same loss for it."""
+    rows = []
+    for i in indices.tolist():
+        g = torch.Generator().manual_seed(1000 * i + epoch)
+        rows.append(torch.randn(C, generator=g) * (1.0 + (i % 5)))
+    return torch.stack(rows)
+
+
+def make_pruner(epochs=5, keep_ratio=0.6, **kw):
+    from fastprune import DynamicPruner
+
+    image, text = embeddings()
+    args = dict(epochs=epochs, keep_ratio=keep_ratio, warmup=1, anneal=0.2, noise_ratio=0.1, image_emb=image,
+                text_emb=text, seed=3, device="cpu")
+    args.update(kw)
+    return DynamicPruner(N, C, **args)
+
+
+def train_epoch(pruner, order: torch.Tensor, batch: int = 4):
+    y_all = labels()
+    for lo in range(0, order.numel(), batch):
+        idx = order[lo:lo + batch]
+        with torch.no_grad():
+            pruner.step(logits_for(idx, pruner.epoch), y_all[idx], idx)
+
+
+def snapshot(pruner) -> dict:
+    return {"global": pruner.global_indices.clone(), "shard": pruner.epoch_indices.clone(),
+            "scores": pruner.scores.clone(), "visits": pruner.visits.clone(),
+            "consistency": pruner.consistency.clone(), "weights": pruner.weights.clone(),
+            "noisy": pruner.suspected_noisy(), "epoch": pruner.epoch}
+
+
+def run_epochs(rank, world, epochs=5, state=None, stop_after=None, save=None):
+    """Train ``epochs`` (or until ``stop_after``) on this rank's shards; snapshot after each selection."""
+    pruner = make_pruner(epochs=epochs)
+    if state is not None:
+        pruner.load_state_dict(torch.load(state, weights_only=False))
+    snaps = [snapshot(pruner)]
+    while pruner.epoch < (stop_after if stop_after is not None else epochs):
+        train_epoch(pruner, pruner.epoch_indices)
+        pruner.next_epoch()
+        snaps.append(snapshot(pruner))
+    sd = pruner.state_dict()
+    if save is not None and rank == 0:
+        torch.save(sd, save)
+    return {"snaps": snaps, "state": sd, "history": pruner.history, "last_sync": pruner.last_sync,
+            "world": pruner.world_size}
+
+
+# ----------------------------------------------------------------- failures
+
+def bad_label_in_step(rank, world):
+    """Rank 1 raises in step (CPU checks synchronously); rank 0 must not wait forever at next_epoch."""
+    pruner = make_pruner()
+    idx = pruner.epoch_indices[:4]
+    y = labels()[idx]
+    if rank == 1:
+        y[0] = C + 3
+    with torch.no_grad():
+        pruner.step(logits_for(idx, 0), y, idx)
+    pruner.next_epoch()
+    return "finished"
+
+
+def device_recorded_error(rank, world):
+    """A bad label found on the device of rank 1 (validate='none' on a GPU): every rank stops at next_epoch."""
+    from fastprune.kernels import common as K
+
+    pruner = make_pruner()
+    train_epoch(pruner, pruner.epoch_indices[:8])
+    if rank == 1:  # what the kernel records for a bad label when nothing polls the counters
+        pruner._errors[K.ERR_LABEL_COUNT] += 1
+        pruner._errors[K.ERR_LABEL_VALUE] = C + 3
+    pruner.next_epoch()
+    return "finished"
+
+
+def mismatched_settings(rank, world):
+    make_pruner(keep_ratio=0.6 if rank == 0 else 0.5)
+    return "finished"
+
+
+def out_of_step(rank, world):
+    pruner = make_pruner()
+    if rank == 0:
+        pruner.sync()
+    else:
+        pruner.next_epoch()
+    return "finished"
+
+
+# ----------------------------------------------------------------- mid-epoch resume
+
+def consume_and_save(rank, world, consumed: int, save):
+    """Train ``consumed`` samples of this rank's shard of epoch 1 through a loader cursor, sync, save."""
+    from fastprune.data.cursor import EpochCursor
+
+    pruner = make_pruner()
+    train_epoch(pruner, pruner.epoch_indices)
+    pruner.next_epoch()
+    cursor = EpochCursor(N, pruner)
+    _, order = cursor.begin()
+    part = order[:consumed]
+    train_epoch(pruner, part)
+    cursor.position += part.numel()
+    pruner.sync()
+    sd = {"pruner": pruner.state_dict(), "cursor": cursor.state_dict()}
+    if rank == 0:
+        torch.save(sd, save)
+    return {"consumed": part, "global": pruner.global_indices.clone(), "scores": pruner.scores.clone(),
+            "state": sd["pruner"]}
+
+
+def resume_rest(rank, world, save):
+    """Resume ``consume_and_save``'s checkpoint under this world size; return what is left to serve."""
+    from fastprune.data.cursor import EpochCursor
+
+    ck = torch.load(save, weights_only=False)
+    pruner = make_pruner()
+    pruner.load_state_dict(ck["pruner"])
+    cursor = EpochCursor(N, pruner)
+    cursor.load_state_dict(ck["cursor"])
+    _, order = cursor.begin()
+    return {"rest": order[cursor.position:].clone(), "global": pruner.global_indices.clone()}

@@ -1,0 +1,268 @@
+"""The pruner under torch.distributed: gloo process groups on the CPU, 2 and 3 ranks."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import dist_workers as W
+import pytest
+import torch
+
+from fastprune import distributed as D
+from fastprune.data.cursor import EpochCursor
+
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not built")
+
+STATE = ("scores", "visits", "consistency", "weights")
+
+
+def _ok(results):
+    for r, res in enumerate(results):
+        assert not (isinstance(res, tuple) and res[0] == "error"), f"rank {r} failed: {res[2]}"
+    return results
+
+
+def _single(epochs=5, state=None, stop_after=None):
+    """The same training in one process, without a process group."""
+    pruner = W.make_pruner(epochs=epochs, process_group=False)
+    if state is not None:
+        pruner.load_state_dict(state)
+    snaps = [W.snapshot(pruner)]
+    while pruner.epoch < (stop_after if stop_after is not None else epochs):
+        W.train_epoch(pruner, pruner.epoch_indices)
+        pruner.next_epoch()
+        snaps.append(W.snapshot(pruner))
+    return snaps
+
+
+def _assert_same_snapshots(a, b):
+    assert len(a) == len(b)
+    for sa, sb in zip(a, b):
+        assert sa["epoch"] == sb["epoch"]
+        assert torch.equal(sa["global"], sb["global"]), f"epoch {sa['epoch']}: selections differ"
+        for key in STATE:
+            assert torch.equal(sa[key], sb[key]), f"epoch {sa['epoch']}: {key} differ"
+        assert torch.equal(sa["noisy"], sb["noisy"])
+
+
+# ------------------------------------------------------------------ pure logic
+
+@pytest.mark.parametrize("n,world", [(10, 1), (10, 2), (10, 3), (11, 4), (2, 3), (1, 4), (0, 2)])
+def test_shard_rule_pads_from_the_start_and_covers(n, world):
+    order = torch.randperm(max(n, 1))[:n]
+    shards = [D.shard(order, r, world) for r in range(world)]
+    size = -(-n // world) if n else 0
+    assert all(s.numel() == size for s in shards), "every rank gets ceil(n / world) samples"
+    union = torch.cat(shards)
+    assert set(union.tolist()) == set(order.tolist()), "the shards cover the selection"
+    padded = torch.cat([order, order.repeat(world)])[:size * world]  # the pad repeats the order's start
+    for r in range(world):
+        assert torch.equal(shards[r], padded[r::world])
+    if n % world == 0:
+        assert union.numel() == len(set(union.tolist())), "no padding: the shards are disjoint"
+
+
+class _StubPruner:
+    def __init__(self, order, rank, world, epoch=1):
+        self.global_indices, self.rank, self.world_size, self.epoch = order, rank, world, epoch
+
+    def shard(self, start=0):
+        return D.shard(self.global_indices[start:], self.rank, self.world_size)
+
+
+@pytest.mark.parametrize("old,new", [(2, 1), (2, 3), (3, 2), (4, 4)])
+def test_cursor_resumes_an_epoch_under_another_world_size(old, new):
+    order = torch.randperm(41)
+    position = 6
+    consumed = torch.cat([_StubPruner(order, r, old).shard()[:position] for r in range(old)])
+    sd = EpochCursor(41, _StubPruner(order, 0, old)).state_dict() | {"epoch": 1, "position": position}
+    rest = []
+    for r in range(new):
+        cur = EpochCursor(41, _StubPruner(order, r, new))
+        cur.load_state_dict(sd)
+        _, o = cur.begin()
+        rest.append(o[cur.position:])
+    rest = torch.cat(rest)
+    assert set(consumed.tolist()) | set(rest.tolist()) == set(order.tolist())
+    if old != new:
+        assert not set(consumed.tolist()) & set(rest.tolist()), "nothing is trained twice"
+        assert torch.equal(consumed.sort().values, order[:old * position].sort().values)
+
+
+def test_cursor_without_pruner_shards_for_evaluation():
+    parts = [EpochCursor(10, None, r, 3).begin()[1] for r in range(3)]
+    assert [p.tolist() for p in parts] == [[0, 3, 6, 9], [1, 4, 7], [2, 5, 8]]
+
+
+def test_process_group_given_without_torch_distributed_is_an_error():
+    with pytest.raises(ValueError, match="torch.distributed is not initialised"):
+        W.make_pruner(process_group=object())
+
+
+# ------------------------------------------------------------------ 2 and 3 ranks
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_ranks_agree_and_equal_a_single_process_run(world, tmp_path):
+    results = _ok(W.launch(W.run_epochs, world, tmp_path))
+    single = _single()
+    for r, res in enumerate(results):
+        assert res["world"] == world
+        _assert_same_snapshots(res["snaps"], single)  # same global state as one process, on every rank
+        assert res["history"] == results[0]["history"]
+        sd, sd0 = res["state"], results[0]["state"]
+        for key, value in sd.items():
+            if isinstance(value, torch.Tensor):
+                assert torch.equal(value, sd0[key]), f"state_dict()[{key!r}] differs on rank {r}"
+            else:
+                assert value == sd0[key], f"state_dict()[{key!r}] differs on rank {r}"
+    for e in range(len(single)):
+        shards = [res["snaps"][e]["shard"] for res in results]
+        sel = single[e]["global"]
+        assert len({s.numel() for s in shards}) == 1, "equal shard sizes"
+        assert set(torch.cat(shards).tolist()) == set(sel.tolist()), "the shards cover the selection"
+        if sel.numel() % world == 0:
+            assert torch.cat(shards).numel() == sel.numel(), "disjoint shards"
+    pruned = [h for h in results[0]["history"] if h["policy"] == "infobatch"]
+    assert pruned and all(h["kept"] < W.N for h in pruned), "the run pruned"
+    # bytes: one float32 row each for scores, visits, consistency and the touched count, + the header
+    sync = results[0]["last_sync"]
+    assert sync["bytes"] == 4 * 4 * W.N + sync["header_bytes"]
+    assert results[0]["history"][-1]["sync_bytes"] == sync["bytes"]
+
+
+def test_resume_with_other_world_sizes(tmp_path):
+    single = _single()
+    # 2 ranks for 2 epochs, then 1 process; and 1 process, then 3 ranks
+    ck = tmp_path / "two.pt"
+    first = _ok(W.launch(W.run_epochs, 2, tmp_path, 5, None, 2, str(ck)))[0]
+    rest = _single(state=torch.load(ck, weights_only=False))
+    _assert_same_snapshots(first["snaps"] + rest[1:], single)
+
+    ck1 = tmp_path / "one.pt"
+    part = _single(stop_after=2)
+    pruner = W.make_pruner(process_group=False)
+    W.train_epoch(pruner, pruner.epoch_indices)
+    pruner.next_epoch()
+    W.train_epoch(pruner, pruner.epoch_indices)
+    pruner.next_epoch()
+    torch.save(pruner.state_dict(), ck1)
+    after = _ok(W.launch(W.run_epochs, 3, tmp_path, 5, str(ck1)))
+    for res in after:
+        _assert_same_snapshots(part + res["snaps"][1:], single)
+
+
+def test_mid_epoch_sync_and_resume_under_other_world_sizes(tmp_path):
+    ck = tmp_path / "mid.pt"
+    saved = _ok(W.launch(W.consume_and_save, 2, tmp_path, 9, str(ck)))
+    consumed = torch.cat([s["consumed"] for s in saved])
+    for s in saved:  # after sync() the ranks' states are the same: both halves' updates are in
+        assert torch.equal(s["scores"], saved[0]["scores"])
+    touched = torch.zeros(W.N, dtype=torch.bool)
+    touched[consumed] = True
+    assert (saved[0]["state"]["visits"][touched] == 2).all()  # epoch 0 + this epoch's part
+    for world in (1, 3):
+        rest = _ok(W.launch(W.resume_rest, world, tmp_path, str(ck)))
+        left = torch.cat([r["rest"] for r in rest])
+        sel = rest[0]["global"]
+        assert set(consumed.tolist()) | set(left.tolist()) == set(sel.tolist())
+        assert not set(consumed.tolist()) & set(left.tolist())
+
+
+def test_state_dict_mid_epoch_without_sync_warns(tmp_path):
+    results = _ok(W.launch(_warn_without_sync, 2, tmp_path))
+    assert all(results)
+
+
+def _warn_without_sync(rank, world):
+    import warnings
+
+    pruner = W.make_pruner()
+    W.train_epoch(pruner, pruner.epoch_indices[:4])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pruner.state_dict()
+    pruner.sync()
+    with warnings.catch_warnings(record=True) as after:
+        warnings.simplefilter("always")
+        pruner.state_dict()
+    return any("call pruner.sync() on every rank first" in str(w.message) for w in caught) and not after
+
+
+# ------------------------------------------------------------------ failures
+
+def test_bad_label_on_one_rank_does_not_hang_the_other(tmp_path):
+    r0, r1 = W.launch(W.bad_label_in_step, 2, tmp_path, collective_timeout=20)
+    assert r1[0] == "error" and r1[1] == "ValueError" and "labels: value 10 is outside [0, 7)" in r1[2]
+    assert r0[0] == "error" and r0[1] == "RankFailure" and "another rank has probably stopped" in r0[2]
+
+
+def test_device_recorded_error_stops_every_rank(tmp_path):
+    r0, r1 = W.launch(W.device_recorded_error, 2, tmp_path)
+    assert r1[0] == "error" and r1[1] == "ValueError" and "labels: value 10 is outside" in r1[2]
+    assert r0[0] == "error" and r0[1] == "RankFailure" and "rank 1 reported bad labels or indices" in r0[2]
+
+
+def test_mismatched_settings_raise_on_every_rank(tmp_path):
+    for res in W.launch(W.mismatched_settings, 2, tmp_path):
+        assert res[0] == "error" and "the pruner's configuration differs between ranks" in res[2]
+
+
+def test_ranks_out_of_step_raise_on_every_rank(tmp_path):
+    for res in W.launch(W.out_of_step, 2, tmp_path):
+        assert res[0] == "error" and "the ranks are out of step" in res[2]
+
+
+# ------------------------------------------------------------------ fastprune train under torchrun
+
+def test_train_cli_with_two_processes(tmp_path):
+    from imagegen import make_tree
+
+    data = tmp_path / "data"
+    make_tree(str(data), per_class=(8, 8, 6))
+    from fastprune.data import ImageFolderIndex
+
+    n = len(ImageFolderIndex(str(data)))
+    assert n % 2 == 1  # uneven shards: one padded sample
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TRITON_INTERPRET": "0"}
+    common = [str(data), "--val", str(data), "--arch", "smallcnn", "--image-size", "16", "--batch-size", "4",
+              "--loader", "torch", "--workers", "0", "--device", "cpu", "--keep-ratio", "0.5", "--warmup", "1",
+              "--anneal", "0", "--lr", "0.05", "--out", str(out), "--no-progress"]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                "-m", "fastprune"]
+    run = subprocess.run(launcher + ["train", *common, "--epochs", "2"], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "2 processes (cpu, gloo)" in run.stdout
+    assert run.stdout.count("epoch 1:") == 1, "only rank 0 logs"
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in log] == [0, 1] and all(r["world_size"] == 2 for r in log)
+    assert log[0]["samples_trained"] == n and log[1]["samples_trained"] < n
+    ck = torch.load(out / "checkpoint.pt", weights_only=False)
+    assert ck["pruner"]["visits"].sum() == sum(r["samples_trained"] for r in log)  # both ranks' visits merged
+    # resume on one process for a third epoch
+    run = subprocess.run([sys.executable, "-m", "fastprune", "train", *common, "--epochs", "3", "--resume"],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in log] == [0, 1, 2] and log[2]["world_size"] == 1
+    assert Path(out / "summary.json").exists()
+
+
+def test_ddp_example_runs_under_torchrun(tmp_path):
+    from imagegen import make_tree
+
+    make_tree(str(tmp_path / "data"), per_class=(6, 5, 5))
+    script = Path(__file__).parent.parent / "examples" / "ddp_torchrun.py"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TRITON_INTERPRET": "0"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(script), str(tmp_path / "data"), "--epochs", "2", "--batch-size", "4",
+                           "--image-size", "64", "--arch", "resnet18", "--workers", "0"],
+                          env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("epoch 1: trained") == 1 and "on 2 ranks" in proc.stdout
+    assert (tmp_path / "checkpoint.pt").exists()
