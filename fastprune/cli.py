@@ -57,7 +57,12 @@ def _prune_static(args) -> int:
 
     index = ImageFolderIndex(args.data)
     keep, meta = prune_static(index, method=args.method, prune_ratio=args.prune_ratio, epsilon=args.epsilon,
-                              features=args.features, l2=args.l2, seed=args.seed, out=args.out)
+                              features=args.features, l2=args.l2, seed=args.seed, out=args.out, model=args.model,
+                              arch=args.arch, device=args.device, batch_size=args.batch_size,
+                              num_workers=args.workers, image_size=args.image_size, layer=args.layer,
+                              save_features=args.save_features, progress=not args.no_progress)
+    if args.save_features and args.model and args.method != "random":
+        print(f"wrote {args.save_features}: the model's penultimate features")
     print(f"wrote {args.out}: kept {keep.numel()} of {len(index)} samples ({args.method})")
     return 0
 
@@ -135,8 +140,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--method", default="influence", choices=["influence", "el2n", "forgetting", "random"])
     s.add_argument("--prune-ratio", type=float, default=None, help="fraction of samples to remove")
     s.add_argument("--epsilon", type=float, default=None, help="influence only: bound on the parameter change")
-    s.add_argument("--features", default=None,
-                   help="N x F features: a directory from `fastprune embed` (its image table) or a .npy/.pt file")
+    src = s.add_mutually_exclusive_group()
+    src.add_argument("--features", default=None,
+                     help="N x F features: a directory from `fastprune embed` (its image table) or a .npy/.pt file")
+    src.add_argument("--model", default=None,
+                     help="a `fastprune train` run directory or its checkpoint.pt: its penultimate features "
+                          "(the final linear classifier's input) over the data are the features")
+    m = s.add_argument_group("feature extraction (with --model)")
+    m.add_argument("--arch", default=None, help="architecture (default: the one the checkpoint records)")
+    m.add_argument("--layer", default=None, help="module whose input to take (default: the final nn.Linear)")
+    m.add_argument("--image-size", type=int, default=None, help="default: the run's --image-size, else 224")
+    m.add_argument("--batch-size", type=int, default=256)
+    m.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="decoding processes")
+    m.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    m.add_argument("--save-features", default=None, help="also write the extracted features (.npy or .pt)")
+    m.add_argument("--no-progress", action="store_true", help="no progress bar")
     s.add_argument("--l2", type=float, default=1e-3, help="influence: L2 regularisation of the linear head")
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=_prune_static)

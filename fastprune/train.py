@@ -341,7 +341,8 @@ def _train(cfg, out, ckpt_path, device, log, on_epoch_end, progress) -> dict:
             with open(out / "log.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
         acc = f", val top-1 {top1:.2%}" + (f" top-5 {top5:.2%}" if top5 is not None else "") if top1 is not None else ""
-        log(f"epoch {epoch}: trained {selected.numel()}/{len(index)} ({record['kept_fraction']:.0%}) in {train_s:.1f} s, "
+        log(f"epoch {epoch}: trained {selected.numel()}/{len(index)} ({record['kept_fraction']:.0%}) "
+            f"in {train_s:.1f} s, "
             f"{record['images_per_s']:.0f} img/s, visits saved {pruner.visits_saved:.1%}{acc}")
         pruner.next_epoch()
         checkpoint(epoch + 1)

@@ -14,8 +14,14 @@ import torch
 N, C, D = 53, 7, 16
 
 
-def launch(target, world: int, tmp_path, *args, timeout: float = 240.0, collective_timeout: float = 60.0):
-    """Run ``target(rank, world, *args)`` in ``world`` spawned processes joined by a gloo group.
+def device() -> str:
+    """Where the programs run: the CUDA suite sets FASTPRUNE_TEST_DEVICE=cuda (inherited by the ranks)."""
+    return os.environ.get("FASTPRUNE_TEST_DEVICE", "cpu")
+
+
+def launch(target, world: int, tmp_path, *args, timeout: float = 240.0, collective_timeout: float = 60.0,
+           backend: str = "gloo"):
+    """Run ``target(rank, world, *args)`` in ``world`` spawned processes joined by a ``backend`` group.
 
     Returns each rank's return value, or the exception text it raised as ``("error", type, message)``.
     Processes still alive after ``timeout`` seconds are killed and the test fails: nothing may hang.
@@ -23,7 +29,7 @@ def launch(target, world: int, tmp_path, *args, timeout: float = 240.0, collecti
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     store = str(tmp_path / f"store-{os.getpid()}-{id(args)}-{world}")
-    procs = [ctx.Process(target=_run, args=(target, rank, world, store, collective_timeout, results, args))
+    procs = [ctx.Process(target=_run, args=(target, rank, world, store, collective_timeout, results, args, backend))
              for rank in range(world)]
     for p in procs:
         p.start()
@@ -42,11 +48,13 @@ def launch(target, world: int, tmp_path, *args, timeout: float = 240.0, collecti
     return [out[r] for r in range(world)]
 
 
-def _run(target, rank, world, store, collective_timeout, results, args):
+def _run(target, rank, world, store, collective_timeout, results, args, backend):
     import torch.distributed as dist
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
+    if backend == "nccl":
+        torch.cuda.set_device(rank)
+    dist.init_process_group(backend, init_method=f"file://{store}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=collective_timeout))
     failed = False
     try:
@@ -85,25 +93,26 @@ def logits_for(indices: torch.Tensor, epoch: int) -> torch.Tensor:
 def make_pruner(epochs=5, keep_ratio=0.6, **kw):
     from fastprune import DynamicPruner
 
-    image, text = embeddings()
+    dev = device()
+    image, text = (t.to(dev) for t in embeddings())
     args = dict(epochs=epochs, keep_ratio=keep_ratio, warmup=1, anneal=0.2, noise_ratio=0.1, image_emb=image,
-                text_emb=text, seed=3, device="cpu")
+                text_emb=text, seed=3, device=dev)
     args.update(kw)
     return DynamicPruner(N, C, **args)
 
 
 def train_epoch(pruner, order: torch.Tensor, batch: int = 4):
-    y_all = labels()
+    y_all, dev = labels(), pruner.device
     for lo in range(0, order.numel(), batch):
         idx = order[lo:lo + batch]
         with torch.no_grad():
-            pruner.step(logits_for(idx, pruner.epoch), y_all[idx], idx)
+            pruner.step(logits_for(idx, pruner.epoch).to(dev), y_all[idx].to(dev), idx.to(dev))
 
 
 def snapshot(pruner) -> dict:
     return {"global": pruner.global_indices.clone(), "shard": pruner.epoch_indices.clone(),
-            "scores": pruner.scores.clone(), "visits": pruner.visits.clone(),
-            "consistency": pruner.consistency.clone(), "weights": pruner.weights.clone(),
+            "scores": pruner.scores.to("cpu", copy=True), "visits": pruner.visits.to("cpu", copy=True),
+            "consistency": pruner.consistency.to("cpu", copy=True), "weights": pruner.weights.to("cpu", copy=True),
             "noisy": pruner.suspected_noisy(), "epoch": pruner.epoch}
 
 
@@ -117,7 +126,7 @@ def run_epochs(rank, world, epochs=5, state=None, stop_after=None, save=None):
         train_epoch(pruner, pruner.epoch_indices)
         pruner.next_epoch()
         snaps.append(snapshot(pruner))
-    sd = pruner.state_dict()
+    sd = {k: v.to("cpu", copy=True) if isinstance(v, torch.Tensor) else v for k, v in pruner.state_dict().items()}
     if save is not None and rank == 0:
         torch.save(sd, save)
     return {"snaps": snaps, "state": sd, "history": pruner.history, "last_sync": pruner.last_sync,

@@ -236,3 +236,70 @@ def test_prune_static_cli_then_train_on_the_subset(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert log[0]["samples_trained"] == kept
+
+
+def sequential_greedy(inf, target, epsilon, window):
+    """The one-step-at-a-time solver (a host read of each step's pick), kept as the reference."""
+    order = torch.argsort(inf.norms()).tolist()
+    v = inf.zero()
+    removed, pool, nxt = [], [], 0
+    while len(removed) < target:
+        while len(pool) < window and nxt < len(order):
+            pool.append(order[nxt])
+            nxt += 1
+        if not pool:
+            break
+        cand = inf.window(torch.tensor(pool, device=v.device))
+        norms = (v[None, :] + cand).norm(dim=1) / inf.n
+        j = int(torch.argmin(norms))
+        if epsilon is not None and float(norms[j]) > epsilon:
+            break
+        v += cand[j]
+        removed.append(pool.pop(j))
+    return removed
+
+
+@pytest.mark.parametrize("exact_limit", [4096, 0])
+def test_device_greedy_equals_the_sequential_solver(exact_limit):
+    from fastprune.static.influence import _greedy
+
+    x, y = small_problem(n=90, f=5, c=4, seed=3)
+    x = torch.cat([x, x[:12]])  # duplicates: exact ties, broken the same way (first in the order)
+    y = torch.cat([y, y[:12]])
+    head = fit_head(x, y, l2=0.05)
+    inf = _influence(x, y, head, exact_limit)
+    n = len(y)
+    smallest = float(inf.norms().min()) / n
+    for window in (1, 3, 32, 500):
+        for target in (0, 1, 40, n - 1, n):
+            got = _greedy(inf, target, None, window)
+            assert got == sequential_greedy(inf, target, None, window), (window, target)
+            assert len(got) == target and len(set(got)) == target
+        for eps in (smallest * 0.5, smallest * 3, smallest * 40, 1e6):
+            for sync_every in (1, 7, 256):  # the stop falls inside a block, on its edge, or in the last
+                got = _greedy(inf, n, eps, window, sync_every=sync_every)
+                assert got == sequential_greedy(inf, n, eps, window), (window, eps, sync_every)
+    # the objective ||delta(S)|| of the selection is the reference's (same set, same order)
+    removed = _greedy(inf, 40, None, 32)
+    ref = sequential_greedy(inf, 40, None, 32)
+    vec = inf.vectors if exact_limit else torch.stack([inf.window(torch.tensor([i]))[0] for i in range(n)])
+    torch.testing.assert_close(vec[removed].sum(0).norm(), vec[ref].sum(0).norm())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_device_greedy_steps_never_synchronise():
+    from fastprune.static.influence import _greedy, _GreedyState
+
+    x, y = small_problem(n=300, f=16, c=8)
+    head = fit_head(x.cuda(), y.cuda(), l2=0.05)
+    for limit in (4096, 0):
+        inf = _influence(x.cuda(), y.cuda(), head, limit)
+        st = _GreedyState(inf, 300, 32)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            for t in range(300):  # to the end of the order: empty slots too
+                st.step(t)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        assert st.order[st.picked].tolist() == _greedy(inf, 300, None, 32) == sequential_greedy(inf, 300, None, 32)

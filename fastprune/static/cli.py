@@ -1,4 +1,5 @@
-"""``fastprune prune-static``: a subset file for a dataset, from features and its labels."""
+"""``fastprune prune-static``: a subset file for a dataset, from features (given, or extracted with a trained
+model) and its labels."""
 
 from __future__ import annotations
 
@@ -27,29 +28,71 @@ def load_features(source, index) -> torch.Tensor:
     return feats.float()
 
 
+def model_features(index, model, arch=None, device=None, batch_size: int = 256, num_workers=None,
+                   image_size=None, layer=None, progress: bool = True) -> tuple[torch.Tensor, dict]:
+    """Penultimate features over ``index`` of a ``fastprune train`` checkpoint (run directory or file)."""
+    from .features import extract_features, load_checkpoint_model
+
+    net, info = load_checkpoint_model(model, num_classes=index.num_classes, arch=arch)
+    size = image_size or info["image_size"] or 224
+    feats = extract_features(index, net, batch_size=batch_size, device=device, num_workers=num_workers,
+                             image_size=size, layer=layer, progress=progress)
+    info = {**info, "image_size": size, "layer": layer or info["classifier"]}
+    return feats, info
+
+
 def prune_static(index, method: str = "influence", prune_ratio: float | None = None, epsilon: float | None = None,
-                 features=None, l2: float = 1e-3, seed: int = 0, out=None):
-    """Choose the kept indices with ``method``; write a subset file to ``out`` when given."""
+                 features=None, l2: float = 1e-3, seed: int = 0, out=None, model=None, arch=None, device=None,
+                 batch_size: int = 256, num_workers=None, image_size=None, layer=None, save_features=None,
+                 progress: bool = True):
+    """Choose the kept indices with ``method``; write a subset file to ``out`` when given.
+
+    Features come from ``features`` (a ``fastprune embed`` directory or an N x F file) or are extracted
+    with ``model`` (a ``fastprune train`` checkpoint: its penultimate features; see ``features.py``).
+    """
     n = len(index)
     labels = index.labels
+    if features is not None and model is not None:
+        raise ValueError("give either --features or --model, not both")
+    if method not in ("influence", "el2n", "forgetting", "random"):
+        raise ValueError(f"method must be influence, el2n, forgetting or random, got {method!r}")
+    if method in ("random", "el2n", "forgetting") and prune_ratio is None:
+        raise ValueError(f"--method {method} needs --prune-ratio")
+    if method == "influence" and (prune_ratio is None) == (epsilon is None):
+        raise ValueError("--method influence needs exactly one of --prune-ratio and --epsilon")
+    if prune_ratio is not None and not (isinstance(prune_ratio, (int, float)) and 0.0 <= prune_ratio <= 1.0):
+        raise ValueError(f"--prune-ratio must be in [0, 1], got {prune_ratio!r}")
+    if save_features is not None and Path(save_features).suffix not in (".npy", ".pt"):
+        raise ValueError(f"--save-features must end in .npy or .pt, got {str(save_features)!r}")
+    model_info = None
     if method == "random":
-        if prune_ratio is None:
-            raise ValueError("--method random needs --prune-ratio")
         keep = random_subset(n, 1.0 - prune_ratio, seed)
     else:
-        if features is None:
-            raise ValueError(f"--method {method} needs --features (a `fastprune embed` directory or an N x F file)")
-        x = load_features(features, index)
+        if features is None and model is None:
+            raise ValueError(f"--method {method} needs --features (a `fastprune embed` directory or an N x F file) "
+                             "or --model (a `fastprune train` checkpoint to extract penultimate features with)")
+        if model is not None:
+            x, model_info = model_features(index, model, arch=arch, device=device, batch_size=batch_size,
+                                           num_workers=num_workers, image_size=image_size, layer=layer,
+                                           progress=progress)
+            if save_features is not None:
+                from .features import save_features as _save
+
+                _save(save_features, x)
+        else:
+            x = load_features(features, index)
         if method == "influence":
             keep = influence_prune(x, labels, prune_ratio=prune_ratio, epsilon=epsilon, l2=l2)
         else:
-            if prune_ratio is None:
-                raise ValueError(f"--method {method} needs --prune-ratio")
             scores = el2n_scores(x, labels) if method == "el2n" else forgetting_scores(x, labels, seed=seed)
             k = round((1.0 - prune_ratio) * n)
             keep = torch.sort(torch.topk(scores, k).indices).values  # keep the hardest: highest scores
     params = {"prune_ratio": prune_ratio, "epsilon": epsilon, "l2": l2, "seed": seed,
               "features": None if features is None else str(features)}
+    if model_info is not None:
+        params.update(model=model_info["checkpoint"], arch=model_info["arch"], layer=model_info["layer"],
+                      image_size=model_info["image_size"],
+                      saved_features=None if save_features is None else str(save_features))
     meta = {"method": method, "params": params}
     if out is not None:
         save_subset(out, keep, n, method, params, index.fingerprint)

@@ -13,7 +13,9 @@ Solver (ours; the paper states an optimisation problem, not a required solver): 
 window.  Candidates come in increasing order of their own influence norm; at each step, among the next
 ``window`` candidates, the one that keeps ||delta(S)|| smallest joins S (samples whose influences cancel are
 removed together).  With ``prune_ratio`` it removes exactly that many samples; with ``epsilon`` it removes
-samples for as long as ||delta(S)||_2 <= epsilon.
+samples for as long as ||delta(S)||_2 <= epsilon.  The steps run on the influences' device and never read a
+value back per step (on CUDA: no per-step synchronisation); the host reads the removed indices at the end,
+or with ``epsilon`` every 256 steps.
 """
 
 from __future__ import annotations
@@ -188,24 +190,64 @@ def influence_prune(features: torch.Tensor, labels: torch.Tensor, prune_ratio: f
     return torch.nonzero(keep)[:, 0]
 
 
-def _greedy(inf, target: int, epsilon: float | None, window: int) -> list[int]:
-    order = torch.argsort(inf.norms()).tolist()
-    v = inf.zero()
-    removed: list[int] = []
-    pool: list[int] = []
-    nxt = 0
-    scale = 1.0 / inf.n
-    while len(removed) < target:
-        while len(pool) < window and nxt < len(order):
-            pool.append(order[nxt])
-            nxt += 1
-        if not pool:
-            break
-        cand = inf.window(torch.tensor(pool, device=v.device))
-        norms = (v[None, :] + cand).norm(dim=1) * scale
-        j = int(torch.argmin(norms))
-        if epsilon is not None and float(norms[j]) > epsilon:
-            break
-        v += cand[j]
-        removed.append(pool.pop(j))
-    return removed
+class _GreedyState:
+    """Device state of the greedy removal (see ``_greedy``); ``step(t)`` never reads a value back."""
+
+    def __init__(self, inf, target: int, window: int):
+        n = inf.n
+        self.inf, self.n = inf, n
+        self.v = inf.zero()
+        dev = self.v.device
+        self.order = torch.argsort(inf.norms())  # on the device: no read
+        self.w = w = min(window, n)
+        self.rank = torch.arange(w, device=dev)  # slot -> position in the order (big: empty slot)
+        self.cand = inf.window(self.order[:w])  # w x P
+        self.pen = torch.zeros(w, dtype=self.v.dtype, device=dev)  # +inf marks an empty slot
+        self.picked = torch.empty(target, dtype=torch.int64, device=dev)  # ranks of the removed candidates
+        self.chosen = torch.empty(target, dtype=self.v.dtype, device=dev)  # ||delta(S)|| after each removal
+        self.big = n + w  # larger than any rank: for the tie-break
+
+    def step(self, t: int) -> None:
+        norms = (self.v[None, :] + self.cand).norm(dim=1) * (1.0 / self.n) + self.pen
+        m = norms.min()
+        j = torch.where(norms == m, self.rank, self.big).argmin().view(1)  # first minimum in rank order
+        self.chosen[t] = m
+        self.picked[t:t + 1] = self.rank.index_select(0, j)
+        self.v += self.cand.index_select(0, j)[0]
+        nxt = self.w + t  # the t-th refill is the (w + t)-th candidate, whichever slot was picked
+        if nxt < self.n:
+            self.rank.index_fill_(0, j, nxt)
+            self.cand.index_copy_(0, j, self.inf.window(self.order[nxt:nxt + 1]))
+        else:
+            self.rank.index_fill_(0, j, self.big)
+            self.pen.index_fill_(0, j, math.inf)
+
+
+def _greedy(inf, target: int, epsilon: float | None, window: int, sync_every: int = 256) -> list[int]:
+    """Greedy removal with a look-ahead window, run on the influences' device without per-step host reads.
+
+    The pool is ``window`` slots of candidates; a slot's rank is its candidate's position in the order of
+    increasing own influence (the pool of the one-step-at-a-time formulation is these candidates sorted by
+    rank).  Each step picks the slot with the smallest ||delta(S + i)||, ties to the lowest rank (what
+    argmin over the rank-sorted pool picks), and refills that slot with the next candidate in the order:
+    the t-th step's refill is the (window + t)-th candidate whatever was picked, so the host never needs the
+    pick.  Picks and norms stay on the device; the host reads them once at the end (with ``epsilon``, once
+    every ``sync_every`` steps, and stops at the first step whose norm exceeds it).  The selection is the
+    same as that of the loop that reads each step's pick.
+    """
+    target = min(int(target), inf.n)
+    if target <= 0:
+        return []
+    st = _GreedyState(inf, target, max(1, int(window)))
+    block = max(1, int(sync_every)) if epsilon is not None else target
+    done = 0
+    for t in range(target):
+        st.step(t)
+        if (t + 1) % block == 0 or t + 1 == target:  # host read: once per block (epsilon) or at the end
+            if epsilon is not None:
+                over = torch.nonzero(st.chosen[done:t + 1] > epsilon)
+                if over.numel():
+                    done += int(over[0, 0])
+                    break
+            done = t + 1
+    return st.order[st.picked[:done]].tolist()
