@@ -9,7 +9,8 @@ merge (one all-reduce of the touched state), the global selection and the hand-o
 shard.  Baseline: ``next_epoch()`` of a single-process pruner over the same N on the same machine.
 Bytes are what each rank hands to its collectives (ring all-reduce wire traffic per rank is about
 2(K-1)/K times that).  Past ``--select-limit`` samples on the CPU only ``sync()`` (the merge) is
-timed: the CPU selection itself is then the long pole and is measured by ``bench_select``.
+timed: the CPU selection itself is then the long pole and is measured by ``bench_select``.  N = 100M runs
+on GPUs only.
 """
 
 from __future__ import annotations
@@ -30,8 +31,11 @@ from .report import base_parser, cli_main, describe, table
 from .timing import measure
 
 
-def sizes(smoke: bool) -> list[int]:
-    return [20_000] if smoke else [1_281_167, 10_000_000, 100_000_000]
+def sizes(smoke: bool, gpu: bool) -> list[int]:
+    """100M only on GPUs: on the CPU a 100M pruner's own selection peaks at ~15 GB per process."""
+    if smoke:
+        return [20_000]
+    return [1_281_167, 10_000_000, 100_000_000] if gpu else [1_281_167, 10_000_000]
 
 
 def _pruner(n: int, device, group):
@@ -134,7 +138,7 @@ def _launch(world, n, reps, select, timeout=1800):
 def run(args) -> list[dict]:
     records = []
     gpu = torch.cuda.is_available() and not args.cpu and torch.cuda.device_count() >= args.ranks
-    for n in sizes(args.smoke):
+    for n in sizes(args.smoke, gpu):
         select = gpu or n <= args.select_limit
         reps = 3 if (args.smoke or n > 10_000_000) else 5
         res = _launch(args.ranks, n, reps, select)
@@ -165,7 +169,8 @@ def render(records, info) -> str:
     mode = "CPU figures" if info["device"] == "cpu" else "GPU figures"
     return (f"### Distributed epoch end — {describe(info)}\n\nOne epoch's merge of per-sample state over ranks and "
             f"the global selection (`next_epoch()`), or the merge alone (`sync()`) where the CPU selection would "
-            f"dominate; median over repeats, slowest rank ({mode}). The step path exchanges nothing.\n\n"
+            f"dominate; median over repeats, slowest rank ({mode}; on the CPU each process uses cores / ranks "
+            f"threads, and the one-process baseline as many). The step path exchanges nothing.\n\n"
             + table(headers, rows))
 
 

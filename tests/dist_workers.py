@@ -208,3 +208,10 @@ def resume_rest(rank, world, save):
     cursor.load_state_dict(ck["cursor"])
     _, order = cursor.begin()
     return {"rest": order[cursor.position:].clone(), "global": pruner.global_indices.clone()}
+
+
+def sync_bytes_without_embeddings(rank, world):
+    """Without CLIP consistency the merge carries scores, visits and the touched row only."""
+    pruner = make_pruner(image_emb=None, text_emb=None, noise_ratio=0.0)
+    train_epoch(pruner, pruner.epoch_indices[:8])
+    return pruner.sync()

@@ -130,6 +130,7 @@ def test_ranks_agree_and_equal_a_single_process_run(world, tmp_path):
     assert pruned and all(h["kept"] < W.N for h in pruned), "the run pruned"
     # bytes: one float32 row each for scores, visits, consistency and the touched count, + the header
     sync = results[0]["last_sync"]
+    assert sync["header_bytes"] == 8 * (6 + world)
     assert sync["bytes"] == 4 * 4 * W.N + sync["header_bytes"]
     assert results[0]["history"][-1]["sync_bytes"] == sync["bytes"]
 
@@ -190,6 +191,11 @@ def _warn_without_sync(rank, world):
         warnings.simplefilter("always")
         pruner.state_dict()
     return any("call pruner.sync() on every rank first" in str(w.message) for w in caught) and not after
+
+
+def test_merge_without_embeddings_sends_three_rows(tmp_path):
+    for sent in _ok(W.launch(W.sync_bytes_without_embeddings, 2, tmp_path)):
+        assert sent == 3 * 4 * W.N + 8 * (6 + 2)
 
 
 # ------------------------------------------------------------------ failures

@@ -73,7 +73,8 @@ class DaliLoader:
     NCHW, normalised, on ``device``, in ``dtype`` (optionally channels_last memory).  Train:
     random-resized crop (area fraction in ``random_area``), horizontal flip (``hflip``), normalise;
     eval: resize the shorter side to ``resize_size`` (default ``image_size / 0.875``;
-    ``resize_mode="squash"`` resizes both sides), centre crop ``image_size``.  Without a ``pruner`` each iteration is one pass over the index.
+    ``resize_mode="squash"`` resizes both sides), centre crop ``image_size``.  Without a ``pruner``
+    each iteration is one pass over the index.
 
     Iterating again within the same epoch continues where the last iteration stopped (the position
     is part of ``state_dict()``); after ``pruner.next_epoch()`` iteration starts the new epoch.
