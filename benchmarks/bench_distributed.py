@@ -15,17 +15,13 @@ on GPUs only.
 
 from __future__ import annotations
 
-import datetime
-import io
-import multiprocessing as mp
-import os
-import queue
 import statistics
 import sys
-import tempfile
 import time
 
 import torch
+
+from fastprune.distributed import RankError, run_local
 
 from .report import base_parser, cli_main, describe, table
 from .timing import measure
@@ -60,79 +56,43 @@ def _train_shard(p):
     p._step_count += 1
 
 
-def _rank_main(rank, world, store, n, reps, select, results):
+def _rank_main(rank, world, n, reps, select) -> dict:
     import torch.distributed as dist
 
-    use_cuda = torch.cuda.is_available() and torch.cuda.device_count() >= world
+    use_cuda = dist.get_backend() == "nccl"
     device = torch.device("cuda", rank) if use_cuda else torch.device("cpu")
-    if use_cuda:
-        torch.cuda.set_device(device)
-    torch.set_num_threads(max(1, (os.cpu_count() or 2) // world))
-    dist.init_process_group("nccl" if use_cuda else "gloo", init_method=f"file://{store}", rank=rank,
-                            world_size=world, timeout=datetime.timedelta(minutes=10))
-    try:
-        p = _pruner(n, device, None)
+    p = _pruner(n, device, None)
+    times = []
+    for k in range(reps + 1):  # the first is a warm-up
+        _train_shard(p)
+        if use_cuda:
+            torch.cuda.synchronize()
+        dist.barrier()  # start together: time the epoch end, not the simulated epoch's skew
+        t0 = time.perf_counter()
+        if select:
+            p.epoch = 1  # the same epoch each time: the same work
+            p.history = p.history[:1]
+            p.next_epoch()
+        else:
+            p.sync()
+        if use_cuda:
+            torch.cuda.synchronize()
+        if k:
+            times.append((time.perf_counter() - t0) * 1e6)
+    q = statistics.quantiles(times, n=4) if len(times) > 1 else [times[0]] * 3
+    out = {"timed": {"median_us": statistics.median(times), "iqr_us": q[2] - q[0]}, "bytes": p.last_sync["bytes"],
+           "backend": dist.get_backend(), "device": str(device)}
+    if rank == 0 and select:
+        single = _pruner(n, device, False)
 
-        times = []
-        for k in range(reps + 1):  # the first is a warm-up
-            _train_shard(p)
-            if use_cuda:
-                torch.cuda.synchronize()
-            dist.barrier()  # start together: time the epoch end, not the simulated epoch's skew
-            t0 = time.perf_counter()
-            if select:
-                p.epoch = 1  # the same epoch each time: the same work
-                p.history = p.history[:1]
-                p.next_epoch()
-            else:
-                p.sync()
-            if use_cuda:
-                torch.cuda.synchronize()
-            if k:
-                times.append((time.perf_counter() - t0) * 1e6)
-        q = statistics.quantiles(times, n=4) if len(times) > 1 else [times[0]] * 3
-        timed = {"median_us": statistics.median(times), "iqr_us": q[2] - q[0]}
-        out = {"timed": timed, "bytes": p.last_sync["bytes"], "sync_s": p.last_sync["seconds"],
-               "backend": dist.get_backend(), "device": str(device)}
-        if rank == 0 and select:
-            single = _pruner(n, device, False)
+        def alone():
+            single.epoch = 1
+            single.history = single.history[:1]
+            single.next_epoch()
 
-            def alone():
-                single.epoch = 1
-                single.history = single.history[:1]
-                single.next_epoch()
-
-            out["single"] = measure(alone, device, reps=reps, warmup=1)
-    finally:
-        dist.barrier()
-        dist.destroy_process_group()
-    blob = io.BytesIO()
-    torch.save(out, blob)
-    results.put((rank, blob.getvalue()))
-
-
-def _launch(world, n, reps, select, timeout=1800):
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue()
-    with tempfile.TemporaryDirectory() as tmp:
-        store = os.path.join(tmp, "store")
-        procs = [ctx.Process(target=_rank_main, args=(r, world, store, n, reps, select, results))
-                 for r in range(world)]
-        for p in procs:
-            p.start()
-        out = {}
-        try:
-            while len(out) < world:
-                rank, blob = results.get(timeout=timeout)
-                out[rank] = torch.load(io.BytesIO(blob), weights_only=False)
-        except queue.Empty:
-            raise RuntimeError(f"bench_distributed: ranks did not finish in {timeout} s") from None
-        finally:
-            for p in procs:
-                p.join(timeout=30)
-                if p.is_alive():
-                    p.kill()
-    return [out[r] for r in range(world)]
+        out["single"] = measure(alone, device, reps=reps, warmup=1)
+    dist.barrier()
+    return out
 
 
 def run(args) -> list[dict]:
@@ -141,7 +101,11 @@ def run(args) -> list[dict]:
     for n in sizes(args.smoke, gpu):
         select = gpu or n <= args.select_limit
         reps = 3 if (args.smoke or n > 10_000_000) else 5
-        res = _launch(args.ranks, n, reps, select)
+        res = run_local(_rank_main, args.ranks, n, reps, select, backend="nccl" if gpu else "gloo", timeout=1800,
+                        collective_timeout=600)
+        failed = [r for r in res if isinstance(r, RankError)]
+        if failed:
+            raise RuntimeError(f"bench_distributed: a rank failed at N={n}: {failed[0].message}")
         r0 = res[0]
         med = max(r["timed"]["median_us"] for r in res)  # the epoch ends when the slowest rank is through
         rec = {"bench": "distributed", "method": "next_epoch" if select else "sync", "dtype": "float32",

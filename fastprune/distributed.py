@@ -175,3 +175,77 @@ def init_from_env(device: str | None = None) -> tuple[bool, torch.device]:
         return False, dev
     dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
     return True, dev
+
+
+@dataclass
+class RankError:
+    """What a rank of ``run_local`` raised: the exception's type name and its message with the traceback."""
+
+    kind: str
+    message: str
+
+
+def run_local(fn, world_size: int, *args, backend: str = "gloo", timeout: float = 600.0,
+              collective_timeout: float = 60.0, threads: int | None = None) -> list:
+    """Run ``fn(rank, world_size, *args)`` in ``world_size`` spawned processes joined by a process group.
+
+    For tests, benchmarks and trying distributed code on one machine.  ``fn`` must be importable (a module
+    level function).  Returns each rank's return value, or a ``RankError`` for a rank that raised (such a
+    rank leaves without tearing the group down, as a crashed one would).  Each process uses ``threads``
+    torch threads (default: this machine's cores shared out); with ``backend="nccl"`` rank r uses GPU r.
+    Ranks still running after ``timeout`` seconds are killed and ``TimeoutError`` is raised.
+    """
+    import io
+    import multiprocessing as mp
+    import os
+    import queue
+    import tempfile
+
+    threads = threads or max(1, (os.cpu_count() or 1) // world_size)
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    with tempfile.TemporaryDirectory(prefix="fastprune-ranks-") as tmp:
+        store = os.path.join(tmp, "store")
+        procs = [ctx.Process(target=_rank_entry, args=(fn, rank, world_size, args, store, backend,
+                                                       collective_timeout, threads, results))
+                 for rank in range(world_size)]
+        for p in procs:
+            p.start()
+        out = {}
+        try:
+            while len(out) < world_size:
+                rank, blob = results.get(timeout=timeout)
+                out[rank] = torch.load(io.BytesIO(blob), weights_only=False)
+        except queue.Empty:
+            missing = sorted(set(range(world_size)) - set(out))
+            raise TimeoutError(f"ranks {missing} did not finish within {timeout} s") from None
+        finally:
+            for p in procs:
+                p.join(timeout=30)
+                if p.is_alive():
+                    p.kill()
+    return [out[r] for r in range(world_size)]
+
+
+def _rank_entry(fn, rank, world_size, args, store, backend, collective_timeout, threads, results):
+    import datetime
+    import io
+    import traceback
+
+    import torch.distributed as dist
+
+    torch.set_num_threads(threads)
+    if backend == "nccl":
+        torch.cuda.set_device(rank)
+    dist.init_process_group(backend, init_method=f"file://{store}", rank=rank, world_size=world_size,
+                            timeout=datetime.timedelta(seconds=collective_timeout))
+    failed = False
+    try:
+        value = fn(rank, world_size, *args)
+    except Exception as e:  # noqa: BLE001 - handed back to the caller
+        value, failed = RankError(type(e).__name__, f"{e}\n{traceback.format_exc()}"), True
+    blob = io.BytesIO()
+    torch.save(value, blob)  # bytes, not tensors: nothing shared with a process about to exit
+    results.put((rank, blob.getvalue()))
+    if not failed:
+        dist.destroy_process_group()

@@ -1,15 +1,12 @@
-"""Process launcher and per-rank programs for the torch.distributed tests (gloo, CPU)."""
+"""Per-rank programs for the torch.distributed tests (gloo, CPU), and their launcher."""
 
 from __future__ import annotations
 
-import datetime
-import io
-import multiprocessing as mp
 import os
-import queue
-import traceback
 
 import torch
+
+from fastprune.distributed import run_local
 
 N, C, D = 53, 7, 16
 
@@ -19,53 +16,14 @@ def device() -> str:
     return os.environ.get("FASTPRUNE_TEST_DEVICE", "cpu")
 
 
-def launch(target, world: int, tmp_path, *args, timeout: float = 240.0, collective_timeout: float = 60.0,
+def launch(target, world: int, *args, timeout: float = 240.0, collective_timeout: float = 60.0,
            backend: str = "gloo"):
-    """Run ``target(rank, world, *args)`` in ``world`` spawned processes joined by a ``backend`` group.
+    """``fastprune.distributed.run_local`` with one thread per rank; a rank that raised gives a ``RankError``.
 
-    Returns each rank's return value, or the exception text it raised as ``("error", type, message)``.
-    Processes still alive after ``timeout`` seconds are killed and the test fails: nothing may hang.
+    Ranks still running after ``timeout`` seconds are killed and the test fails: nothing may hang.
     """
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue()
-    store = str(tmp_path / f"store-{os.getpid()}-{id(args)}-{world}")
-    procs = [ctx.Process(target=_run, args=(target, rank, world, store, collective_timeout, results, args, backend))
-             for rank in range(world)]
-    for p in procs:
-        p.start()
-    out = {}
-    try:
-        while len(out) < world:
-            rank, blob = results.get(timeout=timeout)
-            out[rank] = torch.load(io.BytesIO(blob), weights_only=False)
-    except queue.Empty:
-        raise AssertionError(f"ranks {sorted(set(range(world)) - set(out))} did not finish in {timeout} s") from None
-    finally:
-        for p in procs:
-            p.join(timeout=10)
-            if p.is_alive():
-                p.kill()
-    return [out[r] for r in range(world)]
-
-
-def _run(target, rank, world, store, collective_timeout, results, args, backend):
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    if backend == "nccl":
-        torch.cuda.set_device(rank)
-    dist.init_process_group(backend, init_method=f"file://{store}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=collective_timeout))
-    failed = False
-    try:
-        value = target(rank, world, *args)
-    except Exception as e:  # noqa: BLE001 - reported to the test
-        value, failed = ("error", type(e).__name__, f"{e}\n{traceback.format_exc()}"), True
-    blob = io.BytesIO()
-    torch.save(value, blob)  # bytes, not tensors: nothing shared with a process about to exit
-    results.put((rank, blob.getvalue()))
-    if not failed:  # a failed rank just leaves, as a crashed one would
-        dist.destroy_process_group()
+    return run_local(target, world, *args, backend=backend, timeout=timeout, collective_timeout=collective_timeout,
+                     threads=1)
 
 
 # ----------------------------------------------------------------- pruners and data
@@ -215,3 +173,9 @@ def sync_bytes_without_embeddings(rank, world):
     pruner = make_pruner(image_emb=None, text_emb=None, noise_ratio=0.0)
     train_epoch(pruner, pruner.epoch_indices[:8])
     return pruner.sync()
+
+
+def sleep_long(rank, world):
+    import time
+
+    time.sleep(60)

@@ -22,7 +22,7 @@ STATE = ("scores", "visits", "consistency", "weights")
 
 def _ok(results):
     for r, res in enumerate(results):
-        assert not (isinstance(res, tuple) and res[0] == "error"), f"rank {r} failed: {res[2]}"
+        assert not isinstance(res, D.RankError), f"rank {r} failed: {res.message}"
     return results
 
 
@@ -106,8 +106,8 @@ def test_process_group_given_without_torch_distributed_is_an_error():
 # ------------------------------------------------------------------ 2 and 3 ranks
 
 @pytest.mark.parametrize("world", [2, 3])
-def test_ranks_agree_and_equal_a_single_process_run(world, tmp_path):
-    results = _ok(W.launch(W.run_epochs, world, tmp_path))
+def test_ranks_agree_and_equal_a_single_process_run(world):
+    results = _ok(W.launch(W.run_epochs, world))
     single = _single()
     for r, res in enumerate(results):
         assert res["world"] == world
@@ -139,7 +139,7 @@ def test_resume_with_other_world_sizes(tmp_path):
     single = _single()
     # 2 ranks for 2 epochs, then 1 process; and 1 process, then 3 ranks
     ck = tmp_path / "two.pt"
-    first = _ok(W.launch(W.run_epochs, 2, tmp_path, 5, None, 2, str(ck)))[0]
+    first = _ok(W.launch(W.run_epochs, 2, 5, None, 2, str(ck)))[0]
     rest = _single(state=torch.load(ck, weights_only=False))
     _assert_same_snapshots(first["snaps"] + rest[1:], single)
 
@@ -151,14 +151,14 @@ def test_resume_with_other_world_sizes(tmp_path):
     W.train_epoch(pruner, pruner.epoch_indices)
     pruner.next_epoch()
     torch.save(pruner.state_dict(), ck1)
-    after = _ok(W.launch(W.run_epochs, 3, tmp_path, 5, str(ck1)))
+    after = _ok(W.launch(W.run_epochs, 3, 5, str(ck1)))
     for res in after:
         _assert_same_snapshots(part + res["snaps"][1:], single)
 
 
 def test_mid_epoch_sync_and_resume_under_other_world_sizes(tmp_path):
     ck = tmp_path / "mid.pt"
-    saved = _ok(W.launch(W.consume_and_save, 2, tmp_path, 9, str(ck)))
+    saved = _ok(W.launch(W.consume_and_save, 2, 9, str(ck)))
     consumed = torch.cat([s["consumed"] for s in saved])
     for s in saved:  # after sync() the ranks' states are the same: both halves' updates are in
         assert torch.equal(s["scores"], saved[0]["scores"])
@@ -166,15 +166,15 @@ def test_mid_epoch_sync_and_resume_under_other_world_sizes(tmp_path):
     touched[consumed] = True
     assert (saved[0]["state"]["visits"][touched] == 2).all()  # epoch 0 + this epoch's part
     for world in (1, 3):
-        rest = _ok(W.launch(W.resume_rest, world, tmp_path, str(ck)))
+        rest = _ok(W.launch(W.resume_rest, world, str(ck)))
         left = torch.cat([r["rest"] for r in rest])
         sel = rest[0]["global"]
         assert set(consumed.tolist()) | set(left.tolist()) == set(sel.tolist())
         assert not set(consumed.tolist()) & set(left.tolist())
 
 
-def test_state_dict_mid_epoch_without_sync_warns(tmp_path):
-    results = _ok(W.launch(_warn_without_sync, 2, tmp_path))
+def test_state_dict_mid_epoch_without_sync_warns():
+    results = _ok(W.launch(_warn_without_sync, 2))
     assert all(results)
 
 
@@ -193,33 +193,41 @@ def _warn_without_sync(rank, world):
     return any("call pruner.sync() on every rank first" in str(w.message) for w in caught) and not after
 
 
-def test_merge_without_embeddings_sends_three_rows(tmp_path):
-    for sent in _ok(W.launch(W.sync_bytes_without_embeddings, 2, tmp_path)):
+def test_merge_without_embeddings_sends_three_rows():
+    for sent in _ok(W.launch(W.sync_bytes_without_embeddings, 2)):
         assert sent == 3 * 4 * W.N + 8 * (6 + 2)
 
 
 # ------------------------------------------------------------------ failures
 
-def test_bad_label_on_one_rank_does_not_hang_the_other(tmp_path):
-    r0, r1 = W.launch(W.bad_label_in_step, 2, tmp_path, collective_timeout=20)
-    assert r1[0] == "error" and r1[1] == "ValueError" and "labels: value 10 is outside [0, 7)" in r1[2]
-    assert r0[0] == "error" and r0[1] == "RankFailure" and "another rank has probably stopped" in r0[2]
+def test_bad_label_on_one_rank_does_not_hang_the_other():
+    r0, r1 = W.launch(W.bad_label_in_step, 2, collective_timeout=20)
+    assert isinstance(r1, D.RankError) and r1.kind == "ValueError"
+    assert "labels: value 10 is outside [0, 7)" in r1.message
+    assert isinstance(r0, D.RankError) and r0.kind == "RankFailure"
+    assert "another rank has probably stopped" in r0.message
 
 
-def test_device_recorded_error_stops_every_rank(tmp_path):
-    r0, r1 = W.launch(W.device_recorded_error, 2, tmp_path)
-    assert r1[0] == "error" and r1[1] == "ValueError" and "labels: value 10 is outside" in r1[2]
-    assert r0[0] == "error" and r0[1] == "RankFailure" and "rank 1 reported bad labels or indices" in r0[2]
+def test_device_recorded_error_stops_every_rank():
+    r0, r1 = W.launch(W.device_recorded_error, 2)
+    assert isinstance(r1, D.RankError) and r1.kind == "ValueError" and "labels: value 10 is outside" in r1.message
+    assert isinstance(r0, D.RankError) and r0.kind == "RankFailure"
+    assert "rank 1 reported bad labels or indices" in r0.message
 
 
-def test_mismatched_settings_raise_on_every_rank(tmp_path):
-    for res in W.launch(W.mismatched_settings, 2, tmp_path):
-        assert res[0] == "error" and "the pruner's configuration differs between ranks" in res[2]
+def test_mismatched_settings_raise_on_every_rank():
+    for res in W.launch(W.mismatched_settings, 2):
+        assert isinstance(res, D.RankError) and "the pruner's configuration differs between ranks" in res.message
 
 
-def test_ranks_out_of_step_raise_on_every_rank(tmp_path):
-    for res in W.launch(W.out_of_step, 2, tmp_path):
-        assert res[0] == "error" and "the ranks are out of step" in res[2]
+def test_run_local_kills_ranks_that_do_not_finish():
+    with pytest.raises(TimeoutError, match=r"ranks \[0, 1\] did not finish within 3 s"):
+        D.run_local(W.sleep_long, 2, timeout=3)
+
+
+def test_ranks_out_of_step_raise_on_every_rank():
+    for res in W.launch(W.out_of_step, 2):
+        assert isinstance(res, D.RankError) and "the ranks are out of step" in res.message
 
 
 # ------------------------------------------------------------------ fastprune train under torchrun

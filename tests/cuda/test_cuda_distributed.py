@@ -22,16 +22,16 @@ def on_cuda(monkeypatch):
     monkeypatch.setenv("FASTPRUNE_TEST_DEVICE", "cuda")  # here and in the ranks, which inherit it
 
 
-def test_two_ranks_on_cuda_equal_a_single_process_run(tmp_path):
-    results = _ok(W.launch(W.run_epochs, 2, tmp_path))
+def test_two_ranks_on_cuda_equal_a_single_process_run():
+    results = _ok(W.launch(W.run_epochs, 2))
     single = _single()
     for res in results:
         _assert_same_snapshots(res["snaps"], single)
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="NCCL between ranks needs two GPUs")
-def test_two_ranks_over_nccl(tmp_path):
-    results = _ok(W.launch(W.run_epochs, 2, tmp_path, backend="nccl"))
+def test_two_ranks_over_nccl():
+    results = _ok(W.launch(W.run_epochs, 2, backend="nccl"))
     single = _single()
     for res in results:
         _assert_same_snapshots(res["snaps"], single)
