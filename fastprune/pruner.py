@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import time
 import warnings
 from typing import Iterator
 
@@ -475,8 +476,6 @@ class DynamicPruner:
 
     def _merge(self, kind: int) -> int:
         """Agree on the epoch and on errors, then merge the touched samples' state over ranks."""
-        import time
-
         t0 = time.perf_counter()
         g = self._group
         errs = self._errors.tolist()  # a sync, at an epoch end
