@@ -179,3 +179,24 @@ def sleep_long(rank, world):
     import time
 
     time.sleep(60)
+
+
+def dali_epoch_indices(rank, world, root):
+    """The indices a rank's DaliLoader yields in epoch 0 and, after next_epoch(), epoch 1."""
+    from fastprune import DynamicPruner
+    from fastprune.data import DaliLoader, ImageFolderIndex
+
+    index = ImageFolderIndex(root, cache_dir=False)
+    pruner = DynamicPruner(len(index), index.num_classes, epochs=3, keep_ratio=0.5, warmup=1, device="cpu")
+    loader = DaliLoader(index, pruner, batch_size=4, device="cpu", num_threads=1, image_size=32)
+    seen = []
+    for epoch in range(2):
+        got = []
+        for images, labels, idx in loader:
+            with torch.no_grad():
+                pruner.step(torch.randn(idx.numel(), index.num_classes), labels, idx)
+            got.append(idx)
+        seen.append({"yielded": torch.cat(got), "shard": pruner.epoch_indices.clone(),
+                     "global": pruner.global_indices.clone()})
+        pruner.next_epoch()
+    return seen

@@ -220,6 +220,21 @@ def test_mismatched_settings_raise_on_every_rank():
         assert isinstance(res, D.RankError) and "the pruner's configuration differs between ranks" in res.message
 
 
+def test_dali_loader_serves_each_rank_its_shard(tmp_path):
+    pytest.importorskip("nvidia.dali", reason="DALI is not installed")
+    from imagegen import make_tree
+
+    make_tree(str(tmp_path / "data"), per_class=(5, 4, 4))
+    ranks = _ok(W.launch(W.dali_epoch_indices, 2, str(tmp_path / "data")))
+    for epoch in range(2):
+        sel = ranks[0][epoch]["global"]
+        for r in ranks:
+            assert torch.equal(r[epoch]["yielded"], r[epoch]["shard"]), "a rank yields exactly its shard, in order"
+            assert torch.equal(r[epoch]["global"], sel)
+        assert set(torch.cat([r[epoch]["yielded"] for r in ranks]).tolist()) == set(sel.tolist())
+    assert ranks[0][1]["global"].numel() < ranks[0][0]["global"].numel()  # epoch 1 was pruned
+
+
 def test_run_local_kills_ranks_that_do_not_finish():
     with pytest.raises(TimeoutError, match=r"ranks \[0, 1\] did not finish within 3 s"):
         D.run_local(W.sleep_long, 2, timeout=3)
