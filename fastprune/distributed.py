@@ -5,7 +5,7 @@ communication.  At ``next_epoch()`` (or ``sync()``) one all-reduce merges the ep
 each rank contributes, for the samples it touched, its state multiplied by a 0/1 mask, plus the
 mask; a sample's merged state is the sum divided by the number of ranks that touched it.  Shards
 are disjoint except for the padding (below), so the division is by one and the merge is exact;
-a padded sample trained by two ranks takes the mean of their two updates.  Every rank then
+a padded sample trained by two ranks between the same two merges takes the mean of their two updates.  Every rank then
 computes the same global selection from the same state and seed, and takes its shard.
 
 Shard rule (as ``DistributedSampler`` with ``drop_last=False``): the global order is padded to a

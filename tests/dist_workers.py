@@ -200,3 +200,31 @@ def dali_epoch_indices(rank, world, root):
                      "global": pruner.global_indices.clone()})
         pruner.next_epoch()
     return seen
+
+
+class Interrupted(Exception):
+    pass
+
+
+def train_cut_mid_epoch(rank, world, data, out, cut_step):
+    """`fastprune train` on 2 ranks, checkpointing every step; rank 0 stops right after the checkpoint at
+    ``cut_step`` (the other rank's next collective then fails)."""
+    import fastprune.train as T
+
+    real_save = T._atomic_save
+
+    def save_then_stop(obj, path):
+        real_save(obj, path)
+        if obj["step"] == cut_step:
+            raise Interrupted(f"stopped after the checkpoint at step {cut_step}")
+
+    T._atomic_save = save_then_stop
+    T.train(train_config(data, out), progress=False, log=lambda *_: None)
+
+
+def train_config(data, out, resume=False):
+    import fastprune.train as T
+
+    return T.TrainConfig(data=data, out=out, arch="smallcnn", epochs=2, batch_size=4, image_size=16, workers=0,
+                         loader="torch", device="cpu", checkpoint_every=1, keep_ratio=0.5, warmup=1, anneal=0.0,
+                         resume=resume)

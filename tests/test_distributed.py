@@ -282,6 +282,37 @@ def test_train_cli_with_two_processes(tmp_path):
     assert Path(out / "summary.json").exists()
 
 
+def test_train_cut_mid_epoch_on_two_ranks_resumes_on_one(tmp_path):
+    """Stopped inside epoch 1 on 2 ranks and resumed on 1 process, the run trains the rest of epoch 1's
+    selection: every selected sample exactly once over the two runs."""
+    import fastprune as fp
+    import fastprune.train as T
+    from fastprune.data import ImageFolderIndex
+    from imagegen import make_tree
+
+    data, out = str(tmp_path / "data"), str(tmp_path / "run")
+    make_tree(data, per_class=(8, 8, 8))
+    n = len(ImageFolderIndex(data))
+    cut = -(-(-(-n // 2)) // 4) + 1  # epoch 0 takes ceil(ceil(n / 2) / 4) steps per rank: one step into epoch 1
+    ranks = W.launch(W.train_cut_mid_epoch, 2, data, out, cut, collective_timeout=20)
+    assert isinstance(ranks[0], D.RankError) and ranks[0].kind == "Interrupted"
+    assert isinstance(ranks[1], D.RankError)  # its next collective failed: it did not hang
+    mid = torch.load(Path(out) / "checkpoint.pt", weights_only=False)
+    assert mid["epoch"] == 1 and mid["loader"]["position"] == 4 and mid["loader"]["world_size"] == 2
+    selected = mid["pruner"]["global_indices"]
+    assert (mid["pruner"]["visits"][selected[:8]] == 2).all(), "both ranks' first batch is in the checkpoint"
+    T.train(W.train_config(data, out, resume=True), progress=False, log=lambda *_: None)
+    end = torch.load(Path(out) / "checkpoint.pt", weights_only=False)
+    visits = end["pruner"]["visits"]
+    expected = torch.ones(n, dtype=visits.dtype)
+    expected[selected] += 1
+    # n is odd: epoch 0 padded its first sample onto rank 1's last step; with a merge after every step the
+    # second update built on the first (as in one process), so that sample has one visit more
+    first = fp.DynamicPruner(n, 3, epochs=2, seed=0, device="cpu", process_group=False).global_indices[0]
+    expected[first] += 1
+    assert n % 2 == 1 and torch.equal(visits, expected), "every selected sample trained once in epoch 1"
+
+
 def test_ddp_example_runs_under_torchrun(tmp_path):
     from imagegen import make_tree
 
