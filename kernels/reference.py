@@ -43,11 +43,20 @@ def philox(k0: int, k1: int, c0, c1, c2, c3) -> tuple[torch.Tensor, ...]:
     return c0, c1, c2, c3
 
 
+_WORDS_CHUNK = 1 << 22  # samples per Philox pass: bounds its int64 temporaries (~30 live words each)
+
+
 def random_words(seed: int, n: int, epoch: int, stream: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     """Two random uint32 words (as int64) for samples 0..n-1 of (seed, epoch, stream)."""
     k0, k1 = K.seed_keys(seed)
-    i = torch.arange(n, dtype=torch.int64, device=device)
-    r0, r1, _, _ = philox(k0, k1, i & _U32, i >> 32, torch.tensor(epoch & _U32), torch.tensor(stream))
+    r0 = torch.empty(n, dtype=torch.int64, device=device)
+    r1 = torch.empty(n, dtype=torch.int64, device=device)
+    c2, c3 = torch.tensor(epoch & _U32), torch.tensor(stream)
+    for lo in range(0, n, _WORDS_CHUNK):
+        i = torch.arange(lo, min(n, lo + _WORDS_CHUNK), dtype=torch.int64, device=device)
+        w0, w1, _, _ = philox(k0, k1, i & _U32, i >> 32, c2, c3)
+        r0[lo:lo + i.numel()] = w0
+        r1[lo:lo + i.numel()] = w1
     return r0, r1
 
 
