@@ -201,6 +201,10 @@ def run_local(fn, world_size: int, *args, backend: str = "gloo", timeout: float 
     import queue
     import tempfile
 
+    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+        raise ValueError(f"world_size must be an integer >= 1, got {world_size!r}")
+    if not callable(fn):
+        raise ValueError(f"fn must be a module-level function, got {type(fn).__name__}")
     threads = threads or max(1, (os.cpu_count() or 1) // world_size)
     ctx = mp.get_context("spawn")
     results = ctx.Queue()

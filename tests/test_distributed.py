@@ -235,6 +235,13 @@ def test_dali_loader_serves_each_rank_its_shard(tmp_path):
     assert ranks[0][1]["global"].numel() < ranks[0][0]["global"].numel()  # epoch 1 was pruned
 
 
+def test_run_local_bad_arguments():
+    with pytest.raises(ValueError, match="world_size must be an integer >= 1, got 0"):
+        D.run_local(W.sleep_long, 0)
+    with pytest.raises(ValueError, match="fn must be a module-level function, got str"):
+        D.run_local("sleep_long", 2)
+
+
 def test_run_local_kills_ranks_that_do_not_finish():
     with pytest.raises(TimeoutError, match=r"ranks \[0, 1\] did not finish within 3 s"):
         D.run_local(W.sleep_long, 2, timeout=3)
