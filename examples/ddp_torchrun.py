@@ -61,4 +61,5 @@ for epoch in range(args.epochs):
               f"visits saved {pruner.visits_saved:.1%}")
         torch.save({"model": model.module.state_dict(), "pruner": pruner.state_dict()}, "checkpoint.pt")
 
+dist.barrier()  # everyone done (rank 0 saved) before the group goes away
 dist.destroy_process_group()

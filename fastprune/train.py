@@ -208,10 +208,15 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print,
     if cfg.resume and not ckpt_path.exists():
         raise FileNotFoundError(f"nothing to resume: {str(ckpt_path)!r} does not exist")
     own_group, device = _dist.init_from_env(cfg.device)
+    finished = False
     try:
-        return _train(cfg, out, ckpt_path, device, log, on_epoch_end, progress)
+        summary = _train(cfg, out, ckpt_path, device, log, on_epoch_end, progress)
+        finished = True
+        return summary
     finally:
         if own_group:
+            if finished:
+                torch.distributed.barrier()  # no rank tears the group down while rank 0 still writes its files
             torch.distributed.destroy_process_group()
 
 
