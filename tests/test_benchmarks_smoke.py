@@ -33,3 +33,33 @@ def test_bench_smoke_writes_well_formed_records(tmp_path):
     assert all(r["bytes_per_rank"] > 0 and r["sizes"]["ranks"] == 2 for r in dist)
     for table in ("Step overhead", "Epoch selection", "Loader throughput", "Epoch time", "Distributed epoch end"):
         assert table in proc.stdout
+
+
+def test_step_table_shows_cuda_graph_timings_when_present():
+    """GPU runs add CUDA-graph timings for the few-microsecond cases; the table must carry them."""
+    import argparse
+
+    from benchmarks import bench_step
+
+    info = {"date": "2026-01-01", "device": "GPU", "cpu": "x", "cpu_cores": 1, "torch": "t"}
+
+    def rec(method, us, graph_us=None, B=256):
+        r = {"method": method, "dtype": "bfloat16", "sizes": {"B": B, "C": 1000, "D": 512}, "median_us": us,
+             "GBps": 1.0, "host_syncs": 0}
+        if graph_us is not None:
+            r["graph_median_us"] = graph_us
+        return r
+
+    records = [rec("fused", 20, 6.0), rec("ce", 30, 12.0), rec("eager", 90, 40.0),
+               rec("infobatch", 200),  # synchronises: never graphed
+               rec("fused", 900, B=16384), rec("ce", 1200, B=16384), rec("eager", 4000, B=16384),
+               rec("infobatch", 5000, B=16384)]
+    args = argparse.Namespace(smoke=False)
+    text = bench_step.render(records, {"copy_GBps": 100.0}, info, args)
+    header = next(line for line in text.splitlines() if line.startswith("| B |"))
+    assert header.rstrip(" |").endswith("fused / ce, CUDA graphs (us)")
+    rows = [line for line in text.splitlines() if line.startswith("| 256 ") or line.startswith("| 16384 ")]
+    assert rows[0].rstrip(" |").endswith("6.0 / 12.0 = 0.50")
+    assert rows[1].rstrip(" |").endswith("-")
+    plain = bench_step.render([r for r in records if r["sizes"]["B"] == 16384], {"copy_GBps": 100.0}, info, args)
+    assert "CUDA graphs" not in plain
