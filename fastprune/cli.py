@@ -118,6 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--channels-last", dest="channels_last", action="store_true", default=None)
     t.add_argument("--no-channels-last", dest="channels_last", action="store_false")
     t.add_argument("--loader", default="auto", choices=["auto", "dali", "torch"])
+    t.add_argument("--skip-bad-files", action="store_true",
+                   help="DALI loader: log and leave out unreadable images instead of stopping")
     t.add_argument("--checkpoint-every", type=int, default=0, help="also checkpoint every N steps")
     t.add_argument("--resume", action="store_true", help="continue the run in --out after an interruption")
     t.add_argument("--no-progress", action="store_true", help="no progress bars")

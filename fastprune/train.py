@@ -49,6 +49,7 @@ class TrainConfig:
     resume: bool = False
     crop_area: tuple = (0.08, 1.0)  # random-resized-crop area fraction
     hflip: bool = True
+    skip_bad_files: bool = False  # DALI loader: leave unreadable images out (logged) instead of stopping
     # pruning
     keep_ratio: float = 0.7
     policy: str = "infobatch"
@@ -121,6 +122,9 @@ def make_loader(kind, index, pruner, cfg, train, device, shard=(None, None)):
             kind = "dali"
         except ImportError:
             kind = "torch"
+    if cfg.skip_bad_files and kind != "dali":
+        raise ValueError("--skip-bad-files needs the DALI loader (pip install 'fastprune[dali]', --loader dali); "
+                         "the torch loader stops at the first unreadable image, naming it")
     channels_last = _channels_last(cfg, device)
     if kind == "dali":
         from .data import DaliLoader
@@ -129,7 +133,7 @@ def make_loader(kind, index, pruner, cfg, train, device, shard=(None, None)):
                             num_threads=cfg.workers, image_size=cfg.image_size, channels_last=channels_last,
                             seed=cfg.seed + (pruner.rank if pruner is not None else 0),  # ranks draw apart
                             random_area=cfg.crop_area, hflip=cfg.hflip, shard_id=shard[0],
-                            num_shards=shard[1])
+                            num_shards=shard[1], on_error="skip" if cfg.skip_bad_files else "raise")
         return loader, "DALI (GPU decode)" if device.type == "cuda" else "DALI (CPU decode)"
     if kind != "torch":
         raise ValueError(f"loader must be 'auto', 'dali' or 'torch', got {kind!r}")
@@ -290,15 +294,24 @@ def _train(cfg, out, ckpt_path, device, log, on_epoch_end, progress) -> dict:
         f"loader: {loader_name}, policy {cfg.policy} keep {cfg.keep_ratio}")
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
 
+    def loader_state():
+        state = loader.state_dict()
+        if world > 1 and "bad" in state:  # collective: every rank's unreadable files go into the checkpoint
+            parts = [None] * world
+            torch.distributed.all_gather_object(parts, state["bad"])
+            state["bad"] = {i: v for part in parts for i, v in part.items()}
+        return state
+
     def checkpoint(epoch, mid_epoch=False):
         if mid_epoch:
             pruner.sync()  # collective: the saved scores hold every rank's updates
+        loader_sd = loader_state()
         if not main:
             return
         rng = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if device.type == "cuda" else None}
         _atomic_save({"config": dataclasses.asdict(cfg), "epoch": epoch, "step": step, "model": model.state_dict(),
                       "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(), "scaler": None,
-                      "pruner": pruner.state_dict(), "loader": loader.state_dict(), "history": history,
+                      "pruner": pruner.state_dict(), "loader": loader_sd, "history": history,
                       "rng": rng}, ckpt_path)
 
     t_run = time.perf_counter()

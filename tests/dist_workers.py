@@ -202,6 +202,36 @@ def dali_epoch_indices(rank, world, root):
     return seen
 
 
+def dali_skip_epoch(rank, world, root):
+    """One epoch of a rank's DaliLoader with on_error="skip": the indices it yields and its shard."""
+    import warnings
+
+    from fastprune import DynamicPruner
+    from fastprune.data import DaliLoader, ImageFolderIndex
+
+    index = ImageFolderIndex(root, cache_dir=False)
+    pruner = DynamicPruner(len(index), index.num_classes, epochs=3, keep_ratio=0.5, warmup=1, device="cpu")
+    loader = DaliLoader(index, pruner, batch_size=4, device="cpu", num_threads=1, image_size=32, on_error="skip")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        batches = [idx for _, _, idx in loader]
+    return {"yielded": torch.cat(batches), "batches": len(batches), "shard": pruner.epoch_indices.clone(),
+            "skipped": [i for i, _, _ in loader.skipped], "position": loader.state_dict()["position"]}
+
+
+def train_skipping(rank, world, data, out):
+    """`fastprune train` with the DALI loader and skip_bad_files on every rank."""
+    import warnings
+
+    import fastprune.train as T
+
+    cfg = train_config(data, out)
+    cfg.loader, cfg.skip_bad_files, cfg.checkpoint_every = "dali", True, 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return T.train(cfg, progress=False, log=lambda *_: None)
+
+
 class Interrupted(Exception):
     pass
 

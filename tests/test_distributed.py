@@ -235,6 +235,60 @@ def test_dali_loader_serves_each_rank_its_shard(tmp_path):
     assert ranks[0][1]["global"].numel() < ranks[0][0]["global"].numel()  # epoch 1 was pruned
 
 
+def _rank1_victims(root, n_victims):
+    """JPEGs in rank 1's epoch-0 shard (2 ranks; the selection is the same in one process)."""
+    import fastprune as fp
+    from fastprune.data import ImageFolderIndex
+
+    index = ImageFolderIndex(root, cache_dir=False)
+    sel = fp.DynamicPruner(len(index), index.num_classes, epochs=3, keep_ratio=0.5, warmup=1, device="cpu",
+                           process_group=False).global_indices
+    shard1 = sel[1::2].tolist()
+    jpegs = [i for i in shard1 if index.files[i].lower().endswith((".jpg", ".jpeg"))]
+    victims = jpegs[1:1 + n_victims]
+    for i in victims:
+        with open(index.files[i], "wb") as f:
+            f.write(b"definitely not an image " * 20)
+    return victims, index
+
+
+def test_dali_skip_on_two_ranks_keeps_the_step_counts_equal(tmp_path):
+    """A rank that skips unreadable files fills their places from its shard: DDP sees the same number of
+    batches on every rank, and the ranks' positions stay aligned."""
+    pytest.importorskip("nvidia.dali", reason="DALI is not installed")
+    from imagegen import make_tree
+
+    root = str(tmp_path / "data")
+    make_tree(root, per_class=(5, 4, 4))  # 13 samples: shards of 7, the last batch partial
+    victims, _ = _rank1_victims(root, 2)
+    assert len(victims) == 2
+    r0, r1 = _ok(W.launch(W.dali_skip_epoch, 2, root))
+    assert r0["batches"] == r1["batches"] == 2 and r0["position"] == r1["position"] == 7
+    assert torch.equal(r0["yielded"], r0["shard"]) and r0["skipped"] == []
+    assert sorted(r1["skipped"]) == sorted(victims)
+    shard, got = r1["shard"].tolist(), r1["yielded"].tolist()
+    assert len(got) == len(shard) and not set(victims) & set(got)
+    usable = [i for i in shard if i not in victims]
+    for pos, i in enumerate(shard):
+        assert got[pos] == i if i not in victims else got[pos] in usable  # substitutes come from the shard
+
+
+def test_train_skip_bad_files_on_two_ranks(tmp_path):
+    """`fastprune train --skip-bad-files` on 2 ranks finishes, and the checkpoint lists every rank's bad files."""
+    pytest.importorskip("nvidia.dali", reason="DALI is not installed")
+    from imagegen import make_tree
+
+    data, out = str(tmp_path / "data"), str(tmp_path / "run")
+    make_tree(data, per_class=(5, 4, 4))
+    victims, index = _rank1_victims(data, 1)
+    ranks = _ok(W.launch(W.train_skipping, 2, data, out))
+    assert ranks[0]["epochs"] == 2
+    ck = torch.load(Path(out) / "checkpoint.pt", weights_only=False)
+    assert sorted(ck["loader"]["bad"]) == victims  # found by rank 1, saved by rank 0
+    assert ck["loader"]["bad"][victims[0]][0] == index.files[victims[0]]
+    assert ck["pruner"]["visits"][victims].sum() == 0
+
+
 def test_run_local_bad_arguments():
     with pytest.raises(ValueError, match="world_size must be an integer >= 1, got 0"):
         D.run_local(W.sleep_long, 0)

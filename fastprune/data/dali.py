@@ -81,7 +81,9 @@ class DaliLoader:
 
     ``on_error="raise"`` turns a missing, empty, corrupt or truncated file into an error naming it;
     ``on_error="skip"`` logs each such file, leaves it out, and reports them at the end of the epoch
-    (``loader.skipped``).
+    (``loader.skipped``).  With a pruner on several ranks, a skipped file's place is taken by another
+    sample of the rank's shard instead, so that every rank still runs the same number of steps (DDP
+    needs it; ``DistributedSampler`` pads the same way) and the ranks' positions stay aligned.
     """
 
     def __init__(self, index: ImageFolderIndex, pruner=None, batch_size: int = 256, train: bool = True,
@@ -183,9 +185,21 @@ class DaliLoader:
     # --------------------------------------------------------------- iteration
 
     def _order(self, order: np.ndarray) -> np.ndarray:
+        """The order without the files known to be unusable (on several ranks: with substitutes)."""
         if not self._bad:
             return order
-        return order[~np.isin(order, np.fromiter(self._bad, dtype=np.int64))]
+        bad = np.isin(order, np.fromiter(self._bad, dtype=np.int64))
+        if not bad.any():
+            return order
+        usable = order[~bad]
+        if self.pruner is None or self.pruner.world_size == 1:
+            return usable
+        if usable.size == 0:
+            raise RuntimeError(f"every file of rank {self.pruner.rank}'s shard ({order.size} samples) is unreadable; "
+                               f"first: {self._bad[int(order[0])][0]}: {self._bad[int(order[0])][1]}")
+        out = order.copy()
+        out[bad] = usable[np.arange(int(bad.sum())) % usable.size]
+        return out
 
     def __len__(self) -> int:
         return -(-self.cursor.current()[1].numel() // self.batch_size)
@@ -267,6 +281,6 @@ class DaliLoader:
 
     def load_state_dict(self, sd: dict) -> None:
         self.cursor.load_state_dict(sd)
-        self._bad = {int(k): tuple(v) for k, v in sd["bad"].items()}
+        self._bad = {int(k): tuple(v) for k, v in sd.get("bad", {}).items()}  # none from the torch loader
         self._iter = self._pipe = None
         self._clean = False
