@@ -60,7 +60,8 @@ def _prune_static(args) -> int:
                               features=args.features, l2=args.l2, seed=args.seed, out=args.out, model=args.model,
                               arch=args.arch, device=args.device, batch_size=args.batch_size,
                               num_workers=args.workers, image_size=args.image_size, layer=args.layer,
-                              save_features=args.save_features, progress=not args.no_progress)
+                              save_features=args.save_features, progress=not args.no_progress,
+                              bf16=False if args.fp32 else None)
     if args.save_features and args.model and args.method != "random":
         print(f"wrote {args.save_features}: the model's penultimate features")
     print(f"wrote {args.out}: kept {keep.numel()} of {len(index)} samples ({args.method})")
@@ -155,6 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--batch-size", type=int, default=256)
     m.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="decoding processes")
     m.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    m.add_argument("--fp32", action="store_true", help="extract in fp32 on CUDA (default: bf16 autocast)")
     m.add_argument("--save-features", default=None, help="also write the extracted features (.npy or .pt)")
     m.add_argument("--no-progress", action="store_true", help="no progress bar")
     s.add_argument("--l2", type=float, default=1e-3, help="influence: L2 regularisation of the linear head")

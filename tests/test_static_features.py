@@ -64,6 +64,32 @@ def test_features_are_the_classifier_input(index, arch):
     torch.testing.assert_close(feats, other, rtol=1e-4, atol=1e-5)  # batching and workers do not matter
 
 
+def test_bf16_autocast_features(index):
+    """bf16 autocast (the CUDA default) gives fp32 features close to the fp32 ones, and still checks the layer."""
+    torch.manual_seed(0)
+    model = build_model("resnet18", index.num_classes)
+    kw = dict(batch_size=8, device="cpu", num_workers=0, image_size=32, progress=False)
+    exact = extract_features(index, model, bf16=False, **kw)
+    fast = extract_features(index, model, bf16=True, **kw)
+    assert fast.dtype == torch.float32 and fast.shape == exact.shape
+    assert not torch.equal(fast, exact)  # autocast really ran
+    rel = (fast - exact).norm(dim=1) / exact.norm(dim=1)
+    assert rel.max() < 0.05, rel.max()
+
+    class Scaled(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1),
+                                            torch.nn.Flatten())
+            self.fc = torch.nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.fc(self.body(x)) * 3 + 1
+
+    with pytest.raises(ValueError, match="is not its final layer"):
+        extract_features(index, Scaled(), bf16=True, **kw)
+
+
 def test_models_without_a_final_linear_layer(index):
     conv = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
     with pytest.raises(ValueError, match="has no nn.Linear layer"):
@@ -143,13 +169,14 @@ def test_prune_static_with_a_trained_model(data, index, tmp_path, reference_path
     out = tmp_path / "s.json"
     assert cli.main(["prune-static", str(data), "--method", "influence", "--prune-ratio", "0.4", "--model",
                      str(run / "checkpoint.pt"), "--out", str(out), "--workers", "0", "--device", "cpu",
-                     "--save-features", str(tmp_path / "f.npy"), "--no-progress"]) == 0
+                     "--save-features", str(tmp_path / "f.npy"), "--no-progress", "--fp32"]) == 0
     keep, meta = load_subset(out, index=index)  # made for this dataset
     n = len(index)
     assert keep.numel() == meta["kept"] == n - round(0.4 * n) and keep.unique().numel() == keep.numel()
     assert meta["method"] == "influence" and meta["params"]["model"] == str(run / "checkpoint.pt")
     assert meta["params"]["arch"] == "smallcnn" and meta["params"]["image_size"] == 32
     assert meta["params"]["layer"] == "head" and meta["params"]["features"] is None
+    assert meta["params"]["bf16"] is False
 
     saved = torch.from_numpy(np.load(tmp_path / "f.npy"))
     net, _ = load_checkpoint_model(run, num_classes=3)

@@ -29,22 +29,25 @@ def load_features(source, index) -> torch.Tensor:
 
 
 def model_features(index, model, arch=None, device=None, batch_size: int = 256, num_workers=None,
-                   image_size=None, layer=None, progress: bool = True) -> tuple[torch.Tensor, dict]:
+                   image_size=None, layer=None, progress: bool = True, bf16: bool | None = None
+                   ) -> tuple[torch.Tensor, dict]:
     """Penultimate features over ``index`` of a ``fastprune train`` checkpoint (run directory or file)."""
     from .features import extract_features, load_checkpoint_model
 
     net, info = load_checkpoint_model(model, num_classes=index.num_classes, arch=arch)
     size = image_size or info["image_size"] or 224
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    bf16 = device.type == "cuda" if bf16 is None else bool(bf16)
     feats = extract_features(index, net, batch_size=batch_size, device=device, num_workers=num_workers,
-                             image_size=size, layer=layer, progress=progress)
-    info = {**info, "image_size": size, "layer": layer or info["classifier"]}
+                             image_size=size, layer=layer, progress=progress, bf16=bf16)
+    info = {**info, "image_size": size, "layer": layer or info["classifier"], "bf16": bf16}
     return feats, info
 
 
 def prune_static(index, method: str = "influence", prune_ratio: float | None = None, epsilon: float | None = None,
                  features=None, l2: float = 1e-3, seed: int = 0, out=None, model=None, arch=None, device=None,
                  batch_size: int = 256, num_workers=None, image_size=None, layer=None, save_features=None,
-                 progress: bool = True):
+                 progress: bool = True, bf16: bool | None = None):
     """Choose the kept indices with ``method``; write a subset file to ``out`` when given.
 
     Features come from ``features`` (a ``fastprune embed`` directory or an N x F file) or are extracted
@@ -74,7 +77,7 @@ def prune_static(index, method: str = "influence", prune_ratio: float | None = N
         if model is not None:
             x, model_info = model_features(index, model, arch=arch, device=device, batch_size=batch_size,
                                            num_workers=num_workers, image_size=image_size, layer=layer,
-                                           progress=progress)
+                                           progress=progress, bf16=bf16)
             if save_features is not None:
                 from .features import save_features as _save
 
@@ -91,7 +94,7 @@ def prune_static(index, method: str = "influence", prune_ratio: float | None = N
               "features": None if features is None else str(features)}
     if model_info is not None:
         params.update(model=model_info["checkpoint"], arch=model_info["arch"], layer=model_info["layer"],
-                      image_size=model_info["image_size"],
+                      image_size=model_info["image_size"], bf16=model_info["bf16"],
                       saved_features=None if save_features is None else str(save_features))
     meta = {"method": method, "params": params}
     if out is not None:

@@ -147,13 +147,14 @@ def _resolve_layer(model, layer, num_classes):
 
 def extract_features(index, model: torch.nn.Module, batch_size: int = 256, device=None,
                      num_workers: int | None = None, image_size: int = 224, layer=None, progress: bool = True,
-                     channels_last: bool | None = None) -> torch.Tensor:
+                     channels_last: bool | None = None, bf16: bool | None = None) -> torch.Tensor:
     """Penultimate features of every sample of ``index``, in index order: an N x F float32 CPU tensor.
 
     ``layer`` (a module name or module of ``model``) picks whose input is taken; by default the final
     ``nn.Linear`` classifier, checked on the first batch to produce the model's output.  ``model`` is moved
     to ``device`` (default: CUDA when available, else CPU) and run in eval mode under
-    ``torch.inference_mode``, in fp32; its train/eval mode is restored afterwards.  Images are decoded by
+    ``torch.inference_mode``, under bf16 autocast on CUDA as in training (``bf16=False``: fp32; the features
+    are returned in fp32 either way); its train/eval mode is restored afterwards.  Images are decoded by
     ``num_workers`` processes (default: up to 8) with the evaluation transform at ``image_size``.
     """
     from ..data import ImageFileDataset, ImageFolderIndex
@@ -170,6 +171,7 @@ def extract_features(index, model: torch.nn.Module, batch_size: int = 256, devic
     if num_workers is None:
         num_workers = min(8, os.cpu_count() or 1)
     channels_last = device.type == "cuda" if channels_last is None else channels_last
+    bf16 = device.type == "cuda" if bf16 is None else bool(bf16)
     name, module, check = _resolve_layer(model, layer, index.num_classes)
 
     captured: list[torch.Tensor] = []
@@ -190,7 +192,7 @@ def extract_features(index, model: torch.nn.Module, batch_size: int = 256, devic
     handle = module.register_forward_pre_hook(hook)
     bar = tqdm(total=n, unit="img", desc=f"features {index.source.name}", disable=not progress, leave=False)
     try:
-        with torch.inference_mode():
+        with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             start = 0
             for images, _ in loader:
                 images = images.to(device, non_blocking=True)
@@ -203,8 +205,7 @@ def extract_features(index, model: torch.nn.Module, batch_size: int = 256, devic
                                      "pass layer= to choose the classifier")
                 feats = captured[0]
                 if out is None:  # first batch: is this really the classifier, and what is F?
-                    if check and not (isinstance(logits, torch.Tensor) and logits.shape == module(feats).shape
-                                      and torch.equal(logits, module(feats))):
+                    if check and not _same_output(logits, module(feats)):
                         raise ValueError(f"the last nn.Linear of {type(model).__name__} ({name!r}) is not its final "
                                          "layer (the model's output is not that layer's output); pass layer= (the "
                                          "name of the classifier module whose input to take)")
@@ -223,6 +224,15 @@ def extract_features(index, model: torch.nn.Module, batch_size: int = 256, devic
         bad = int(torch.nonzero(~torch.isfinite(out).all(dim=1))[0, 0])
         raise ValueError(f"the model's features of sample {bad} ({index.files[bad]}) are NaN or Inf")
     return out
+
+
+def _same_output(logits, recomputed: torch.Tensor) -> bool:
+    """Is the model's output the classifier's output (up to bf16 rounding, where autocast is on)?"""
+    if not isinstance(logits, torch.Tensor) or logits.shape != recomputed.shape:
+        return False
+    if logits.dtype == torch.float32 and recomputed.dtype == torch.float32:
+        return torch.equal(logits, recomputed)
+    return torch.allclose(logits.float(), recomputed.float(), rtol=2e-2, atol=2e-2)
 
 
 def save_features(path, features: torch.Tensor) -> Path:
