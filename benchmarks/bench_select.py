@@ -18,7 +18,7 @@ import torch
 import fastprune as fp
 
 from .report import base_parser, cli_main, describe, table
-from .timing import measure
+from .timing import measure, peak_extra_bytes
 
 
 def sizes(smoke: bool, device: torch.device) -> list[int]:
@@ -61,6 +61,7 @@ def run(args) -> list[dict]:
         }
         reps = 5 if args.smoke else 10
         timed = {name: measure(fn, device, reps=reps, warmup=2) for name, fn in cases.items()}
+        timed["next_epoch"]["peak_extra_bytes"] = peak_extra_bytes(next_epoch, device)
         for name, t in timed.items():
             records.append({"bench": "select", "method": name, "dtype": "float32", "sizes": {"N": n}, **t,
                             "ratio_to_next_epoch": t["median_us"] / timed["next_epoch"]["median_us"]})
@@ -74,12 +75,16 @@ def render(records, info) -> str:
     rows = []
     for n in sorted({r["sizes"]["N"] for r in records}):
         by = {r["method"]: r for r in records if r["sizes"]["N"] == n}
+        peak = by["next_epoch"].get("peak_extra_bytes")
         rows.append([f"{n:,}"] + [f"{by[m]['median_us'] / 1000:.2f}" for m in methods] +
-                    [f"{by[m]['median_us'] / by['next_epoch']['median_us']:.2f}" for m in methods[1:]])
-    headers = ["N"] + [f"{m} ms" for m in methods] + [f"{m} / next_epoch" for m in methods[1:]]
+                    [f"{by[m]['median_us'] / by['next_epoch']['median_us']:.2f}" for m in methods[1:]] +
+                    ["-" if peak is None else f"{peak / 2**20:,.0f} ({peak / n:.0f} B/sample)"])
+    headers = (["N"] + [f"{m} ms" for m in methods] + [f"{m} / next_epoch" for m in methods[1:]] +
+               ["next_epoch peak device memory MiB"])
     mode = "CPU figures" if info["device"] == "cpu" else "GPU figures"
     return (f"### Epoch selection — {describe(info)}\n\n`next_epoch()` = infobatch keep 0.7 with the noise filter "
-            f"and consistency, index list handed to the host; median ({mode}). Goals (H100): <= 0.3 ms at "
+            f"and consistency, index list handed to the host; median ({mode}). Peak device memory: what "
+            "one `next_epoch()` allocates beyond the pruner's state, at its peak (CUDA). Goals (H100): <= 0.3 ms at "
             "1.28M, <= 20 ms at 100M.\n\n" + table(headers, rows))
 
 

@@ -63,6 +63,18 @@ def count_host_syncs(fn: Callable[[], object], device: torch.device) -> int | No
     return sum("synchroniz" in str(w.message).lower() for w in caught)
 
 
+def peak_extra_bytes(fn: Callable[[], object], device: torch.device) -> int | None:
+    """Device memory ``fn()`` takes at its peak beyond what was allocated before it (CUDA only; None elsewhere)."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - base
+
+
 def copy_bandwidth(device: torch.device, nbytes: int) -> float:
     """Device copy bandwidth in GB/s (read + write), measured now, as the roofline for the tables."""
     src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
