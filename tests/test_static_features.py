@@ -48,6 +48,18 @@ def save_checkpoint(path, model, arch="smallcnn", image_size=32):
                 "model": model.state_dict()}, path)
 
 
+class Scaled(torch.nn.Module):
+    """A model whose output is not its last linear layer's output."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+        self.fc = torch.nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.fc(self.body(x)).softmax(dim=1)
+
+
 @pytest.mark.parametrize("arch", ["smallcnn", "resnet18"])
 def test_features_are_the_classifier_input(index, arch):
     torch.manual_seed(0)
@@ -76,16 +88,6 @@ def test_bf16_autocast_features(index):
     rel = (fast - exact).norm(dim=1) / exact.norm(dim=1)
     assert rel.max() < 0.05, rel.max()
 
-    class Scaled(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.body = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1),
-                                            torch.nn.Flatten())
-            self.fc = torch.nn.Linear(4, 3)
-
-        def forward(self, x):
-            return self.fc(self.body(x)) * 3 + 1
-
     with pytest.raises(ValueError, match="is not its final layer"):
         extract_features(index, Scaled(), bf16=True, **kw)
 
@@ -94,16 +96,6 @@ def test_models_without_a_final_linear_layer(index):
     conv = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
     with pytest.raises(ValueError, match="has no nn.Linear layer"):
         extract_features(index, conv, device="cpu", num_workers=0, image_size=32, progress=False)
-
-    class Scaled(torch.nn.Module):  # the output is not the last linear layer's output
-        def __init__(self):
-            super().__init__()
-            self.body = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1),
-                                            torch.nn.Flatten())
-            self.fc = torch.nn.Linear(4, 3)
-
-        def forward(self, x):
-            return self.fc(self.body(x)).softmax(dim=1)
 
     with pytest.raises(ValueError, match=r"last nn.Linear of Scaled \('fc'\) is not its final layer"):
         extract_features(index, Scaled(), device="cpu", num_workers=0, image_size=32, progress=False)
