@@ -63,3 +63,31 @@ def test_step_table_shows_cuda_graph_timings_when_present():
     assert rows[1].rstrip(" |").endswith("-")
     plain = bench_step.render([r for r in records if r["sizes"]["B"] == 16384], {"copy_GBps": 100.0}, info, args)
     assert "CUDA graphs" not in plain
+
+
+def test_only_runs_add_up_in_one_results_file(tmp_path, monkeypatch):
+    """`--only` runs on the same day merge into one file; a re-run benchmark replaces its own records."""
+    import benchmarks.__main__ as M
+
+    calls = {"n": 0}
+
+    def fake(bench):
+        class Module:
+            @staticmethod
+            def parse_args(argv):
+                return argv
+
+            @staticmethod
+            def produce(args, info):
+                calls["n"] += 1
+                return [{"bench": bench, "method": "m", "run": calls["n"]}], f"table {bench}", f"{bench}-x"
+        return Module
+
+    monkeypatch.setattr(M, "BENCHES", {"step": fake("step"), "select": fake("select")})
+    monkeypatch.setattr(M, "machine", lambda: {"device": "Dev X", "date": "2026-01-02"})
+    out = tmp_path / "res"
+    assert M.main(["--only", "step", "--out", str(out), "--no-write"]) == 0
+    assert M.main(["--only", "select", "--out", str(out), "--no-write"]) == 0
+    assert M.main(["--only", "step", "--out", str(out), "--no-write"]) == 0
+    records = json.loads((out / "Dev-X-2026-01-02.json").read_text())["records"]
+    assert sorted((r["bench"], r["run"]) for r in records) == [("select", 2), ("step", 3)]
