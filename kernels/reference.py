@@ -306,10 +306,13 @@ def policy_stats(cls, prio, keep_count: int, max_drop: float) -> PolicyStats:
 
 
 def shuffle_key(keep: torch.Tensor, r0: torch.Tensor, r1: torch.Tensor) -> torch.Tensor:
-    """Sort key: a 62-bit random number for kept samples, 2**62 + index for the rest."""
-    rnd = (r0 << 30) | (r1 >> 2)
-    i = torch.arange(keep.numel(), device=keep.device)
-    return torch.where(keep, rnd, K.SHUFFLE_DROPPED_BASE + i)
+    """Sort key: a 62-bit random number for kept samples, 2**62 + index for the rest.
+
+    Overwrites ``r0`` and ``r1`` (in-place steps keep the temporaries at two words a sample).
+    """
+    rnd = r0.bitwise_left_shift_(30).bitwise_or_(r1.bitwise_right_shift_(2))
+    base = torch.arange(keep.numel(), device=keep.device).add_(K.SHUFFLE_DROPPED_BASE)
+    return torch.where(keep, rnd, base, out=base)
 
 
 def finalize_reference(cls, prio, rank, stats: PolicyStats, policy: int, seed: int, epoch: int):
@@ -321,9 +324,8 @@ def finalize_reference(cls, prio, rank, stats: PolicyStats, policy: int, seed: i
     if policy == K.POLICY_FULL:
         keep, w = active, ones
     elif policy == K.POLICY_INFOBATCH:
-        r0, _ = random_words(seed, n, epoch, K.STREAM_DROP, dev)
         low = (cls == K.CLS_ELIGIBLE) & (prio < stats.mean_p)
-        drop = low & (uniform_from_word(r0) < stats.drop_prob)
+        drop = low & (uniform_from_word(random_words(seed, n, epoch, K.STREAM_DROP, dev)[0]) < stats.drop_prob)
         keep = active & ~drop
         w = torch.where(low & keep, stats.up_weight.expand(n), ones)
     elif policy == K.POLICY_RANKED:
@@ -331,8 +333,7 @@ def finalize_reference(cls, prio, rank, stats: PolicyStats, policy: int, seed: i
         w = ones
     else:
         raise ValueError(f"unknown policy code {policy}")
-    s0, s1 = random_words(seed, n, epoch, K.STREAM_SHUFFLE, dev)
-    return keep, w, shuffle_key(keep, s0, s1)
+    return keep, w, shuffle_key(keep, *random_words(seed, n, epoch, K.STREAM_SHUFFLE, dev))
 
 
 POLICY_CODES = {"full": K.POLICY_FULL, "infobatch": K.POLICY_INFOBATCH, "topk": K.POLICY_RANKED,
