@@ -116,6 +116,7 @@ def render(records, info, args) -> str:
         sp = r["split_s"]
         total = sum(sp.values())
         rows.append([f"{r['sizes']['keep']:.1f}", r["images"], f"{r['median_us'] / 1e6:.2f}",
+                     f"{r['iqr_us'] / 1e6:.2f}",
                      f"{r['ratio_to_full']:.2f}", f"{r['images_per_s']:.0f}",
                      " / ".join(f"{100 * sp[k] / total:.0f}%" for k in ("loader", "compute", "pruner"))])
     mode = ("smoke run, " if args.smoke else "") + ("CPU figures" if info["device"] == "cpu" else "GPU figures")
@@ -123,7 +124,7 @@ def render(records, info, args) -> str:
             f"{args.image_size} px, batch {args.batch_size} ({mode}); epoch time: median of {args.repeats} epochs "
             "after a warm-up epoch; the split comes from one more epoch with a synchronisation after each part. "
             "Goal: keep 0.7 <= 0.73x the full epoch.\n\n")
-    return head + table(["keep", "images", "epoch s", "vs keep 1.0", "images/s",
+    return head + table(["keep", "images", "epoch s", "IQR s", "vs keep 1.0", "images/s",
                          "split loader / fwd-bwd-opt / pruner"], rows)
 
 
