@@ -91,3 +91,13 @@ def test_only_runs_add_up_in_one_results_file(tmp_path, monkeypatch):
     assert M.main(["--only", "step", "--out", str(out), "--no-write"]) == 0
     records = json.loads((out / "Dev-X-2026-01-02.json").read_text())["records"]
     assert sorted((r["bench"], r["run"]) for r in records) == [("select", 2), ("step", 3)]
+
+
+def test_bench_epoch_rejects_a_bad_repeat_count(capsys):
+    from benchmarks import bench_epoch
+
+    with pytest.raises(SystemExit):
+        bench_epoch.parse_args(["--repeats", "0", "--cpu"])
+    assert "--repeats must be >= 1, got 0" in capsys.readouterr().err
+    assert bench_epoch.parse_args(["--smoke", "--cpu"]).repeats == 1
+    assert bench_epoch.parse_args(["--cpu"]).repeats == 3
