@@ -7,6 +7,10 @@
 
 __version__ = "0.1.0"  # before the imports: submodules read it
 
+from ._source_tree import install as _install_source_tree  # noqa: E402
+
+_install_source_tree()  # a checkout on PYTHONPATH imports fastprune.kernels as an install does
+
 from . import data, static
 from .embeddings import Embeddings
 from .policies import POLICIES
