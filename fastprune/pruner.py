@@ -189,6 +189,7 @@ class DynamicPruner:
         self._stamp = torch.full((n,), -1, dtype=torch.int32, device=dev)
         self._excluded, self._population = self._check_subset(initial_subset)
         self._errors = torch.zeros(K.ERR_SLOTS, dtype=torch.int64, device=dev)
+        self._dups = torch.zeros(1, dtype=torch.int32, device=dev)  # the step's duplicate count, zero between steps
         self._err_host = torch.zeros(K.ERR_SLOTS, dtype=torch.int64,
                                      pin_memory=dev.type == "cuda")
         self._err_event = None
@@ -332,7 +333,8 @@ class DynamicPruner:
             scores=self._scores, visits=self._visits, consistency=self._consistency, weights=self._weights,
             stamp=self._stamp, errors=self._errors, step_id=self._step_count & 0x7FFFFFFF, ema=self.ema,
             scale=1.0 / logits.shape[0], label_smoothing=self.label_smoothing, ignore_index=self.ignore_index,
-            emb_mode=mode, emb=emb, text=self.text_emb if mode != K.EMB_NONE else None, grad=grad)
+            emb_mode=mode, emb=emb, text=self.text_emb if mode != K.EMB_NONE else None, grad=grad,
+            dups=self._dups)
         self._step_count += 1
         self.last_step = out
         if self.device.type == "cpu" or self.validate == "sync":
@@ -368,6 +370,7 @@ class DynamicPruner:
         c = counts.tolist()
         seen = self._reported
         new = {slot: c[slot] - seen[slot] for slot in range(K.ERR_LABEL_COUNT, K.ERR_SLOTS, 2)}
+        example = {slot + 1: K.example_value(c[slot + 1]) for slot in new}
         if not any(v > 0 for v in new.values()):
             return
         fatal = new[K.ERR_LABEL_COUNT] > 0 or new[K.ERR_INDEX_COUNT] > 0 or (
@@ -381,15 +384,15 @@ class DynamicPruner:
             self._reported = c
         if new[K.ERR_LABEL_COUNT]:
             raise ValueError(
-                f"labels: value {c[K.ERR_LABEL_VALUE]} is outside [0, {self.num_classes}) and is not "
+                f"labels: value {example[K.ERR_LABEL_VALUE]} is outside [0, {self.num_classes}) and is not "
                 f"ignore_index={self.ignore_index} ({new[K.ERR_LABEL_COUNT]} bad rows; they were left out)")
         if new[K.ERR_INDEX_COUNT]:
             raise IndexError(
-                f"indices: value {c[K.ERR_INDEX_VALUE]} is outside [0, num_samples={self.num_samples}) "
+                f"indices: value {example[K.ERR_INDEX_VALUE]} is outside [0, num_samples={self.num_samples}) "
                 f"({new[K.ERR_INDEX_COUNT]} bad rows; they were left out)")
         if new[K.ERR_NONFINITE_COUNT]:
             msg = (f"logits: {new[K.ERR_NONFINITE_COUNT]} rows had a non-finite loss (NaN or Inf logits; "
-                   f"first seen at batch row {c[K.ERR_NONFINITE_ROW]}); their scores were left unchanged "
+                   f"the first at batch row {example[K.ERR_NONFINITE_ROW]}); their scores were left unchanged "
                    "and the returned loss is non-finite")
             if self.validate == "sync":
                 raise ValueError(msg)
@@ -397,8 +400,8 @@ class DynamicPruner:
         if new[K.ERR_DUP_COUNT] and not self._dup_warned:
             self._dup_warned = True
             warnings.warn(
-                f"indices: sample {c[K.ERR_DUP_VALUE]} appeared twice in one batch ({c[K.ERR_DUP_COUNT]} repeats "
-                "so far); each sample's score is updated once per step, by one of its rows", RuntimeWarning,
+                f"indices: sample {example[K.ERR_DUP_VALUE]} appeared twice in one batch ({c[K.ERR_DUP_COUNT]} "
+                "repeats so far); each sample's score is updated once per step, by its first row", RuntimeWarning,
                 stacklevel=3)
 
     def check_errors(self):
@@ -416,12 +419,14 @@ class DynamicPruner:
             exclude=self._excluded, population=self._population)
 
     def _adopt(self, epoch: int, policy: str, sel: _k.Selection) -> torch.Tensor:
-        # One small transfer brings the counts and the step error counters; then the index list itself.
-        counts = torch.cat([torch.stack([sel.n_keep.to(torch.float64), sel.noisy.sum().to(torch.float64),
-                                         sel.drop_prob.to(torch.float64)]), self._errors.to(torch.float64)])
-        counts = counts.tolist()
+        # One small int64 transfer brings the counts, the drop probability's bits and the step error
+        # counters (exact: counts and error examples never pass through a float); then the index list.
+        drop_bits = sel.drop_prob.to(torch.float64).reshape(1).view(torch.int64)
+        counts = torch.cat([sel.n_keep.to(torch.int64).reshape(1), sel.noisy.sum().reshape(1), drop_bits,
+                            self._errors]).tolist()
         self._check_errors(torch.tensor(counts[3:], dtype=torch.int64))
-        n_keep, n_noisy, drop = int(counts[0]), int(counts[1]), counts[2]
+        n_keep, n_noisy = counts[0], counts[1]
+        drop = torch.tensor(counts[2], dtype=torch.int64).view(torch.float64).item()
         order = sel.order[:n_keep].cpu()
         self._weights.copy_(sel.weights)
         self._noisy.copy_(sel.noisy)

@@ -43,7 +43,7 @@ def step_specs() -> list[Spec]:
     import torch
 
     from . import common as K
-    from .step import TILES, step_config, vector_width
+    from .step import SETTLE_BLOCK, SETTLE_WARPS, TILES, step_config, vector_width
 
     specs = []
     emb_variants = [(K.EMB_NONE, "float32")] + [(m, d) for m in (K.EMB_TABLE, K.EMB_BATCH) for d in EMB_DTYPES]
@@ -60,6 +60,7 @@ def step_specs() -> list[Spec]:
                         "emb_ptr": f"*{et}", "text_ptr": f"*{et}", "scores_ptr": "*fp32", "visits_ptr": "*i32",
                         "cons_ptr": "*fp32", "weights_ptr": "*fp32", "stamp_ptr": "*i32", "err_ptr": "*i64",
                         "ce_ptr": "*fp32", "contrib_ptr": "*fp32", "correct_ptr": "*i8",
+                        "scratch_i_ptr": "*i32", "scratch_f_ptr": "*fp32", "dups_ptr": "*i32",
                         "B": "i32", "C": "i32", "N": "i32", "D": "i32",
                         "stride_l": "i32", "stride_g": "i32", "stride_e": "i32", "stride_t": "i32",
                         "step_id": "i32", "write_grad": "i32", "ignore_index": "i32",
@@ -74,6 +75,12 @@ def step_specs() -> list[Spec]:
                     aligned = tuple(k for k, v in sig.items() if v.startswith("*"))
                     specs.append(Spec("fused_step_kernel", sig, const, cfg.num_warps, label,
                                       expect_vector_loads=vec > 1, aligned=aligned))
+    for mode in (K.EMB_NONE, K.EMB_TABLE, K.EMB_BATCH):
+        sig = {"indices_ptr": "*i64", "scores_ptr": "*fp32", "cons_ptr": "*fp32", "stamp_ptr": "*i32",
+               "scratch_i_ptr": "*i32", "scratch_f_ptr": "*fp32", "dups_ptr": "*i32", "B": "i32", "step_id": "i32",
+               "ema": "fp32", "EMB_MODE": "constexpr", "FIX": "constexpr"}
+        specs.append(Spec("settle_kernel", sig, {"EMB_MODE": mode, "FIX": SETTLE_BLOCK}, SETTLE_WARPS,
+                          f"settle[emb={mode}]", aligned=tuple(k for k in sig if k.endswith("_ptr"))))
     for ldt in LOGIT_DTYPES:
         lt = _TRITON_DTYPES[ldt]
         sig = {"grad_ptr": f"*{lt}", "go_ptr": "*fp32", "B": "i32", "C": "i32", "stride_g": "i32",

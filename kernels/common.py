@@ -8,12 +8,38 @@ MAX_CLASSES = 1 << 18  # 262,144: the step kernel's int32 column offsets stay fa
 
 # --- step error buffer: int64[8], cumulative until the pruner reports them ---
 # Each kind has a count and one example value (the bad label, the bad index,
-# the batch row with non-finite logits, the duplicated index).
+# the batch row with non-finite logits, the duplicated index).  The example is
+# the smallest offending value since the buffer was zeroed, so that it does not
+# depend on which GPU program records first; it is stored as an unsigned
+# maximum of ``example_key(value)``, for which a zeroed slot means "none yet".
 ERR_LABEL_COUNT, ERR_LABEL_VALUE = 0, 1
 ERR_INDEX_COUNT, ERR_INDEX_VALUE = 2, 3
 ERR_NONFINITE_COUNT, ERR_NONFINITE_ROW = 4, 5
 ERR_DUP_COUNT, ERR_DUP_VALUE = 6, 7
 ERR_SLOTS = 8
+_I64_MAX = (1 << 63) - 1
+_U64 = (1 << 64) - 1
+
+
+def example_key(value: int) -> int:
+    """The slot's bits (as an int64) for ``value``: smaller values give larger unsigned keys."""
+    return _signed((int(value) ^ _I64_MAX) & _U64)
+
+
+def merge_example(slot: int, value: int) -> int:
+    """The slot after recording ``value``: the unsigned maximum of the two keys (the kernel's atomic)."""
+    return _signed(max(int(slot) & _U64, example_key(value) & _U64))
+
+
+def example_value(slot: int) -> int:
+    """The smallest offending value recorded in ``slot``."""
+    return _signed((int(slot) & _U64) ^ _I64_MAX)
+
+
+def _signed(bits: int) -> int:
+    return bits - (1 << 64) if bits >> 63 else bits
+
+
 
 # --- consistency modes of the step ---
 EMB_NONE = 0  # no CLIP embeddings: consistency is not touched

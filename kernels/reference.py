@@ -32,8 +32,13 @@ def _mul_u32(a: torch.Tensor, b: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def philox(k0: int, k1: int, c0, c1, c2, c3) -> tuple[torch.Tensor, ...]:
-    """Philox-4x32-10 on int64 tensors holding uint32 values; returns 4 words."""
-    c0, c1, c2, c3 = torch.broadcast_tensors(*(torch.as_tensor(c) & _U32 for c in (c0, c1, c2, c3)))
+    """Philox-4x32-10 on int64 tensors holding uint32 values; returns 4 words.
+
+    Counters may be tensors or Python ints; the words live on the first tensor counter's device.
+    """
+    device = next((c.device for c in (c0, c1, c2, c3) if isinstance(c, torch.Tensor)), None)
+    c0, c1, c2, c3 = torch.broadcast_tensors(
+        *(torch.as_tensor(c, dtype=torch.int64, device=device) & _U32 for c in (c0, c1, c2, c3)))
     for _ in range(K.PHILOX_ROUNDS):
         hi_b, lo_b = _mul_u32(c2, K.PHILOX_ROUND_B)
         hi_a, lo_a = _mul_u32(c0, K.PHILOX_ROUND_A)
@@ -51,10 +56,9 @@ def random_words(seed: int, n: int, epoch: int, stream: int, device) -> tuple[to
     k0, k1 = K.seed_keys(seed)
     r0 = torch.empty(n, dtype=torch.int64, device=device)
     r1 = torch.empty(n, dtype=torch.int64, device=device)
-    c2, c3 = torch.tensor(epoch & _U32), torch.tensor(stream)
     for lo in range(0, n, _WORDS_CHUNK):
         i = torch.arange(lo, min(n, lo + _WORDS_CHUNK), dtype=torch.int64, device=device)
-        w0, w1, _, _ = philox(k0, k1, i & _U32, i >> 32, c2, c3)
+        w0, w1, _, _ = philox(k0, k1, i & _U32, i >> 32, epoch & _U32, stream)
         r0[lo:lo + i.numel()] = w0
         r1[lo:lo + i.numel()] = w1
     return r0, r1
@@ -81,10 +85,10 @@ class StepOutput:
 
 
 def _record(errors: torch.Tensor, count_slot: int, value_slot: int, bad: torch.Tensor, values: torch.Tensor):
+    """Count the bad rows and keep the smallest offending value (see ``common.example_key``)."""
     n = int(bad.sum())
     if n:
-        if int(errors[count_slot]) == 0:
-            errors[value_slot] = int(values[bad][0])
+        errors[value_slot] = K.merge_example(int(errors[value_slot]), int(values[bad].min()))
         errors[count_slot] += n
 
 
@@ -118,7 +122,8 @@ def step_reference(
     label outside [0, C) (other than ``ignore_index``) or an index outside
     [0, N) are recorded in ``errors`` and contribute nothing.  Rows with
     non-finite loss are recorded and leave the state untouched.  When an index
-    repeats within the batch, only its first finite row updates the state.
+    repeats within the batch, only its first finite row updates the state (on
+    every device: the kernel settles duplicates after all rows have run).
     """
     B, C = logits.shape
     N = scores.numel()
@@ -249,21 +254,32 @@ def rank_among(values: torch.Tensor, mask: torch.Tensor, descending: bool) -> to
     return torch.where(mask, rank, torch.full_like(rank, n))
 
 
+def fraction_of(count: torch.Tensor, ratio: float) -> torch.Tensor:
+    """floor(ratio * count) as a 0-d int64 tensor: in float64, exact for any dataset size (float32, the
+    default for int * float, is off above 2**24)."""
+    return torch.floor(count.to(torch.float64) * ratio).to(torch.int64)
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of ``values[mask]`` (0 when empty) as a 0-d float32, summed in float64 with an int64 count."""
+    n = mask.sum()
+    total = torch.where(mask, values, torch.zeros_like(values)).sum(dtype=torch.float64)
+    return (total / n.clamp_min(1)).to(torch.float32)
+
+
 def noise_mask(scores, consistency, seen, noise_ratio: float) -> torch.Tensor:
     """The floor(noise_ratio * n_seen) least consistent samples among those with above-median loss."""
     med = masked_median(scores, seen)
     high = seen & (scores > med)
-    k = torch.floor(seen.sum() * noise_ratio).to(torch.int64)
+    k = fraction_of(seen.sum(), noise_ratio)
     return high & (rank_among(consistency, high, descending=False) < k)
 
 
 def consistency_stats(consistency, mask) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean and standard deviation of ``consistency[mask]`` (0 and 1 when empty)."""
-    m = mask.to(torch.float32)
-    n = m.sum()
-    mu = (consistency * m).sum() / n.clamp_min(1.0)
-    var = (((consistency - mu) ** 2) * m).sum() / n.clamp_min(1.0)
-    sd = torch.where(n > 1, var.sqrt(), torch.ones_like(var))
+    mu = masked_mean(consistency, mask)
+    var = masked_mean((consistency - mu) ** 2, mask)
+    sd = torch.where(mask.sum() > 1, var.sqrt(), torch.ones_like(var))
     return mu, sd
 
 
@@ -297,11 +313,11 @@ def policy_stats(cls, prio, keep_count: int, max_drop: float) -> PolicyStats:
     n_unseen = unseen.sum()
     n_elig = elig.sum()
     budget = (keep_count - n_unseen).clamp_min(0)
-    mean_p = (torch.where(elig, prio, torch.zeros_like(prio)).sum() / n_elig.clamp_min(1)).to(torch.float32)
+    mean_p = masked_mean(prio, elig)
     low = elig & (prio < mean_p)
     n_low = low.sum()
     want = (n_unseen + n_elig - keep_count).clamp_min(0)
-    drop = (want.to(torch.float32) / n_low.clamp_min(1).to(torch.float32)).clamp(0.0, max_drop)
+    drop = (want.to(torch.float64) / n_low.clamp_min(1)).clamp(0.0, max_drop).to(torch.float32)
     return PolicyStats(budget=budget, mean_p=mean_p, drop_prob=drop, up_weight=1.0 / (1.0 - drop))
 
 

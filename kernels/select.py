@@ -3,9 +3,21 @@
 The per-sample work is two fused elementwise passes over the N scores
 (``priority_kernel``, ``finalize_kernel``).  The order statistics between
 them (median, ranks, the final shuffle) use ``torch.sort``-based helpers from
-``reference.py``, which are the best tool for them on a GPU.  Random draws use
-the same counter-based Philox as the reference, so every device makes the
-same decisions from the same state.
+``reference.py``.
+
+What is the same on every device, from the same state:
+- exactly: every random draw (the counter-based Philox of ``reference.py``, bit
+  for bit), the noise filter (a median, ranks and an integer budget), the
+  ``full`` and ``random`` policies, and the shuffle of a given kept set;
+- within a few float32 ulps: the consistency mean and standard deviation and
+  the infobatch mean priority (sums, added in another order on a GPU) and
+  the priorities (``tl.exp`` here, ``torch.sigmoid`` in the reference).  So
+  ``topk`` and ``infobatch`` may decide differently for a sample whose
+  priority lies within that distance of the k-th priority or of the mean
+  (and, for infobatch, whose draw lies within the resulting change of the
+  drop probability, a ratio of those counts); every other sample's decision,
+  and the order of the samples kept on both, is the same.
+  ``tests/test_select_kernel.py`` checks both.
 """
 
 from __future__ import annotations

@@ -6,6 +6,17 @@ weighted batch loss with respect to the logits (optionally in place), the
 sample's EMA score, visit count and consistency.  Nothing here talks to the
 host: bad labels, bad indices, non-finite rows and duplicate indices are
 counted in a small device buffer that the pruner reads asynchronously.
+
+Duplicate indices in one batch: the contract (``reference.step_reference``) is
+that the first finite row of an index updates its state, on every device.
+Rows claim their sample with an atomic exchange of its stamp; the row that
+claims first (whichever program the GPU ran first) updates the state and
+leaves the state it read in a per-row scratch buffer; the others count
+themselves as duplicates.  A second, one-program launch (``settle_kernel``)
+then rewrites each duplicated sample from its lowest row and the saved state,
+so the result does not depend on scheduling; without duplicates it reads one
+counter and exits.  The launch boundary orders every write of the first
+kernel before the second reads.
 """
 
 from __future__ import annotations
@@ -29,6 +40,7 @@ TILES = (
     (None, 1, 4096, 512, False, 8),
 )
 MAX_CLASSES = K.MAX_CLASSES
+SETTLE_BLOCK, SETTLE_WARPS = 256, 4  # rows per pass of settle_kernel's one program, and its warps
 
 
 @dataclass(frozen=True)
@@ -64,14 +76,104 @@ def _col_mask(cols, C, VEC: tl.constexpr):
 
 
 @triton.jit
-def _record_error(err_ptr, count_slot: tl.constexpr, value_slot: tl.constexpr, bad, rows, values, BIG):
+def _record_error(err_ptr, count_slot: tl.constexpr, value_slot: tl.constexpr, bad, values):
+    """Count ``bad`` rows and keep the smallest offending value (order-independent: see common.example_key)."""
     cnt = tl.sum(bad.to(tl.int64), axis=0)
     if cnt > 0:
-        old = tl.atomic_add(err_ptr + count_slot, cnt)
-        if old == 0:
-            first = tl.min(tl.where(bad, rows, BIG), axis=0)
-            example = tl.sum(tl.where(rows == first, values, 0), axis=0)
-            tl.store(err_ptr + value_slot, example)
+        tl.atomic_add(err_ptr + count_slot, cnt, sem="relaxed")
+        key = (values.to(tl.int64) ^ 9223372036854775807).to(tl.uint64, bitcast=True)
+        tl.atomic_max(err_ptr.to(tl.pointer_type(tl.uint64)) + value_slot, tl.max(tl.where(bad, key, 0), axis=0),
+                      sem="relaxed")
+
+
+@triton.jit
+def _cosine_rows(emb_ptr, text_ptr, e_rows, t_rows, need, D, BLOCK_D: tl.constexpr, length: tl.constexpr):
+    """cos(emb row, text row) for each of ``length`` rows where ``need``; norms clamped at 1e-8."""
+    dot = tl.zeros([length], tl.float32)
+    ee = tl.zeros([length], tl.float32)
+    tt = tl.zeros([length], tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        dcols = d0 + tl.arange(0, BLOCK_D)
+        dm = need[:, None] & (dcols < D)[None, :]
+        ev = tl.load(emb_ptr + e_rows[:, None] + dcols[None, :], mask=dm, other=0.0).to(tl.float32)
+        tv = tl.load(text_ptr + t_rows[:, None] + dcols[None, :], mask=dm, other=0.0).to(tl.float32)
+        dot += tl.sum(ev * tv, axis=1)
+        ee += tl.sum(ev * ev, axis=1)
+        tt += tl.sum(tv * tv, axis=1)
+    return dot / (tl.maximum(tl.sqrt(ee), 1e-8) * tl.maximum(tl.sqrt(tt), 1e-8))
+
+
+@triton.jit(do_not_specialize=["B", "step_id"])
+def settle_kernel(indices_ptr, scores_ptr, cons_ptr, stamp_ptr, scratch_i_ptr, scratch_f_ptr, dups_ptr, B, step_id,
+                  ema, EMB_MODE: tl.constexpr, FIX: tl.constexpr):
+    """One program, after ``fused_step_kernel``: when the batch had duplicates, each duplicated sample's state
+    becomes the update of its lowest row from the state its first claimant read, as if only that row had run.
+
+    O(B) in passes of FIX rows separated by barriers: the duplicated samples' stamps are marked, then hold
+    the lowest updating row (an atomic max of -2 - row), the claimant's saved state goes to that row, which
+    writes the update, and the stamps are restored.  Data that other threads change is read at L2 (``.cg``).
+    """
+    if tl.load(dups_ptr) > 0:
+        _settle(indices_ptr, scores_ptr, cons_ptr, stamp_ptr, scratch_i_ptr, scratch_f_ptr, B, step_id, ema,
+                EMB_MODE, FIX)
+        tl.debug_barrier()
+        tl.store(dups_ptr, 0)  # zero again for the next step
+
+
+@triton.jit
+def _settle(indices_ptr, scores_ptr, cons_ptr, stamp_ptr, scratch_i_ptr, scratch_f_ptr, B, step_id, ema,
+            EMB_MODE: tl.constexpr, FIX: tl.constexpr):
+    MARK = -2147483648
+    for r0 in range(0, B, FIX):  # 1: mark every duplicated sample
+        rr = r0 + tl.arange(0, FIX)
+        dup = tl.load(scratch_i_ptr + 4 * B + rr, mask=rr < B, other=0, cache_modifier=".cg") == 2
+        n = tl.load(indices_ptr + rr, mask=dup, other=0).to(tl.int64)
+        tl.store(stamp_ptr + n, tl.full([FIX], MARK, tl.int32), mask=dup)
+    tl.debug_barrier()
+    for r0 in range(0, B, FIX):  # 2: a marked sample's stamp becomes -2 - (its lowest updating row)
+        rr = r0 + tl.arange(0, FIX)
+        upd = tl.load(scratch_i_ptr + 4 * B + rr, mask=rr < B, other=0, cache_modifier=".cg") > 0
+        n = tl.load(indices_ptr + rr, mask=upd, other=0).to(tl.int64)
+        marked = upd & (tl.load(stamp_ptr + n, mask=upd, other=0, cache_modifier=".cg") < 0)
+        tl.atomic_max(stamp_ptr + n, -2 - rr, mask=marked, sem="relaxed")
+    tl.debug_barrier()
+    for r0 in range(0, B, FIX):  # 3: a claimant that is not its sample's lowest row hands its saved state on
+        rr = r0 + tl.arange(0, FIX)
+        claimed = tl.load(scratch_i_ptr + 4 * B + rr, mask=rr < B, other=0, cache_modifier=".cg") == 1
+        n = tl.load(indices_ptr + rr, mask=claimed, other=0).to(tl.int64)
+        low = -2 - tl.load(stamp_ptr + n, mask=claimed, other=0, cache_modifier=".cg")
+        hand = claimed & (low >= 0) & (low != rr)
+        low = tl.where(hand, low, 0)
+        tl.store(scratch_f_ptr + B + low, tl.load(scratch_f_ptr + B + rr, mask=hand, cache_modifier=".cg"), mask=hand)
+        tl.store(scratch_f_ptr + 2 * B + low, tl.load(scratch_f_ptr + 2 * B + rr, mask=hand, cache_modifier=".cg"),
+                 mask=hand)
+        tl.store(scratch_i_ptr + 5 * B + low, tl.load(scratch_i_ptr + 5 * B + rr, mask=hand, cache_modifier=".cg"),
+                 mask=hand)
+    tl.debug_barrier()
+    for r0 in range(0, B, FIX):  # 4: a duplicate row that is its sample's lowest writes the sample's update
+        rr = r0 + tl.arange(0, FIX)
+        dup = tl.load(scratch_i_ptr + 4 * B + rr, mask=rr < B, other=0, cache_modifier=".cg") == 2
+        n = tl.load(indices_ptr + rr, mask=dup, other=0).to(tl.int64)
+        win = dup & (tl.load(stamp_ptr + n, mask=dup, other=0, cache_modifier=".cg") == -2 - rr)
+        first = tl.load(scratch_i_ptr + 5 * B + rr, mask=win, other=1, cache_modifier=".cg") == 0
+        s_pre = tl.load(scratch_f_ptr + B + rr, mask=win, other=0.0, cache_modifier=".cg")
+        nll = tl.load(scratch_f_ptr + rr, mask=win, other=0.0, cache_modifier=".cg")
+        tl.store(scores_ptr + n, tl.where(first, nll, ema * s_pre + (1.0 - ema) * nll), mask=win)
+        if EMB_MODE != 0:
+            cos = tl.load(scratch_f_ptr + 3 * B + rr, mask=win, other=0.0, cache_modifier=".cg")
+            if EMB_MODE == 1:
+                need = win & first  # a fixed table's cosine is cached on the first visit only
+            else:
+                need = win
+                c_pre = tl.load(scratch_f_ptr + 2 * B + rr, mask=win, other=0.0, cache_modifier=".cg")
+                cos = tl.where(first, cos, ema * c_pre + (1.0 - ema) * cos)
+            tl.store(cons_ptr + n, cos, mask=need)
+    tl.debug_barrier()
+    for r0 in range(0, B, FIX):  # 5: the duplicated samples' stamps say "updated in this step" again
+        rr = r0 + tl.arange(0, FIX)
+        dup = tl.load(scratch_i_ptr + 4 * B + rr, mask=rr < B, other=0, cache_modifier=".cg") == 2
+        n = tl.load(indices_ptr + rr, mask=dup, other=0).to(tl.int64)
+        tl.store(stamp_ptr + n, tl.full([FIX], 0, tl.int32) + step_id, mask=dup)
 
 
 # Integer arguments are never specialised on their values (B = 1, C % 16, ...): the launcher
@@ -81,7 +183,7 @@ def _record_error(err_ptr, count_slot: tl.constexpr, value_slot: tl.constexpr, b
 def fused_step_kernel(
     logits_ptr, grad_ptr, labels_ptr, indices_ptr, emb_ptr, text_ptr,
     scores_ptr, visits_ptr, cons_ptr, weights_ptr, stamp_ptr, err_ptr,
-    ce_ptr, contrib_ptr, correct_ptr,
+    ce_ptr, contrib_ptr, correct_ptr, scratch_i_ptr, scratch_f_ptr, dups_ptr,
     B, C, N, D, stride_l, stride_g, stride_e, stride_t,
     step_id, write_grad, ignore_index, ema, scale, smoothing,
     BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -91,15 +193,15 @@ def fused_step_kernel(
     rows = pid * BLOCK_B + tl.arange(0, BLOCK_B)
     row_in = rows < B
     rows64 = rows.to(tl.int64)
-    BIG = 2147483647
 
-    y = tl.load(labels_ptr + rows64, mask=row_in, other=0)
-    n = tl.load(indices_ptr + rows64, mask=row_in, other=0)
+    # Labels and indices in 64 bits whatever their stored type: they scale row strides below.
+    y = tl.load(labels_ptr + rows64, mask=row_in, other=0).to(tl.int64)
+    n = tl.load(indices_ptr + rows64, mask=row_in, other=0).to(tl.int64)
     ignored = y == ignore_index
     bad_label = row_in & (~ignored) & ((y < 0) | (y >= C))
     bad_index = row_in & ((n < 0) | (n >= N))
-    _record_error(err_ptr, 0, 1, bad_label, rows, y, BIG)
-    _record_error(err_ptr, 2, 3, bad_index, rows, n, BIG)
+    _record_error(err_ptr, 0, 1, bad_label, y)
+    _record_error(err_ptr, 2, 3, bad_index, n)
     ok = row_in & (~ignored) & (~bad_label) & (~bad_index)
     y = tl.where(ok, y, 0)
     n = tl.where(ok, n, 0)
@@ -170,49 +272,46 @@ def fused_step_kernel(
     nll = lse - z_y
     ce = tl.where(smoothing > 0, lse - (1.0 - smoothing) * z_y - smoothing * (z_sum * inv_c), nll)
     finite = (ce == ce) & (tl.abs(ce) != float("inf"))
-    _record_error(err_ptr, 4, 5, ok & (~finite), rows, rows64, BIG)
+    _record_error(err_ptr, 4, 5, ok & (~finite), rows64)
     tl.store(ce_ptr + rows64, tl.where(ok, ce, 0.0), mask=row_in)
     tl.store(contrib_ptr + rows64, tl.where(ok, w * ce * scale, 0.0), mask=row_in)
     correct = ok & finite & (arg == y.to(tl.int32))
     tl.store(correct_ptr + rows64, correct.to(tl.int8), mask=row_in)
 
-    # ---- state update: one row per index per step (the stamp makes duplicates safe) ----
+    # ---- state update: the first row to claim a sample updates it; duplicates are settled last ----
+    # Each row also leaves in scratch what settle_kernel needs for duplicates: its loss and
+    # status (0 no update, 1 claimed first, 2 duplicate), the state its claimant read, a duplicate's cosine.
     upd = ok & finite
-    old_stamp = tl.atomic_xchg(stamp_ptr + n, step_id, mask=upd)
+    old_stamp = tl.atomic_xchg(stamp_ptr + n, step_id, mask=upd, sem="relaxed")
     dup = upd & (old_stamp == step_id)
-    _record_error(err_ptr, 6, 7, dup, rows, n, BIG)
-    upd = upd & (~dup)
-    v = tl.load(visits_ptr + n, mask=upd, other=0)
+    _record_error(err_ptr, 6, 7, dup, n)
+    claimed = upd & (~dup)
+    tl.store(scratch_i_ptr + 4 * B + rows64, tl.where(dup, 2, tl.where(claimed, 1, 0)), mask=row_in)
+    tl.store(scratch_f_ptr + rows64, nll, mask=row_in)
+    v = tl.load(visits_ptr + n, mask=claimed, other=0)
+    tl.store(scratch_i_ptr + 5 * B + rows64, v, mask=claimed)
+    tl.store(visits_ptr + n, v + 1, mask=claimed)
     first = v == 0
-    s_old = tl.load(scores_ptr + n, mask=upd & (~first), other=0.0)
-    s_new = tl.where(first, nll, ema * s_old + (1.0 - ema) * nll)
-    tl.store(scores_ptr + n, s_new, mask=upd)
-    tl.store(visits_ptr + n, v + 1, mask=upd)
-
+    s_old = tl.load(scores_ptr + n, mask=claimed & (~first), other=0.0)
+    tl.store(scratch_f_ptr + B + rows64, s_old, mask=claimed)
+    tl.store(scores_ptr + n, tl.where(first, nll, ema * s_old + (1.0 - ema) * nll), mask=claimed)
     if EMB_MODE != 0:
         if EMB_MODE == 1:
-            need = upd & first  # fixed table: computed once, on the first visit
+            need = claimed & first  # fixed table: computed once, on the first visit
             e_rows = n * stride_e
         else:
-            need = upd
+            need = claimed
             e_rows = rows64 * stride_e
-        t_rows = y * stride_t
-        dot = tl.zeros([BLOCK_B], tl.float32)
-        ee = tl.zeros([BLOCK_B], tl.float32)
-        tt = tl.zeros([BLOCK_B], tl.float32)
-        for d0 in range(0, D, BLOCK_D):
-            dcols = d0 + tl.arange(0, BLOCK_D)
-            dm = need[:, None] & (dcols < D)[None, :]
-            ev = tl.load(emb_ptr + e_rows[:, None] + dcols[None, :], mask=dm, other=0.0).to(tl.float32)
-            tv = tl.load(text_ptr + t_rows[:, None] + dcols[None, :], mask=dm, other=0.0).to(tl.float32)
-            dot += tl.sum(ev * tv, axis=1)
-            ee += tl.sum(ev * ev, axis=1)
-            tt += tl.sum(tv * tv, axis=1)
-        cos = dot / (tl.maximum(tl.sqrt(ee), 1e-8) * tl.maximum(tl.sqrt(tt), 1e-8))
+        cos = _cosine_rows(emb_ptr, text_ptr, e_rows, y * stride_t, need | dup, D, BLOCK_D, BLOCK_B)
+        tl.store(scratch_f_ptr + 3 * B + rows64, cos, mask=dup)
         if EMB_MODE == 2:
-            c_old = tl.load(cons_ptr + n, mask=upd & (~first), other=0.0)
+            c_old = tl.load(cons_ptr + n, mask=claimed & (~first), other=0.0)
+            tl.store(scratch_f_ptr + 2 * B + rows64, c_old, mask=claimed)
             cos = tl.where(first, cos, ema * c_old + (1.0 - ema) * cos)
         tl.store(cons_ptr + n, cos, mask=need)
+    n_dup = tl.sum(dup.to(tl.int32), axis=0)
+    if n_dup > 0:
+        tl.atomic_add(dups_ptr, n_dup, sem="relaxed")
 
 
 @triton.jit(do_not_specialize=["B", "C", "stride_g"])
@@ -266,12 +365,16 @@ def launch_step(
     ce: torch.Tensor | None = None,
     contrib: torch.Tensor | None = None,
     correct: torch.Tensor | None = None,
+    dups: torch.Tensor | None = None,
 ) -> StepOutput:
     """Launch the fused step; same contract as ``reference.step_reference``.
 
     ``logits`` must have unit column stride (any row stride); ``grad`` likewise
-    and may alias ``logits``.  Inputs are assumed validated by the caller for
-    shape, dtype and device; values are checked on the device.
+    and may alias ``logits``.  ``dups`` is a one-element int32 zero that the
+    step leaves zero (the count of duplicate rows between its two launches; a
+    caller that steps often keeps one, and steps that share it must be
+    stream-ordered).  Inputs are assumed validated by the caller for shape,
+    dtype and device; values are checked on the device.
     """
     B, C = logits.shape
     cfg = step_config(C)
@@ -284,19 +387,24 @@ def launch_step(
     ce = torch.empty(B, dtype=torch.float32, device=dev) if ce is None else ce
     contrib = torch.empty(B, dtype=torch.float32, device=dev) if contrib is None else contrib
     correct = torch.empty(B, dtype=torch.int8, device=dev) if correct is None else correct
+    dups = torch.zeros(1, dtype=torch.int32, device=dev) if dups is None else dups
+    scratch = torch.empty(6 * B, dtype=torch.int32, device=dev)  # per-row state for settle_kernel
     if emb_mode == K.EMB_NONE:
         emb = text = scores  # unused placeholders
         D, stride_e, stride_t = 1, 0, 0
     else:
         D, stride_e, stride_t = emb.shape[1], emb.stride(0), text.stride(0)
+    scratch_f = scratch.view(torch.float32)
     grid = (triton.cdiv(B, cfg.BLOCK_B),)
     fused_step_kernel[grid](
         logits, g, labels, indices, emb, text,
         scores, visits, consistency, weights, stamp, errors,
-        ce, contrib, correct,
+        ce, contrib, correct, scratch, scratch_f, dups,
         B, C, scores.numel(), D, logits.stride(0), g.stride(0), stride_e, stride_t,
         step_id, int(write_grad), ignore_index, ema, scale, label_smoothing,
         BLOCK_B=cfg.BLOCK_B, BLOCK_C=cfg.BLOCK_C, BLOCK_D=cfg.BLOCK_D, SINGLE=cfg.SINGLE, VEC=vec,
         EMB_MODE=emb_mode, num_warps=cfg.num_warps,
     )
+    settle_kernel[(1,)](indices, scores, consistency, stamp, scratch, scratch_f, dups, B, step_id, ema,
+                        EMB_MODE=emb_mode, FIX=SETTLE_BLOCK, num_warps=SETTLE_WARPS)
     return StepOutput(ce=ce, contrib=contrib, correct=correct.view(torch.bool), grad=grad)

@@ -13,6 +13,9 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from fastprune.kernels import common as K  # noqa: E402
+# The kernels are decorated once, when first imported: import them now, with the interpreter on, so that a
+# test that switches it off for a while (``reference_path``) cannot be the first to import them.
+from fastprune.kernels import select, step  # noqa: E402, F401
 
 
 def make_state(n: int, seed: int = 0) -> dict:

@@ -114,7 +114,7 @@ def device_recorded_error(rank, world):
     train_epoch(pruner, pruner.epoch_indices[:8])
     if rank == 1:  # what the kernel records for a bad label when nothing polls the counters
         pruner._errors[K.ERR_LABEL_COUNT] += 1
-        pruner._errors[K.ERR_LABEL_VALUE] = C + 3
+        pruner._errors[K.ERR_LABEL_VALUE] = K.example_key(C + 3)
     pruner.next_epoch()
     return "finished"
 

@@ -115,3 +115,73 @@ def test_random_words_do_not_depend_on_the_chunking(monkeypatch):
     chunked = R.random_words(12345, 50, 3, K.STREAM_SHUFFLE, "cpu")
     assert all(torch.equal(a, b) for a, b in zip(whole, chunked))
     assert whole[0].unique().numel() > 45  # words, not a constant
+
+
+def test_counts_that_become_sizes_are_exact_beyond_2_to_the_24():
+    """floor(noise_ratio * n_seen) for 100M samples: float32 (the default for int * float) gave 30,000,004."""
+    n = torch.tensor(100_000_007)
+    assert int(R.fraction_of(n, 0.3)) == 30_000_002
+    assert int(torch.floor(n * 0.3)) != 30_000_002  # the float32 product this replaces
+    mask = torch.zeros(1 << 25, dtype=torch.bool)
+    mask[:3] = True
+    values = torch.full((1 << 25,), 1e30)
+    values[:3] = torch.tensor([1.0, 2.0, 4.0])
+    assert float(R.masked_mean(values, mask)) == pytest.approx(7 / 3, rel=1e-7)
+
+
+def assert_same_up_to_rounding(a, b, visits, policy: str, seed: int, epoch: int, ulps: int = 8) -> int:
+    """Two selections from the same state on two devices obey kernels/select.py's contract: the noise filter,
+    ``full`` and ``random`` are identical; ``topk`` and ``infobatch`` differ only for samples within ``ulps``
+    float32 ulps of their threshold (infobatch: or whose draw lies between the two drop probabilities), and
+    samples kept by both come in the same order.  Returns how many decisions differ."""
+    assert torch.equal(a.noisy, b.noisy)
+    if policy in ("full", "random"):
+        assert torch.equal(a.order, b.order) and torch.equal(a.weights, b.weights)
+        return 0
+    n = visits.numel()
+    changed = a.keep ^ b.keep
+    elig = (visits > 0) & ~a.noisy
+    tol = ulps * 2.0 ** -23 * a.priority[elig].abs().max()
+    if policy == "topk":
+        kth = a.priority[elig].sort(descending=True).values[int(a.n_keep) - int((visits == 0).sum()) - 1]
+        allowed = (a.priority - kth).abs() <= tol
+    else:
+        mean = a.priority[elig].double().mean().float()
+        u = R.uniform_from_word(R.random_words(seed, n, epoch, K.STREAM_DROP, "cpu")[0])
+        lo, hi = sorted((float(a.drop_prob), float(b.drop_prob)))
+        allowed = ((a.priority - mean).abs() <= tol) | ((u >= lo - 1e-7) & (u <= hi + 1e-7))
+    assert not (changed & ~allowed).any(), f"{int((changed & ~allowed).sum())} decisions changed away from a threshold"
+    same = a.keep & b.keep  # samples kept on both devices come in the same order
+    assert torch.equal(a.order[same[a.order]], b.order[same[b.order]])
+    up = abs(1 / (1 - float(a.drop_prob)) - 1 / (1 - float(b.drop_prob)))  # infobatch's unbiasing weight
+    assert (a.weights[~changed] - b.weights[~changed]).abs().max() <= up + 1e-6
+    return int(changed.sum())
+
+
+@pytest.mark.parametrize("policy", ["full", "random", "topk", "infobatch"])
+def test_what_another_device_may_change(policy):
+    """The contract of kernels/select.py, with another device modelled by priorities a few ulps off (exp and
+    summation order differ there) and samples placed exactly on the thresholds."""
+    n = 21_000
+    _, visits, _ = random_state(n, seed=4)
+    scores = (torch.arange(n) % 3 + 1).float()  # ties: many samples sit exactly on the k-th priority
+    cons = torch.full((n,), 0.25)
+    noise = 0.1
+    if policy == "infobatch":  # every sample eligible; 30 sit exactly on the mean priority
+        visits, noise = torch.ones(n, dtype=torch.int32), 0.0
+        scores = torch.where(torch.arange(n) < 30, 2.0, torch.where(torch.arange(n) % 2 == 0, 1.0, 3.0))
+    kw = dict(use_consistency=True, policy=policy, keep_ratio=0.6, noise_ratio=noise, semantic_weight=1.5,
+              max_drop=0.9, seed=9, epoch=3)
+    wobble = torch.randint(-4, 5, (n,), generator=torch.Generator().manual_seed(1)).float() * 2.0 ** -23
+
+    def other_device(*args, **kwargs):
+        cls, prio = R.priority_reference(*args, **kwargs)
+        return cls, prio * (1 + wobble)
+
+    a = R.select_reference(scores, visits, cons, **kw)
+    b = R.select_reference(scores, visits, cons, priority=other_device, **kw)
+    changed = assert_same_up_to_rounding(a, b, visits, policy, seed=9, epoch=3)
+    if policy in ("topk", "infobatch"):
+        assert 0 < changed < n // 4  # the samples on the thresholds do move (the test bites); the rest stays
+    if noise:
+        assert a.noisy.any()
