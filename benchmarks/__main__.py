@@ -3,48 +3,62 @@
 Writes ``DIR/<device>-<date>.json`` (one record per configuration and method: bench, device, versions, dtype,
 sizes, median and IQR in microseconds, and each benchmark's own figures) after every benchmark, and
 regenerates the tables in BENCHMARKS.md.  Runs with ``--only`` on the same device and day add up in one file:
-a benchmark's new records replace its old ones.
+a benchmark's new records replace its old ones.  ``--max-seconds S`` lets each benchmark start configurations
+for S seconds only; its table names the ones left out (``python -m benchmarks.gpu_suite`` uses it).
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime as _dt
 import json
-import re
 from pathlib import Path
 
 from . import bench_distributed, bench_epoch, bench_loader, bench_select, bench_step
-from .report import machine, write_section
+from .report import add_max_seconds, machine, results_file, write_section
 
 BENCHES = {"step": bench_step, "select": bench_select, "loader": bench_loader, "epoch": bench_epoch,
            "distributed": bench_distributed}
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="fastprune bench", description=__doc__.split("\n\n")[0])
     ap.add_argument("--smoke", action="store_true", help="tiny sizes (CPU machines, CI): checks that all run")
     ap.add_argument("--out", default="results", help="directory for the JSON results (default results/)")
     ap.add_argument("--no-write", action="store_true", help="do not update BENCHMARKS.md")
     ap.add_argument("--only", nargs="+", choices=sorted(BENCHES), help="run only these")
     ap.add_argument("--cpu", action="store_true", help="measure on the CPU even with a GPU")
-    args = ap.parse_args(argv)
-    info = machine()
+    add_max_seconds(ap)  # per benchmark
+    return ap.parse_args(argv)
+
+
+def bench_flags(args: argparse.Namespace) -> list[str]:
+    """The flags every benchmark's own parser gets from this command."""
     flags = (["--smoke"] if args.smoke else []) + (["--cpu"] if args.cpu else [])
+    if args.max_seconds is not None:
+        flags += ["--max-seconds", f"{args.max_seconds:g}"]
+    return flags + ["--no-write"]  # this command writes the sections itself
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    info = machine()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    device = re.sub(r"[^A-Za-z0-9._-]+", "-", info["device"]).strip("-")
-    path = out / f"{device}-{info['date']}{'-smoke' if args.smoke else ''}.json"
+    path = results_file(out, info, args.smoke)
     names = args.only or list(BENCHES)
     records = _kept_records(path, names)
     for name in names:
         module = BENCHES[name]
         print(f"== {name}", flush=True)
-        recs, text, section = module.produce(module.parse_args(flags + ["--no-write"]), info)
+        recs, text, section = module.produce(module.parse_args(bench_flags(args)), info)
         print(text, flush=True)
+        measured_at = _dt.datetime.now().isoformat(timespec="seconds")
         for r in recs:
             r.setdefault("device", info["device"])
             r["versions"] = {k: info[k] for k in ("torch", "triton", "dali", "python") if k in info}
             r["smoke"] = args.smoke
+            r["measured_at"] = measured_at  # tells this run's records from older ones in the same file
         records += recs
         if not args.no_write:
             write_section(section, text)

@@ -1,6 +1,6 @@
 """The pruner under torch.distributed: bytes exchanged per epoch and ``next_epoch()`` time, K processes.
 
-    python -m benchmarks.bench_distributed [--smoke] [--ranks 2] [--no-write]
+    python -m benchmarks.bench_distributed [--smoke] [--ranks 2] [--no-write] [--max-seconds S]
 
 Spawns ``--ranks`` processes joined by a gloo group on the CPU (NCCL on GPUs when there are as many
 GPUs as ranks).  Each rank owns a pruner over N samples; an "epoch" marks this rank's shard as
@@ -23,7 +23,8 @@ import torch
 
 from fastprune.distributed import RankError, run_local
 
-from .report import base_parser, cli_main, describe, table
+from .goals import prose
+from .report import TimeBudget, base_parser, cli_main, describe, table
 from .timing import measure
 
 
@@ -95,10 +96,12 @@ def _rank_main(rank, world, n, reps, select) -> dict:
     return out
 
 
-def run(args) -> list[dict]:
+def run(args, budget: TimeBudget) -> list[dict]:
     records = []
     gpu = torch.cuda.is_available() and not args.cpu and torch.cuda.device_count() >= args.ranks
     for n in sizes(args.smoke, gpu):
+        if not budget.allows(f"N={n:,}"):
+            continue
         select = gpu or n <= args.select_limit
         reps = 3 if (args.smoke or n > 10_000_000) else 5
         res = run_local(_rank_main, args.ranks, n, reps, select, backend="nccl" if gpu else "gloo", timeout=1800,
@@ -120,7 +123,7 @@ def run(args) -> list[dict]:
     return records
 
 
-def render(records, info) -> str:
+def render(records, info, budget_note: str = "") -> str:
     rows = []
     for r in records:
         single = f"{r['single_process_us'] / 1000:.1f}" if "single_process_us" in r else "-"
@@ -134,8 +137,8 @@ def render(records, info) -> str:
     return (f"### Distributed epoch end — {describe(info)}\n\nOne epoch's merge of per-sample state over ranks and "
             f"the global selection (`next_epoch()`), or the merge alone (`sync()`) where the CPU selection would "
             f"dominate; median over repeats, slowest rank ({mode}; on the CPU each process uses cores / ranks "
-            f"threads, and the one-process baseline as many). The step path exchanges nothing.\n\n"
-            + table(headers, rows))
+            f"threads, and the one-process baseline as many). The step path exchanges nothing. {prose('distributed')}"
+            + budget_note + "\n\n" + table(headers, rows))
 
 
 def parse_args(argv=None):
@@ -147,8 +150,9 @@ def parse_args(argv=None):
 
 
 def produce(args, info) -> tuple[list[dict], str, str]:
-    records = run(args)
-    return records, render(records, info), f"distributed-{info['device']}"
+    budget = TimeBudget(args.max_seconds)
+    records = run(args, budget)
+    return records, render(records, info, budget.note()), f"distributed-{info['device']}"
 
 
 def main(argv=None) -> int:

@@ -1,6 +1,6 @@
 """End to end: epoch time at keep 1.0, 0.7 and 0.5, with the time split by where it goes.
 
-    python -m benchmarks.bench_epoch [--smoke] [--repeats 3] [--no-write]
+    python -m benchmarks.bench_epoch [--smoke] [--repeats 3] [--no-write] [--max-seconds S]
 
 The epoch time is the median of ``--repeats`` pruned epochs after a warm-up epoch on every sample.
 
@@ -26,7 +26,8 @@ from fastprune.data import ImageFolderIndex
 from fastprune.train import TrainConfig, build_model, make_loader
 
 from .bench_loader import make_dataset
-from .report import base_parser, cli_main, describe, table
+from .goals import prose
+from .report import TimeBudget, base_parser, cli_main, describe, table
 
 
 def one_epoch(model, opt, pruner, loader, device, split: bool) -> dict:
@@ -74,12 +75,14 @@ def one_epoch(model, opt, pruner, loader, device, split: bool) -> dict:
     return t
 
 
-def run(args) -> list[dict]:
+def run(args, budget: TimeBudget) -> list[dict]:
     device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
     root = make_dataset(Path(args.data), args.size)
     index = ImageFolderIndex(root, progress=False)
     records = []
-    for keep in (1.0, 0.7, 0.5):
+    for keep in (1.0, 0.7, 0.5):  # keep 1.0 first: the others are compared with it
+        if not budget.allows(f"keep {keep}"):
+            continue
         torch.manual_seed(0)
         model = build_model(args.arch, index.num_classes).to(device)
         if device.type == "cuda":
@@ -110,7 +113,7 @@ def run(args) -> list[dict]:
     return records
 
 
-def render(records, info, args) -> str:
+def render(records, info, args, budget_note: str = "") -> str:
     rows = []
     for r in records:
         sp = r["split_s"]
@@ -123,7 +126,7 @@ def render(records, info, args) -> str:
     head = (f"### Epoch time — {describe(info)}\n\n{records[0]['method']}, {args.size} generated JPEGs, "
             f"{args.image_size} px, batch {args.batch_size} ({mode}); epoch time: median of {args.repeats} epochs "
             "after a warm-up epoch; the split comes from one more epoch with a synchronisation after each part. "
-            "Goal: keep 0.7 <= 0.73x the full epoch.\n\n")
+            f"{prose('epoch')}{budget_note}\n\n")
     return head + table(["keep", "images", "epoch s", "IQR s", "vs keep 1.0", "images/s",
                          "split loader / fwd-bwd-opt / pruner"], rows)
 
@@ -151,8 +154,9 @@ def parse_args(argv=None):
 
 
 def produce(args, info) -> tuple[list[dict], str, str]:
-    records = run(args)
-    return records, render(records, info, args), f"epoch-{info['device']}"
+    budget = TimeBudget(args.max_seconds)
+    records = run(args, budget)
+    return records, render(records, info, args, budget.note()), f"epoch-{info['device']}"
 
 
 def main(argv=None) -> int:

@@ -1,6 +1,6 @@
 """Epoch selection: ``next_epoch()`` over N scores against torch.topk / torch.sort and a NumPy host version.
 
-    python -m benchmarks.bench_select [--smoke] [--no-write]
+    python -m benchmarks.bench_select [--smoke] [--no-write] [--max-seconds S]
 
 ``next_epoch`` (infobatch with noise filter and consistency, the most work) includes the hand-over of the
 index list to the host.  Baselines get the same scores: ``torch.topk`` of the kept count, ``torch.sort``
@@ -17,7 +17,8 @@ import torch
 
 import fastprune as fp
 
-from .report import base_parser, cli_main, describe, table
+from .goals import prose
+from .report import TimeBudget, base_parser, cli_main, describe, table
 from .timing import measure, peak_extra_bytes
 
 
@@ -39,10 +40,12 @@ def make_pruner(n: int, device, seed=0) -> fp.DynamicPruner:
     return pruner
 
 
-def run(args) -> list[dict]:
+def run(args, budget: TimeBudget) -> list[dict]:
     device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
     records = []
     for n in sizes(args.smoke, device):
+        if not budget.allows(f"N={n:,}"):
+            continue
         pruner = make_pruner(n, device)
         scores = pruner.scores.clone()
         k = int(0.7 * n)
@@ -70,7 +73,7 @@ def run(args) -> list[dict]:
     return records
 
 
-def render(records, info) -> str:
+def render(records, info, budget_note: str = "") -> str:
     methods = list(dict.fromkeys(r["method"] for r in records))
     rows = []
     for n in sorted({r["sizes"]["N"] for r in records}):
@@ -84,8 +87,8 @@ def render(records, info) -> str:
     mode = "CPU figures" if info["device"] == "cpu" else "GPU figures"
     return (f"### Epoch selection — {describe(info)}\n\n`next_epoch()` = infobatch keep 0.7 with the noise filter "
             f"and consistency, index list handed to the host; median ({mode}). Peak device memory: what "
-            "one `next_epoch()` allocates beyond the pruner's state, at its peak (CUDA). Goals (H100): <= 0.3 ms at "
-            "1.28M, <= 20 ms at 100M.\n\n" + table(headers, rows))
+            f"one `next_epoch()` allocates beyond the pruner's state, at its peak (CUDA). {prose('select')}"
+            + budget_note + "\n\n" + table(headers, rows))
 
 
 def parse_args(argv=None):
@@ -94,8 +97,9 @@ def parse_args(argv=None):
 
 
 def produce(args, info) -> tuple[list[dict], str, str]:
-    records = run(args)
-    return records, render(records, info), f"select-{info['device']}"
+    budget = TimeBudget(args.max_seconds)
+    records = run(args, budget)
+    return records, render(records, info, budget.note()), f"select-{info['device']}"
 
 
 def main(argv=None) -> int:

@@ -1,4 +1,7 @@
-"""Machine description, tables and the BENCHMARKS.md section writer shared by the benchmarks."""
+"""Machine description, tables, time budgets and the BENCHMARKS.md section writer shared by the benchmarks.
+
+Imports no torch at module level: the GPU suite's driver process uses it without touching the device.
+"""
 
 from __future__ import annotations
 
@@ -7,15 +10,18 @@ import datetime as _dt
 import os
 import platform
 import re
+import sys
+import time
 from pathlib import Path
 
-import torch
-
 BENCHMARKS_MD = Path(__file__).resolve().parent.parent / "BENCHMARKS.md"
+LEFT_OUT = "Not measured within the time budget"  # how a benchmark names what --max-seconds left out
 
 
 def machine() -> dict:
     """What the figures were measured on."""
+    import torch
+
     info = {
         "date": _dt.date.today().isoformat(),
         "python": platform.python_version(),
@@ -37,6 +43,12 @@ def machine() -> dict:
     except ImportError:
         pass
     return info
+
+
+def results_file(out: Path, info: dict, smoke: bool = False) -> Path:
+    """``out/<device>-<date>.json``: where ``python -m benchmarks`` keeps a device's records of one day."""
+    device = re.sub(r"[^A-Za-z0-9._-]+", "-", info["device"]).strip("-")
+    return Path(out) / f"{device}-{info['date']}{'-smoke' if smoke else ''}.json"
 
 
 def _cpu_name() -> str:
@@ -81,7 +93,40 @@ def base_parser(doc: str) -> argparse.ArgumentParser:
     ap.add_argument("--smoke", action="store_true", help="tiny sizes: checks that it runs")
     ap.add_argument("--cpu", action="store_true", help="measure on the CPU even with a GPU")
     ap.add_argument("--no-write", action="store_true", help="do not update BENCHMARKS.md")
+    add_max_seconds(ap)
     return ap
+
+
+def add_max_seconds(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--max-seconds", type=float, default=None,
+                    help="start no new configuration after this many seconds; the table names those left out")
+
+
+class TimeBudget:
+    """``--max-seconds``: a benchmark starts no new configuration once its budget is spent, and says which it
+    left out (on stderr at once, and in its table), so a short run trims figures visibly, never silently.
+    The first configuration always runs: every table gets a row."""
+
+    def __init__(self, max_seconds: float | None):
+        self.max_seconds = max_seconds
+        self.start = time.monotonic()
+        self.started = 0
+        self.left_out: list[str] = []
+
+    def allows(self, config: str) -> bool:
+        """Whether to measure ``config`` (a short description of it); if not, it is recorded as left out."""
+        if self.max_seconds is None or not self.started or time.monotonic() - self.start < self.max_seconds:
+            self.started += 1
+            return True
+        self.left_out.append(config)
+        print(f"{LEFT_OUT} (--max-seconds {self.max_seconds:g}): {config}", file=sys.stderr, flush=True)
+        return False
+
+    def note(self) -> str:
+        """The sentence a table's intro carries when configurations were left out ('' when none were)."""
+        if not self.left_out:
+            return ""
+        return f" {LEFT_OUT} (--max-seconds {self.max_seconds:g}): {'; '.join(self.left_out)}."
 
 
 def cli_main(parse_args, produce, argv=None) -> int:

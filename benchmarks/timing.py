@@ -10,20 +10,41 @@ from typing import Callable
 import torch
 
 
+SLOW_US = 100_000.0  # from here on, do_bench would time a single call (its 100 ms budget): ...
+SLOW_REPS = 3  # ... so such calls are timed this many times with the host clock instead
+
+
 def measure(fn: Callable[[], object], device: torch.device, reps: int = 20, warmup: int = 3) -> dict:
-    """Median and interquartile range of ``fn()`` in microseconds."""
+    """Median and interquartile range of ``fn()`` in microseconds.
+
+    On CUDA: ``do_bench`` for what takes under ``SLOW_US`` (after one warm-up call); slower calls (host-side
+    baselines at 100M samples, say) ``SLOW_REPS`` times with the host clock and a synchronisation, which gives
+    more samples in less time than ``do_bench``'s estimate-then-repeat does there.
+    """
     if device.type == "cuda":
         import triton.testing
 
+        fn()
+        probe = _host_timed_us(fn, device)
+        if probe > SLOW_US:
+            return _median_iqr([probe] + [_host_timed_us(fn, device) for _ in range(SLOW_REPS - 1)])
         q25, q50, q75 = triton.testing.do_bench(fn, warmup=25, rep=100, quantiles=[0.25, 0.5, 0.75])
         return {"median_us": q50 * 1e3, "iqr_us": (q75 - q25) * 1e3}
     for _ in range(warmup):
         fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e6)
+    return _median_iqr([_host_timed_us(fn, device) for _ in range(reps)])
+
+
+def _host_timed_us(fn: Callable[[], object], device: torch.device) -> float:
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
+    t0 = time.perf_counter()
+    fn()
+    sync()
+    return (time.perf_counter() - t0) * 1e6
+
+
+def _median_iqr(times: list[float]) -> dict:
     q = statistics.quantiles(times, n=4) if len(times) > 1 else [times[0]] * 3
     return {"median_us": statistics.median(times), "iqr_us": q[2] - q[0]}
 

@@ -23,9 +23,16 @@ def test_bench_smoke_writes_well_formed_records(tmp_path):
     records = data["records"]
     assert {r["bench"] for r in records} == {"step", "select", "loader", "epoch", "distributed"}
     for r in records:
-        for key in ("bench", "method", "device", "versions", "dtype", "sizes", "median_us", "iqr_us"):
+        for key in ("bench", "method", "device", "versions", "dtype", "sizes", "median_us", "iqr_us", "measured_at"):
             assert key in r, (key, r)
         assert r["median_us"] > 0 and r["iqr_us"] >= 0
+    from benchmarks.goals import GOALS
+
+    # the goals whose sizes a smoke run reaches read their values from real records, not only from samples
+    reached = {g.text for g in GOALS if g.measure(records) is not None}
+    assert {"fused / ce <= 0.7", "eager / fused >= 3", "keep 0.7 <= 0.73x the full epoch",
+            "DaliLoader's keep-0.7 epoch <= 0.73x its keep-1.0 epoch",
+            "<= 16 bytes per sample handed to the all-reduce per rank"} <= reached
     step = [r for r in records if r["bench"] == "step"]
     assert {"fused", "ce", "eager", "infobatch"} <= {r["method"] for r in step}
     assert all("GBps" in r and "ratio_to_fused" in r for r in step)
