@@ -110,16 +110,16 @@ def build_plan(out: Path, run_dir: Path, write: bool = True, wheels: Path | None
     py = python_cmd()
     parts = []
     if wheels is not None:
-        parts.append(Part("wheels", [*py, "-m", "benchmarks.wheels", str(wheels), "--target", str(site)], 45,
+        parts.append(Part("wheels", [*py, "-m", "benchmarks.wheels", str(wheels), "--target", str(site)], 15,
                           gpus=0, check=check_wheels,
-                          why="pip --no-index into the site folder, first on PYTHONPATH (unzip, ~20 s)"))
+                          why="pip --no-index into the site folder, first on PYTHONPATH; H100 2026-11-24: 5 s"))
     parts.append(Part("preflight", [*py, "-m", "benchmarks.preflight", "--json", str(run_dir / PREFLIGHT_JSON)],
                       30, gpus=0, check=check_preflight, exit_meanings={NO_CUDA: "no CUDA device"},
-                      why="imports torch, triton and the optional packages (~10 s)"))
+                      why="imports torch, triton and the optional packages; H100 2026-11-24: 14-18 s"))
     junit = run_dir / "tests-cuda.xml"
     parts.append(Part("tests/cuda", [*py, "-m", "pytest", *pytest_args(junit)], 90, junit=junit,
                       check=check_collect,
-                      why="compiled kernels vs the reference: compiling the specialisations dominates (~60 s)"))
+                      why="compiled kernels vs the reference; H100 2026-11-24: 39-46 s, mostly compiling"))
 
     def bench(name: str, limit: float | None, margin: float, why: str, **kw) -> Part:
         argv = [*py, "-m", "benchmarks", "--only", name, "--out", str(out)] + ([] if write else ["--no-write"])
@@ -127,13 +127,15 @@ def build_plan(out: Path, run_dir: Path, write: bool = True, wheels: Path | None
 
     dali_absent = "DALI absent: "
     parts += [
-        bench("select", 60, 40, "1.28M and 10M ~10 s; 100M ~30 s, mostly the NumPy host baseline (4 calls x 3 s)"),
-        bench("loader", 45, 20, "3000 JPEGs written by every core (~2 s), 2 loaders x 3 keeps x 4 epochs (~30 s)",
+        bench("select", 60, 40, "H100 2026-11-24: 39-40 s, mostly the NumPy host baseline at 100M"),
+        bench("loader", 60, 20, "H100 2026-11-24: 34-38 s for keeps 1.0 and 0.7 (PIL ~2.5 s an epoch, DALI 0.2 s); "
+              "keep 0.5 needs ~15 s more",
               absent={"nvidia.dali": dali_absent + "the torchvision DataLoader measured alone"}),
-        bench("epoch", 80, 25, "ResNet-50 over 5000 JPEGs, 59,000 images in all at ~2000 img/s (~30 s) + setup",
+        bench("epoch", 95, 25, "H100 2026-11-24: 38 s with DALI; 69 s with the PIL fallback (1000 img/s), which "
+              "then needs ~15 s more for keep 0.5",
               absent={"nvidia.dali": dali_absent + "the DataLoader fallback (PIL decode) fed the model"}),
         bench("distributed", 60, 35, "NCCL, one GPU per rank: 3 sizes x 2 spawned ranks (~50 s)", gpus=2),
-        bench("step", None, 45, "24 configurations x 6 methods (~90 s) + torch.compile's ~4 compiles (~75 s)",
+        bench("step", None, 45, "H100 2026-11-24: 68-89 s for 24 configurations x 7 methods, compiles included",
               absent={"liger_kernel": "Liger-Kernel absent: no liger baseline"}),
     ]
     return parts

@@ -69,8 +69,28 @@ def measure_graphed(fn: Callable[[], object], device: torch.device) -> dict | No
     return {"median_us": q50 * 1e3, "iqr_us": (q75 - q25) * 1e3}
 
 
+def host_enqueue_us(fn: Callable[[], object], calls: int = 20) -> float:
+    """Median host time of one ``fn()`` call without waiting for the device (CUDA): what the call costs the
+    host's side of a training step, which runs ahead of the GPU while the GPU has work queued."""
+    fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(calls):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e6)
+    torch.cuda.synchronize()
+    return statistics.median(times)
+
+
+SYNC_WARNING = "called a synchronizing CUDA operation"  # what PyTorch's sync debug mode warns, per sync
+
+
 def count_host_syncs(fn: Callable[[], object], device: torch.device) -> int | None:
-    """Synchronisations PyTorch reports while ``fn()`` runs (CUDA only; None elsewhere)."""
+    """Synchronisations PyTorch reports while ``fn()`` runs (CUDA only; None elsewhere).
+
+    Only PyTorch's per-sync warning counts: the debug mode's one-time "prototype feature" notice, which the
+    first call in a process also emits, is not a synchronisation."""
     if device.type != "cuda":
         return None
     torch.cuda.synchronize()
@@ -81,7 +101,7 @@ def count_host_syncs(fn: Callable[[], object], device: torch.device) -> int | No
             fn()
         finally:
             torch.cuda.set_sync_debug_mode(0)
-    return sum("synchroniz" in str(w.message).lower() for w in caught)
+    return sum(SYNC_WARNING in str(w.message) for w in caught)
 
 
 def peak_extra_bytes(fn: Callable[[], object], device: torch.device) -> int | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 import time
@@ -336,7 +337,8 @@ class DynamicPruner:
             emb_mode=mode, emb=emb, text=self.text_emb if mode != K.EMB_NONE else None, grad=grad,
             dups=self._dups)
         self._step_count += 1
-        self.last_step = out
+        # without the gradient: a second reference to it would make autograd copy it into .grad
+        self.last_step = dataclasses.replace(out, grad=None)
         if self.device.type == "cpu" or self.validate == "sync":
             self._check_errors(self._errors if self.device.type == "cpu" else self._errors.cpu())
         if not needs_grad:

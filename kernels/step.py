@@ -31,13 +31,13 @@ from . import common as K
 from .reference import StepOutput
 
 # Tile shapes by number of classes: (max C, BLOCK_B, BLOCK_C, BLOCK_D, single pass, num_warps).
-# C above the last single-pass size streams in 4096-wide chunks.
+# C above the last single-pass size streams in 2048-wide chunks.
 # Chosen so that no specialisation spills registers on sm_80/sm_90 (see kernels/aot.py).
 TILES = (
     (128, 16, 128, 128, True, 8),
     (1024, 2, 1024, 512, True, 4),
     (4096, 1, 4096, 512, True, 8),
-    (None, 1, 4096, 512, False, 8),
+    (None, 1, 2048, 512, False, 8),  # H100: 2048 x 8 warps beat 4096 x 8, 1024 x 4 and single 16384-wide passes
 )
 MAX_CLASSES = K.MAX_CLASSES
 SETTLE_BLOCK, SETTLE_WARPS = 256, 4  # rows per pass of settle_kernel's one program, and its warps
@@ -111,7 +111,9 @@ def settle_kernel(indices_ptr, scores_ptr, cons_ptr, stamp_ptr, scratch_i_ptr, s
 
     O(B) in passes of FIX rows separated by barriers: the duplicated samples' stamps are marked, then hold
     the lowest updating row (an atomic max of -2 - row), the claimant's saved state goes to that row, which
-    writes the update, and the stamps are restored.  Data that other threads change is read at L2 (``.cg``).
+    writes the update (also when it is the claimant: the value must come from one piece of compiled code, as the
+    compiler may contract ``ema * s + (1 - ema) * nll`` differently in each kernel), and the stamps are
+    restored.  Data that other threads change is read at L2 (``.cg``).
     """
     if tl.load(dups_ptr) > 0:
         _settle(indices_ptr, scores_ptr, cons_ptr, stamp_ptr, scratch_i_ptr, scratch_f_ptr, B, step_id, ema,
@@ -150,11 +152,11 @@ def _settle(indices_ptr, scores_ptr, cons_ptr, stamp_ptr, scratch_i_ptr, scratch
         tl.store(scratch_i_ptr + 5 * B + low, tl.load(scratch_i_ptr + 5 * B + rr, mask=hand, cache_modifier=".cg"),
                  mask=hand)
     tl.debug_barrier()
-    for r0 in range(0, B, FIX):  # 4: a duplicate row that is its sample's lowest writes the sample's update
-        rr = r0 + tl.arange(0, FIX)
-        dup = tl.load(scratch_i_ptr + 4 * B + rr, mask=rr < B, other=0, cache_modifier=".cg") == 2
-        n = tl.load(indices_ptr + rr, mask=dup, other=0).to(tl.int64)
-        win = dup & (tl.load(stamp_ptr + n, mask=dup, other=0, cache_modifier=".cg") == -2 - rr)
+    for r0 in range(0, B, FIX):  # 4: each duplicated sample's lowest row writes its update, claimant or not:
+        rr = r0 + tl.arange(0, FIX)  # this code computes every duplicated sample's value (FMA contraction may
+        upd = tl.load(scratch_i_ptr + 4 * B + rr, mask=rr < B, other=0, cache_modifier=".cg") > 0  # differ)
+        n = tl.load(indices_ptr + rr, mask=upd, other=0).to(tl.int64)
+        win = upd & (tl.load(stamp_ptr + n, mask=upd, other=0, cache_modifier=".cg") == -2 - rr)
         first = tl.load(scratch_i_ptr + 5 * B + rr, mask=win, other=1, cache_modifier=".cg") == 0
         s_pre = tl.load(scratch_f_ptr + B + rr, mask=win, other=0.0, cache_modifier=".cg")
         nll = tl.load(scratch_f_ptr + rr, mask=win, other=0.0, cache_modifier=".cg")
@@ -214,7 +216,7 @@ def fused_step_kernel(
     gscale = w * scale
     NEG_INF = float("-inf")
 
-    # ---- pass over the logits: online logsumexp, target logit, row sum, argmax ----
+    # ---- pass over the logits: logsumexp, target logit, row sum, argmax ----
     if SINGLE:
         cols = tl.arange(0, BLOCK_C)
         m2 = row_in[:, None] & _col_mask(cols, C, VEC)[None, :]
@@ -234,37 +236,39 @@ def fused_step_kernel(
             g = tl.where(ok[:, None], g, 0.0)
             tl.store(grad_ptr + g_rows[:, None] + cols[None, :], g.to(grad_ptr.dtype.element_ty), mask=m2)
     else:
+        # Streaming: each lane keeps its own partial sum of exp, row sum and (max, first column), so a chunk
+        # costs one block-wide reduction (the running maximum) instead of one per quantity; the target logit
+        # is one load.
+        z_y = tl.load(logits_ptr + l_rows + y, mask=ok, other=0.0).to(tl.float32)
         m = tl.full([BLOCK_B], NEG_INF, tl.float32)
-        denom = tl.zeros([BLOCK_B], tl.float32)
-        z_y = tl.zeros([BLOCK_B], tl.float32)
-        z_sum = tl.zeros([BLOCK_B], tl.float32)
-        best = tl.full([BLOCK_B], NEG_INF, tl.float32)
-        arg = tl.zeros([BLOCK_B], tl.int32)
+        d_lane = tl.zeros([BLOCK_B, BLOCK_C], tl.float32)
+        s_lane = tl.zeros([BLOCK_B, BLOCK_C], tl.float32)
+        best = tl.full([BLOCK_B, BLOCK_C], NEG_INF, tl.float32)
+        at = tl.zeros([BLOCK_B, BLOCK_C], tl.int32)
         for c0 in range(0, C, BLOCK_C):
             cols = c0 + tl.arange(0, BLOCK_C)
             m2 = row_in[:, None] & _col_mask(cols, C, VEC)[None, :]
             x = tl.load(logits_ptr + l_rows[:, None] + cols[None, :], mask=m2, other=NEG_INF).to(tl.float32)
-            bmax = tl.max(x, axis=1)
-            m_new = tl.maximum(m, bmax)
+            m_new = tl.maximum(m, tl.max(x, axis=1))
             m_safe = tl.where(m_new == NEG_INF, 0.0, m_new)
-            denom = denom * tl.exp(m - m_safe) + tl.sum(tl.exp(x - m_safe[:, None]), axis=1)
+            d_lane = d_lane * tl.exp(m - m_safe)[:, None] + tl.exp(x - m_safe[:, None])
             m = m_new
-            z_y += tl.sum(tl.where(cols[None, :] == y2, x, 0.0), axis=1)
-            z_sum += tl.sum(tl.where(m2, x, 0.0), axis=1)
-            barg = tl.argmax(x, axis=1) + c0
-            better = bmax > best
-            arg = tl.where(better, barg, arg)
-            best = tl.where(better, bmax, best)
+            s_lane += tl.where(m2, x, 0.0)
+            better = x > best  # strict: a lane keeps its first column of a tie
+            best = tl.where(better, x, best)
+            at = tl.where(better, cols[None, :], at)
         mx_safe = tl.where(m == NEG_INF, 0.0, m)
-        lse = mx_safe + tl.log(denom)
+        lse = mx_safe + tl.log(tl.sum(d_lane, axis=1))
+        z_sum = tl.sum(s_lane, axis=1)
+        top = tl.max(best, axis=1)
+        arg = tl.min(tl.where(best == top[:, None], at, 2147483647), axis=1)  # first column of the maximum
         if write_grad:
             for c0 in range(0, C, BLOCK_C):
                 cols = c0 + tl.arange(0, BLOCK_C)
                 m2 = row_in[:, None] & _col_mask(cols, C, VEC)[None, :]
                 x = tl.load(logits_ptr + l_rows[:, None] + cols[None, :], mask=m2, other=NEG_INF).to(tl.float32)
                 p = tl.exp(x - lse[:, None])
-                is_y = cols[None, :] == y2
-                g = (p - smoothing * inv_c - tl.where(is_y, 1.0 - smoothing, 0.0)) * gscale[:, None]
+                g = (p - smoothing * inv_c - tl.where(cols[None, :] == y2, 1.0 - smoothing, 0.0)) * gscale[:, None]
                 g = tl.where(ok[:, None], g, 0.0)
                 tl.store(grad_ptr + g_rows[:, None] + cols[None, :], g.to(grad_ptr.dtype.element_ty), mask=m2)
 
@@ -280,7 +284,7 @@ def fused_step_kernel(
 
     # ---- state update: the first row to claim a sample updates it; duplicates are settled last ----
     # Each row also leaves in scratch what settle_kernel needs for duplicates: its loss and
-    # status (0 no update, 1 claimed first, 2 duplicate), the state its claimant read, a duplicate's cosine.
+    # status (0 no update, 1 claimed first, 2 duplicate), the state its claimant read, its cosine.
     upd = ok & finite
     old_stamp = tl.atomic_xchg(stamp_ptr + n, step_id, mask=upd, sem="relaxed")
     dup = upd & (old_stamp == step_id)
@@ -303,7 +307,7 @@ def fused_step_kernel(
             need = claimed
             e_rows = rows64 * stride_e
         cos = _cosine_rows(emb_ptr, text_ptr, e_rows, y * stride_t, need | dup, D, BLOCK_D, BLOCK_B)
-        tl.store(scratch_f_ptr + 3 * B + rows64, cos, mask=dup)
+        tl.store(scratch_f_ptr + 3 * B + rows64, cos, mask=row_in)
         if EMB_MODE == 2:
             c_old = tl.load(cons_ptr + n, mask=claimed & (~first), other=0.0)
             tl.store(scratch_f_ptr + 2 * B + rows64, c_old, mask=claimed)
@@ -316,25 +320,32 @@ def fused_step_kernel(
 
 @triton.jit(do_not_specialize=["B", "C", "stride_g"])
 def scale_grad_kernel(grad_ptr, go_ptr, B, C, stride_g, BLOCK: tl.constexpr):
-    """grad *= grad_output, skipped on the device when grad_output == 1 (the usual case)."""
+    """grad *= grad_output, skipped on the device when grad_output == 1 (the usual case).
+
+    A fixed number of programs walk the (row, chunk) tiles, so the skipped case costs microseconds, not one
+    program per tile."""
     go = tl.load(go_ptr).to(tl.float32)
     if go != 1.0:
-        pid = tl.program_id(0)
         n_chunks = tl.cdiv(C, BLOCK)
-        row = (pid // n_chunks).to(tl.int64)
-        cols = (pid % n_chunks) * BLOCK + tl.arange(0, BLOCK)
-        ptrs = grad_ptr + row * stride_g + cols
-        g = tl.load(ptrs, mask=cols < C, other=0.0).to(tl.float32)
-        tl.store(ptrs, (g * go).to(grad_ptr.dtype.element_ty), mask=cols < C)
+        for t in range(tl.program_id(0), B * n_chunks, tl.num_programs(0)):
+            row = (t // n_chunks).to(tl.int64)
+            cols = (t % n_chunks) * BLOCK + tl.arange(0, BLOCK)
+            ptrs = grad_ptr + row * stride_g + cols
+            g = tl.load(ptrs, mask=cols < C, other=0.0).to(tl.float32)
+            tl.store(ptrs, (g * go).to(grad_ptr.dtype.element_ty), mask=cols < C)
 
 
 SCALE_BLOCK = 1024
+SCALE_PROGRAMS = 1024  # enough to stream at full bandwidth when scaling, few enough to exit in microseconds
 
 
 def launch_scale_grad(grad: torch.Tensor, grad_output: torch.Tensor) -> torch.Tensor:
     B, C = grad.shape
-    n_chunks = triton.cdiv(C, SCALE_BLOCK)
-    scale_grad_kernel[(B * n_chunks,)](grad, grad_output, B, C, grad.stride(0), BLOCK=SCALE_BLOCK, num_warps=4)
+    tiles = B * triton.cdiv(C, SCALE_BLOCK)
+    if tiles == 0:
+        return grad
+    scale_grad_kernel[(min(tiles, SCALE_PROGRAMS),)](grad, grad_output, B, C, grad.stride(0), BLOCK=SCALE_BLOCK,
+                                                     num_warps=4)
     return grad
 
 

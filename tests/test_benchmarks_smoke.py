@@ -42,34 +42,42 @@ def test_bench_smoke_writes_well_formed_records(tmp_path):
         assert table in proc.stdout
 
 
-def test_step_table_shows_cuda_graph_timings_when_present():
-    """GPU runs add CUDA-graph timings for the few-microsecond cases; the table must carry them."""
+def test_step_table_reads_device_times_on_a_gpu():
+    """GPU runs time every method that never synchronises from a CUDA graph: the table's times, ratios and GB/s
+    are those device times (a synchronising method keeps its wall time, marked), the host's enqueue and wall
+    times sit beside them; CPU runs keep the plain medians."""
     import argparse
 
     from benchmarks import bench_step
+    from benchmarks.goals import GOALS
 
     info = {"date": "2026-01-01", "device": "GPU", "cpu": "x", "cpu_cores": 1, "torch": "t"}
 
-    def rec(method, us, graph_us=None, B=256):
-        r = {"method": method, "dtype": "bfloat16", "sizes": {"B": B, "C": 1000, "D": 512}, "median_us": us,
-             "GBps": 1.0, "host_syncs": 0}
+    def rec(method, us, graph_us=None, B=256, host=None):
+        r = {"bench": "step", "method": method, "dtype": "bfloat16", "sizes": {"B": B, "C": 1000, "D": 512},
+             "median_us": us, "GBps": 1.0, "host_syncs": 0 if graph_us else 1}
         if graph_us is not None:
-            r["graph_median_us"] = graph_us
+            r.update(graph_median_us=graph_us, host_us=host)
         return r
 
-    records = [rec("fused", 20, 6.0), rec("ce", 30, 12.0), rec("eager", 90, 40.0),
-               rec("infobatch", 200),  # synchronises: never graphed
-               rec("fused", 900, B=16384), rec("ce", 1200, B=16384), rec("eager", 4000, B=16384),
-               rec("infobatch", 5000, B=16384)]
+    records = [rec("fused", 300, 6.0, host=290), rec("ce", 90, 12.0, host=80), rec("eager", 400, 48.0, host=390),
+               rec("infobatch", 500)]
     args = argparse.Namespace(smoke=False)
     text = bench_step.render(records, {"copy_GBps": 100.0}, info, args)
     header = next(line for line in text.splitlines() if line.startswith("| B |"))
-    assert header.rstrip(" |").endswith("fused / ce, CUDA graphs (us)")
-    rows = [line for line in text.splitlines() if line.startswith("| 256 ") or line.startswith("| 16384 ")]
-    assert rows[0].rstrip(" |").endswith("6.0 / 12.0 = 0.50")
-    assert rows[1].rstrip(" |").endswith("-")
-    plain = bench_step.render([r for r in records if r["sizes"]["B"] == 16384], {"copy_GBps": 100.0}, info, args)
-    assert "CUDA graphs" not in plain
+    cells = dict(zip([c.strip() for c in header.strip("|").split("|")],
+                     [c.strip() for c in next(line for line in text.splitlines() if line.startswith("| 256 "))
+                      .strip("|").split("|")]))
+    assert cells["fused us"] == "6" and cells["ce us"] == "12" and cells["infobatch us"] == "500*"
+    assert cells["fused / ce"] == "0.50" and cells["eager / fused"] == "8.0x"
+    assert cells["host enqueue us, fused / ce"] == "290 / 80"
+    assert cells["wall us (do_bench), fused / ce"] == "300 / 90 = 3.33"
+    ratio = next(g for g in GOALS if g.text == "fused / ce <= 0.7")
+    assert ratio.measure(records).value == 0.5  # the goal reads device times too
+    cpu = [{k: v for k, v in r.items() if k not in ("graph_median_us", "host_us")} for r in records]
+    plain = bench_step.render(cpu, {"copy_GBps": 100.0}, dict(info, device="cpu"), args)
+    assert "host enqueue" not in plain and "| 300 | 90 |" in plain
+    assert ratio.measure(cpu).value == 300 / 90
 
 
 def test_only_runs_add_up_in_one_results_file(tmp_path, monkeypatch):

@@ -236,6 +236,18 @@ def test_training_gradients_match_cross_entropy(path, inplace, request):
     assert pruner.last_step.ce.shape == (16,)
 
 
+@pytest.mark.parametrize("inplace", [False, True])
+def test_backward_hands_the_kernel_gradient_to_autograd_without_a_copy(kernel_path, inplace):
+    """The gradient the step wrote becomes ``.grad`` itself: any other reference to it (``last_step`` kept one)
+    makes autograd copy it, a B x C copy per step.  With ``inplace_grad`` it is the logits' own storage."""
+    pruner = fp.DynamicPruner(10, 5, epochs=2, inplace_grad=inplace, device="cpu")
+    x = torch.randn(4, 5, requires_grad=True)
+    pruner.step(x, torch.tensor([0, 1, 2, 3]), torch.tensor([0, 1, 2, 3])).backward()
+    assert pruner.last_step.grad is None
+    if inplace:
+        assert x.grad.data_ptr() == x.data_ptr()
+
+
 def test_grad_output_scaling_and_single_backward(kernel_path):
     pruner = fp.DynamicPruner(10, 4, epochs=2, device="cpu")
     logits = torch.randn(3, 4, requires_grad=True)

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from fastprune.kernels import common as K
 from fastprune.kernels.reference import step_reference
+from fastprune.kernels import step as step_module
 from fastprune.kernels.step import launch_scale_grad, launch_step, step_config
 
 
@@ -376,7 +377,9 @@ def test_no_grad_mode_writes_nothing():
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("go", [1.0, 2.5])
-def test_scale_grad_kernel(go, dtype):
+@pytest.mark.parametrize("programs", [1, 4, 1024])  # fewer programs than tiles: each walks several
+def test_scale_grad_kernel(go, dtype, programs, monkeypatch):
+    monkeypatch.setattr(step_module, "SCALE_PROGRAMS", programs)
     grad = torch.randn(3, 2050).to(dtype)
     expected = (grad.float() * go).to(dtype)
     launch_scale_grad(grad, torch.tensor(go))
@@ -385,7 +388,7 @@ def test_scale_grad_kernel(go, dtype):
 
 def test_step_config_covers_all_class_counts():
     assert step_config(1).SINGLE and step_config(4096).SINGLE and not step_config(4097).SINGLE
-    assert step_config(1 << 18).BLOCK_C == 4096
+    assert step_config(1 << 18).BLOCK_C == 2048
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])

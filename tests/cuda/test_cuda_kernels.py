@@ -163,7 +163,9 @@ def test_cuda_selection_matches_cpu_reference(policy):
 
 def test_pruner_epoch_on_cuda():
     n, c = 50_000, 100
-    pruner = fp.DynamicPruner(n, c, epochs=4, keep_ratio=0.5, device=DEV)
+    # keep 0.6 of random losses needs a drop probability of about 0.8 among the below-mean half, under
+    # max_drop = 0.9: the kept fraction is then keep_ratio (at 0.5 it would be capped by max_drop instead)
+    pruner = fp.DynamicPruner(n, c, epochs=4, keep_ratio=0.6, device=DEV)
     order = pruner.epoch_indices.to(DEV)
     for i in range(0, n, 4096):
         idx = order[i:i + 4096]
@@ -172,7 +174,7 @@ def test_pruner_epoch_on_cuda():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         nxt = pruner.next_epoch()
-    assert abs(nxt.numel() / n - 0.5) < 0.02
+    assert abs(nxt.numel() / n - 0.6) < 0.02
     assert pruner.weights.max() > 1
     ce = F.cross_entropy(torch.randn(3, c), torch.arange(3))
     assert torch.isfinite(ce)
