@@ -36,4 +36,6 @@ def install() -> None:
     if (_PACKAGE / "kernels").is_dir() or not (_ROOT / "kernels" / "__init__.py").is_file():
         return  # an installed package carries its own fastprune/kernels
     if not any(isinstance(f, SourceTreeFinder) for f in sys.meta_path):
-        sys.meta_path.append(SourceTreeFinder())
+        # first: another install's finder (an editable install of a different checkout, say) must not hand
+        # this checkout's fastprune someone else's kernels
+        sys.meta_path.insert(0, SourceTreeFinder())
