@@ -332,7 +332,7 @@ class DynamicPruner:
         out = _k.fused_step(
             raw, labels, indices,
             scores=self._scores, visits=self._visits, consistency=self._consistency, weights=self._weights,
-            stamp=self._stamp, errors=self._errors, step_id=self._step_count & 0x7FFFFFFF, ema=self.ema,
+            stamp=self._stamp, errors=self._errors, step_id=self._step_count % (K.MAX_STEP_ID + 1), ema=self.ema,
             scale=1.0 / logits.shape[0], label_smoothing=self.label_smoothing, ignore_index=self.ignore_index,
             emb_mode=mode, emb=emb, text=self.text_emb if mode != K.EMB_NONE else None, grad=grad,
             dups=self._dups)
@@ -457,7 +457,11 @@ class DynamicPruner:
         policy = self.schedule.policy_for(epoch)
         if self._group is not None:
             self._merge(_NEXT_EPOCH)
-        return self._adopt(epoch, policy, self._select(epoch, policy))
+        order = self._adopt(epoch, policy, self._select(epoch, policy))
+        # A stamp only tells this step's rows apart and marks what changed since the last merge (just done):
+        # clearing them every epoch means a stale stamp never equals a step id that wrapped around.
+        self._stamp.fill_(-1)
+        return order
 
     # ------------------------------------------------------------ distributed
 

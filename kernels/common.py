@@ -75,3 +75,12 @@ def seed_keys(seed: int) -> tuple[int, int]:
     """The two 32-bit Philox keys for a user seed (any Python int)."""
     seed = int(seed) & 0xFFFFFFFFFFFFFFFF
     return seed & 0xFFFFFFFF, seed >> 32
+
+
+MAX_STEP_ID = 2**31 - 2  # stamps hold step ids >= 0; settle_kernel marks a stamp with -2 - row, which must not wrap
+
+
+def check_step_id(step_id: int) -> None:
+    """The fused step's step id must be in [0, MAX_STEP_ID] (the pruner wraps its step count into it)."""
+    if not 0 <= step_id <= MAX_STEP_ID:
+        raise ValueError(f"step_id must be in [0, {MAX_STEP_ID}], got {step_id}")

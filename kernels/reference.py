@@ -125,6 +125,7 @@ def step_reference(
     repeats within the batch, only its first finite row updates the state (on
     every device: the kernel settles duplicates after all rows have run).
     """
+    K.check_step_id(step_id)
     B, C = logits.shape
     N = scores.numel()
     dev = logits.device

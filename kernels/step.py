@@ -143,8 +143,9 @@ def _settle(indices_ptr, scores_ptr, cons_ptr, stamp_ptr, scratch_i_ptr, scratch
         rr = r0 + tl.arange(0, FIX)
         claimed = tl.load(scratch_i_ptr + 4 * B + rr, mask=rr < B, other=0, cache_modifier=".cg") == 1
         n = tl.load(indices_ptr + rr, mask=claimed, other=0).to(tl.int64)
-        low = -2 - tl.load(stamp_ptr + n, mask=claimed, other=0, cache_modifier=".cg")
-        hand = claimed & (low >= 0) & (low != rr)
+        held = tl.load(stamp_ptr + n, mask=claimed, other=0, cache_modifier=".cg")
+        low = -2 - tl.where(held < 0, held, -2)  # a marked stamp holds -2 - row; test the sign before subtracting
+        hand = claimed & (held < 0) & (low != rr)
         low = tl.where(hand, low, 0)
         tl.store(scratch_f_ptr + B + low, tl.load(scratch_f_ptr + B + rr, mask=hand, cache_modifier=".cg"), mask=hand)
         tl.store(scratch_f_ptr + 2 * B + low, tl.load(scratch_f_ptr + 2 * B + rr, mask=hand, cache_modifier=".cg"),
@@ -387,6 +388,7 @@ def launch_step(
     stream-ordered).  Inputs are assumed validated by the caller for shape,
     dtype and device; values are checked on the device.
     """
+    K.check_step_id(step_id)
     B, C = logits.shape
     cfg = step_config(C)
     vec = vector_width(logits.dtype)

@@ -2,6 +2,7 @@
 
 import io
 import math
+import warnings
 
 import pytest
 import torch
@@ -323,3 +324,19 @@ def test_visits_saved_ignores_the_selection_after_the_last_epoch(reference_path)
         run_epoch(pruner, c, margins(n), 200)
     assert pruner.epoch == 2 and len(pruner.history) == 3  # the usual next_epoch() after the last epoch
     assert pruner.visits_saved == pytest.approx(1 - sum(kept) / (2 * n))
+
+
+def test_a_step_id_that_wrapped_around_never_meets_a_stale_stamp(kernel_path):
+    """Step ids wrap at MAX_STEP_ID; stamps are cleared every epoch, so a sample stamped long ago is not taken
+    for a duplicate of the step whose id happens to equal its old stamp."""
+    from fastprune.kernels import common as K
+
+    pruner = fp.DynamicPruner(4, 3, epochs=3, device="cpu")
+    pruner.step(torch.randn(1, 3), torch.tensor([0]), torch.tensor([1]))  # step id 0 stamps sample 1
+    pruner.next_epoch()
+    pruner._step_count = K.MAX_STEP_ID + 1  # the next step's id is 0 again
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pruner.step(torch.randn(2, 3), torch.tensor([0, 1]), torch.tensor([1, 2]))
+    assert not [w for w in caught if "duplicate" in str(w.message)]
+    assert pruner.state_dict()["visits"].tolist() == [0, 2, 1, 0]

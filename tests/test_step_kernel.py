@@ -406,3 +406,21 @@ def test_step_hypothesis(B, C, scale, dtype, smoothing, seed):
     assert_close_rel(s_k["scores"], s_r["scores"], 1e-5, atol)
     assert torch.equal(s_k["visits"], s_r["visits"])
     assert math.isfinite(out_k.contrib.sum().item())
+
+
+def test_largest_step_id_settles_duplicates_in_bounds():
+    """The largest accepted step id settles duplicates as the reference does (one above it, -2 - stamp wrapped
+    in int32 and settle wrote far outside its scratch buffer; now refused, and settle tests the sign first)."""
+    logits, labels, _ = random_batch(4, 10, 4, torch.float32)
+    indices = torch.tensor([1, 1, 2, 3])
+    out_k, out_r, s_k, s_r = run_both(logits, labels, indices, make_state(5), step_id=K.MAX_STEP_ID)
+    assert_step_matches(out_k, out_r, s_k, s_r, torch.float32, logits)
+
+
+@pytest.mark.parametrize("step_id", [-1, K.MAX_STEP_ID + 1])
+@pytest.mark.parametrize("impl", ["kernel", "reference"])
+def test_step_id_out_of_range_is_refused(step_id, impl):
+    logits, labels, indices = random_batch(2, 5, 4, torch.float32)
+    fn = launch_step if impl == "kernel" else step_reference
+    with pytest.raises(ValueError, match="step_id must be in"):
+        fn(logits, labels, indices, **make_state(4), step_id=step_id, ema=0.9, scale=0.5)
