@@ -34,7 +34,7 @@ import torch.nn.functional as F
 import fastprune as fp
 
 from .goals import prose
-from .report import TimeBudget, base_parser, cli_main, describe, table
+from .report import TimeBudget, base_parser, cli_main, describe, device_us, table
 from .timing import copy_bandwidth, count_host_syncs, host_enqueue_us, measure, measure_graphed
 
 METHODS = ("fused", "ce", "eager", "compiled", "liger", "infobatch")
@@ -122,11 +122,6 @@ def methods(s: Setup, device: torch.device, smoke: bool) -> dict:
 
     out["infobatch"] = infobatch_style
     return out
-
-
-def device_us(rec: dict) -> float:
-    """The device time of a record: its CUDA-graph replay where there is one, else its median."""
-    return rec.get("graph_median_us", rec["median_us"])
 
 
 def run(args, budget: TimeBudget) -> tuple[list[dict], dict]:

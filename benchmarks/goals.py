@@ -14,7 +14,7 @@ import operator
 from dataclasses import dataclass
 from typing import Callable
 
-from .report import table
+from .report import device_us, table
 
 COMPARE = {"<=": operator.le, ">=": operator.ge, "==": operator.eq}
 BIG_STEP = 64_000_000  # B*C from which the step is judged against the copy bandwidth
@@ -76,15 +76,10 @@ def _worst(pairs: list[tuple[float, tuple]], pick, what: str) -> Measured | None
     return Measured(value, f"worst of {len(pairs)} {what}: {_config(key)}")
 
 
-def _device_us(rec: dict) -> float:
-    """A step record's device time: its CUDA-graph replay where measured (GPU runs), else its median."""
-    return rec.get("graph_median_us", rec["median_us"])
-
-
 def step_ratio(num: str, den: str, pick) -> Callable[[list[dict]], Measured | None]:
     """``num`` device time / ``den`` device time over every configuration that has both; the worst one."""
     def measure(records):
-        pairs = [(_device_us(by[num]) / _device_us(by[den]), key) for key, by in _step_configs(records).items()
+        pairs = [(device_us(by[num]) / device_us(by[den]), key) for key, by in _step_configs(records).items()
                  if num in by and den in by]
         return _worst(pairs, pick, "configurations")
     return measure

@@ -137,3 +137,8 @@ def cli_main(parse_args, produce, argv=None) -> int:
     if not args.no_write:
         write_section(section, text)
     return 0
+
+
+def device_us(rec: dict) -> float:
+    """A record's device time: its CUDA-graph replay where measured (GPU runs), else its median."""
+    return rec.get("graph_median_us", rec["median_us"])

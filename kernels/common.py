@@ -40,7 +40,6 @@ def _signed(bits: int) -> int:
     return bits - (1 << 64) if bits >> 63 else bits
 
 
-
 # --- consistency modes of the step ---
 EMB_NONE = 0  # no CLIP embeddings: consistency is not touched
 EMB_TABLE = 1  # fixed N x D table: cos(E[idx], T[y]) cached on a sample's first visit
