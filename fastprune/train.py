@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import gc
 import hashlib
 import json
 import os
@@ -219,9 +220,21 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print,
         return summary
     finally:
         if own_group:
-            if finished:
-                torch.distributed.barrier()  # no rank tears the group down while rank 0 still writes its files
-            torch.distributed.destroy_process_group()
+            _leave_group(finished)
+
+
+def _leave_group(finished: bool) -> None:
+    """Tear down the process group this run created, while the interpreter is fully alive.
+
+    DDP's reducer and the pruner keep the group referenced from reference cycles; left to the
+    interpreter's exit, gloo's worker threads release tensors after Python is finalised and the
+    process aborts ("terminate called without an active exception", seen on a loaded CI machine).
+    """
+    gc.collect()  # the DDP replica and everything else of the run, freed now
+    if finished:
+        torch.distributed.barrier()  # no rank tears the group down while rank 0 still writes its files
+    torch.distributed.destroy_process_group()
+    gc.collect()
 
 
 def _train(cfg, out, ckpt_path, device, log, on_epoch_end, progress) -> dict:
