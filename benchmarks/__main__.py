@@ -14,11 +14,11 @@ import datetime as _dt
 import json
 from pathlib import Path
 
-from . import bench_distributed, bench_epoch, bench_loader, bench_select, bench_step
+from . import bench_distributed, bench_epoch, bench_loader, bench_noise, bench_select, bench_step
 from .report import add_max_seconds, machine, results_file, write_section
 
 BENCHES = {"step": bench_step, "select": bench_select, "loader": bench_loader, "epoch": bench_epoch,
-           "distributed": bench_distributed}
+           "distributed": bench_distributed, "noise": bench_noise}
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -12,7 +12,13 @@ from . import __version__
 def _demo(args) -> int:
     from .demo import run
 
-    run(epochs=args.epochs, out=args.out, clip=args.clip, device=args.device, workers=args.workers)
+    fraction, _, kind = args.noise.partition(":")
+    try:
+        fraction = float(fraction)
+    except ValueError:
+        raise ValueError(f"--noise takes FRACTION[:KIND], e.g. 0.2 or 0.4:pair; got {args.noise!r}") from None
+    run(epochs=args.epochs, out=args.out, clip=args.clip, device=args.device, workers=args.workers,
+        noise=fraction, kind=kind or "symmetric", seeds=args.seeds)
     return 0
 
 
@@ -74,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="command", required=True)
     d = sub.add_parser("demo", help="full vs. pruned training on real digits with 20%% planted label noise")
     d.add_argument("--epochs", type=int, default=15)
+    d.add_argument("--noise", default="0.2", help="planted label noise, FRACTION[:KIND] with KIND symmetric "
+                                                  "(default) or pair, e.g. 0.4 or 0.2:pair (default 0.2)")
+    d.add_argument("--seeds", type=int, default=1, help="repeat with this many seeds (mean ± sd; ~2 min each)")
     d.add_argument("--out", default=None, help="where to write the data and runs (default: a temp folder)")
     d.add_argument("--clip", default=None, help="embeddings from `fastprune embed` instead of the proxy")
     d.add_argument("--workers", type=int, default=2)
@@ -131,7 +140,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ema", type=float, default=0.9)
     g.add_argument("--warmup", type=int, default=1, help="epochs on the full set before pruning")
     g.add_argument("--anneal", type=float, default=0.125, help="fraction of final epochs on the full set")
-    g.add_argument("--noise-ratio", type=float, default=0.0, help="fraction left out as likely mislabeled")
+    g.add_argument("--noise-ratio", type=float, default=0.0,
+                   help="the most of the data the noise decisions may relabel, leave out or down-weight "
+                        "(0: off); the amount itself is found per class from the evidence")
+    g.add_argument("--noise-evidence", default="auto", choices=["auto", "model", "clip", "both"],
+                   help="evidence of wrong labels: the model's margin, CLIP's, or both (auto: both with "
+                        "--embeddings, else the model's)")
+    g.add_argument("--noise-relabel", action="store_true",
+                   help="relabel sure suspects where the model and CLIP agree on another class (needs --embeddings)")
+    g.add_argument("--noise-start", type=int, default=None,
+                   help="first epoch that uses the noise decisions (default: a fifth of --epochs, at least 2)")
     g.add_argument("--embeddings", default=None, help="directory from `fastprune embed` (for consistency)")
     g.add_argument("--subset", default=None, help="train only on this subset file (`fastprune prune-static`)")
     g.add_argument("--seed", type=int, default=0)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import csv
 import json
 import shutil
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -27,14 +28,25 @@ from .embeddings import Embeddings
 from .train import SmallCNN, TrainConfig, train
 
 NOISE = 0.2
+NOISE_CAP = 0.5  # the fastprune run's noise_ratio: an upper bound, the decisions find the amount
 SIZE = 32
 
 
-def render_digits(root: Path, noise: float = NOISE, seed: int = 0) -> dict:
-    """Write train/heldout/test folders of 32x32 PNGs; flip ``noise`` of the training labels.
+# Pair noise: each digit flips to one fixed, visually close digit.
+PAIRS = {0: 6, 1: 7, 2: 3, 3: 8, 4: 9, 5: 6, 6: 5, 7: 1, 8: 3, 9: 4}
+NOISE_KINDS = ("symmetric", "pair")
+
+
+def render_digits(root: Path, noise: float = NOISE, seed: int = 0, kind: str = "symmetric") -> dict:
+    """Write train/heldout/test folders of 32x32 PNGs; flip ``noise`` of the training labels, each to a
+    uniformly drawn other class (``symmetric``) or to its fixed close class (``pair``, see ``PAIRS``).
 
     Returns the truth: for each training file, its true and its given label.
     """
+    if kind not in NOISE_KINDS:
+        raise ValueError(f"noise kind must be one of {', '.join(NOISE_KINDS)}; got {kind!r}")
+    if not 0.0 <= noise < 1.0:
+        raise ValueError(f"noise must be in [0, 1), got {noise!r}")
     from PIL import Image
     from sklearn.datasets import load_digits
 
@@ -49,7 +61,9 @@ def render_digits(root: Path, noise: float = NOISE, seed: int = 0) -> dict:
     for split, ids in splits.items():
         for i in ids.tolist():
             y = int(digits.target[i])
-            given = (y + int(rng.integers(1, 10))) % 10 if i in flip else y
+            given = y
+            if i in flip:
+                given = PAIRS[y] if kind == "pair" else (y + int(rng.integers(1, 10))) % 10
             folder = root / split / str(given)
             folder.mkdir(parents=True, exist_ok=True)
             pixels = (digits.images[i] * (255.0 / 16.0)).astype(np.uint8)
@@ -98,52 +112,81 @@ def proxy_embeddings(root: Path, out: Path, epochs: int = 40, seed: int = 0, log
 
 
 def run(epochs: int = 15, out: str | None = None, clip: str | None = None, device: str | None = None,
-        workers: int = 2, log=print) -> list[dict]:
-    """Render the data, build the consistency tables, train twice, print and return the comparison."""
+        workers: int = 2, noise: float = NOISE, kind: str = "symmetric", seeds: int = 1, log=print) -> list[dict]:
+    """Render the data, build the consistency tables, train twice per seed, print and return the comparison."""
+    if seeds < 1:
+        raise ValueError(f"seeds must be >= 1, got {seeds}")
+    if clip and seeds > 1:
+        raise ValueError("--clip embeds one rendered split; use it with --seeds 1")
+    if not 0.0 <= noise < 1.0 or kind not in NOISE_KINDS:
+        raise ValueError(f"noise must be in [0, 1) and its kind one of {', '.join(NOISE_KINDS)}; "
+                         f"got {noise!r} ({kind!r})")
     t_start = time.perf_counter()
     out = Path(out or tempfile.mkdtemp(prefix="fastprune-demo-"))
+    out.mkdir(parents=True, exist_ok=True)
+    runs = []
+    for seed in range(seeds):
+        runs += _one_seed(out / f"seed{seed}" if seeds > 1 else out, seed, epochs, clip, device, workers, noise,
+                          kind, log)
+    log(f"\nResults ({epochs} epochs each, {seeds} seed{'s' if seeds > 1 else ''}, "
+        f"{torch.get_num_threads()} CPU threads; {noise:.0%} {kind} label noise; consistency: "
+        f"{'CLIP' if clip else 'proxy, see above'})")
+    log("| run | test accuracy | wall time | sample visits | suspected noisy (precision / recall vs planted) |")
+    log("|---|---|---|---|---|")
+    for name in dict.fromkeys(r["name"] for r in runs):
+        rs = [r for r in runs if r["name"] == name]
+        acc = [r["final_top1"] for r in rs]
+        spread = f" ± {statistics.stdev(acc):.2%}" if len(acc) > 1 else ""
+        noisy = "-" if name == "full data" else (
+            f"{statistics.mean(r['flagged'] for r in rs):.0f} ({statistics.mean(r['precision'] for r in rs):.0%} / "
+            f"{statistics.mean(r['recall'] for r in rs):.0%})")
+        log(f"| {name} | {statistics.mean(acc):.2%}{spread} | {statistics.mean(r['total_seconds'] for r in rs):.1f} s "
+            f"| {statistics.mean(r['samples_trained'] for r in rs):.0f} "
+            f"({statistics.mean(1 - r['visits_saved'] for r in rs):.0%} of full) | {noisy} |")
+    full, pruned = ([statistics.mean(r["final_top1"] for r in runs if r["name"] == n)
+                     for n in ("full data", FASTPRUNE)])
+    verdict = "above" if pruned > full else ("equal to" if pruned == full else "below")
+    log(f"\nfastprune is {verdict} full data ({pruned:.2%} vs {full:.2%}).")
+    log(f"plots and suspected_noisy.csv: {runs[1]['out']}; total {time.perf_counter() - t_start:.0f} s")
+    return runs
+
+
+FASTPRUNE = "fastprune (infobatch 0.7 + noise decisions)"
+
+
+def _one_seed(out: Path, seed: int, epochs: int, clip, device, workers, noise: float, kind: str, log) -> list[dict]:
     out.mkdir(parents=True, exist_ok=True)
     data = out / "digits"
     if data.exists():
         shutil.rmtree(data)
-    truth = render_digits(data)
+    truth = render_digits(data, noise=noise, seed=seed, kind=kind)
     planted = {p for p, t in truth.items() if t["true"] != t["given"]}
-    log(f"data: scikit-learn digits as {SIZE}x{SIZE} PNGs in {data}: {len(truth)} train images "
-        f"({len(planted)} labels flipped, {NOISE:.0%}), a clean held-out split and a clean test split")
+    log(f"data (seed {seed}): scikit-learn digits as {SIZE}x{SIZE} PNGs in {data}: {len(truth)} train images "
+        f"({len(planted)} labels flipped, {noise:.0%} {kind}), a clean held-out split and a clean test split")
     if clip:
         emb_dir, source = clip, f"CLIP embeddings from {clip}"
     else:
         emb_dir = out / "proxy-embeddings"
-        proxy_embeddings(data, emb_dir, log=log)
+        proxy_embeddings(data, emb_dir, seed=seed, log=log)
         source = ("proxy (no CLIP weights offline): a small CNN trained on the clean held-out split embeds the "
                   "images; class prototypes (mean held-out embedding per class) stand in for the text side")
     log(f"semantic consistency: {source}")
     runs = []
     for name, kw in (("full data", {"policy": "full", "noise_ratio": 0.0, "embeddings": None}),
-                     ("fastprune (infobatch 0.7 + noise filter)",
-                      {"policy": "infobatch", "keep_ratio": 0.7, "noise_ratio": NOISE, "embeddings": str(emb_dir)})):
-        log(f"\n== {name}")
+                     (FASTPRUNE, {"policy": "infobatch", "keep_ratio": 0.7, "noise_ratio": NOISE_CAP,
+                                  "embeddings": str(emb_dir)})):
+        log(f"\n== {name} (seed {seed})")
         run_dir = out / name.split()[0]
         if run_dir.exists():  # the demo owns its run folders: a new demo replaces the last one's
             shutil.rmtree(run_dir)
         cfg = TrainConfig(data=str(data / "train"), val=str(data / "test"), out=str(run_dir),
                           arch="smallcnn", epochs=epochs, batch_size=64, lr=0.05, weight_decay=5e-4,
                           schedule="cosine", lr_warmup=0.05, image_size=SIZE, workers=workers, device=device,
-                          crop_area=(0.6, 1.0), hflip=False, warmup=1, anneal=0.15, seed=0, **kw)
+                          crop_area=(0.6, 1.0), hflip=False, warmup=1, anneal=0.15, seed=seed, **kw)
         summary = train(cfg, log=log, progress=False)
-        flagged = set()
         with open(Path(cfg.out) / "suspected_noisy.csv") as f:
             flagged = {row["path"] for row in csv.DictReader(f)}
         summary.update(name=name, out=cfg.out, precision=len(flagged & planted) / max(len(flagged), 1),
                        recall=len(flagged & planted) / max(len(planted), 1), flagged=len(flagged))
         runs.append(summary)
-    log(f"\nResults ({epochs} epochs each, {torch.get_num_threads()} CPU threads; consistency: "
-        f"{'CLIP' if clip else 'proxy, see above'})")
-    log("| run | test accuracy | wall time | sample visits | suspected noisy (precision / recall vs planted) |")
-    log("|---|---|---|---|---|")
-    for r in runs:
-        noisy = "-" if r["name"] == "full data" else f"{r['flagged']} ({r['precision']:.0%} / {r['recall']:.0%})"
-        log(f"| {r['name']} | {r['final_top1']:.2%} | {r['total_seconds']:.1f} s | {r['samples_trained']} "
-            f"({1 - r['visits_saved']:.0%} of full) | {noisy} |")
-    log(f"\nplots and suspected_noisy.csv: {runs[1]['out']}; total {time.perf_counter() - t_start:.0f} s")
     return runs

@@ -13,7 +13,9 @@ import torch
 
 from . import distributed as _dist
 from . import kernels as _k
+from . import noise as _noise
 from .kernels import common as K
+from .evidence import Evidence
 from .policies import POLICIES, Schedule
 
 _LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -91,8 +93,16 @@ class DynamicPruner:
         ema: weight of the old score in the EMA, in [0, 1).
         warmup: number of first epochs trained on the full (noise-filtered) set.
         anneal: fraction of final epochs trained on the full (noise-filtered) set.
-        noise_ratio: fraction of the dataset flagged as likely mislabeled and left out: the least
-            consistent samples among those with above-median score.  Needs embeddings.
+        noise_ratio: the most of the dataset that the noise decisions may act on (0 turns them off).
+            Within it the amount is found per class from the evidence (see ``fastprune.noise``):
+            likely mislabeled samples are relabeled where the model and CLIP agree on another
+            class, left out where the evidence is strong, down-weighted where it is not.
+        noise_evidence: ``"auto"`` (the model's margin and CLIP's when embeddings are given, the
+            model's alone otherwise), ``"model"``, ``"clip"`` or ``"both"``.
+        noise_start: the first epoch whose selection uses the noise decisions (the model's margins
+            mean something only after some training); default: a fifth of ``epochs``, at least 2.
+        noise_relabel: relabel sure suspects whose model and CLIP agree on another class, instead of
+            leaving them out (needs both sources of evidence).
         image_emb: optional N x D table of CLIP image embeddings (fp16/bf16/fp32, on ``device``).
         text_emb: optional C x D table of CLIP class-text embeddings.  With ``text_emb`` but no
             ``image_emb``, pass per-batch image embeddings to ``step(image_emb=...)``.
@@ -101,7 +111,10 @@ class DynamicPruner:
             generator; global RNGs are never touched.
         device: where the per-sample state lives; defaults to the embeddings' device, else
             CUDA when available, else the CPU.
-        semantic_weight: gamma in p = s * sigmoid(gamma * standardised consistency); 0 ignores it.
+        semantic_weight: gamma in p = s * sigmoid(gamma * standardised consistency); 0 (default) ignores
+            it.  The consistency then acts through the noise decisions only: as a priority it makes the
+            pruning drop atypical but correct samples first, which cost 1-2 points of accuracy on the
+            noise benchmark (BENCHMARKS.md, "Label noise").
         max_drop: the largest infobatch drop probability (weights stay <= 1 / (1 - max_drop)).
         ignore_index: label value whose rows contribute nothing (as in ``F.cross_entropy``).
         inplace_grad: write the logits' gradient over the logits (saves a B x C buffer; the
@@ -132,12 +145,15 @@ class DynamicPruner:
         warmup: int = 1,
         anneal: float = 0.125,
         noise_ratio: float = 0.0,
+        noise_evidence: str = "auto",
+        noise_start: int | None = None,
+        noise_relabel: bool = False,
         image_emb: torch.Tensor | None = None,
         text_emb: torch.Tensor | None = None,
         label_smoothing: float = 0.0,
         seed: int = 0,
         device: str | torch.device | None = None,
-        semantic_weight: float = 1.0,
+        semantic_weight: float = 0.0,
         max_drop: float = 0.9,
         ignore_index: int = -100,
         inplace_grad: bool = False,
@@ -177,18 +193,33 @@ class DynamicPruner:
             self.device = torch.device("cuda", torch.cuda.current_device())
         self._group = _dist.resolve(process_group, self.device)
         self.image_emb, self.text_emb = self._check_embeddings(image_emb, text_emb)
-        if self.noise_ratio > 0 and self.text_emb is None:
-            raise ValueError(f"noise_ratio={noise_ratio!r} needs CLIP embeddings (text_emb, and image_emb or "
-                             "per-batch image embeddings); pass them or set noise_ratio=0")
+        if noise_evidence not in _noise.EVIDENCE:
+            raise ValueError(f"noise_evidence must be one of {', '.join(_noise.EVIDENCE)}; got {noise_evidence!r}")
+        if noise_evidence in ("clip", "both") and self.text_emb is None:
+            raise ValueError(f"noise_evidence={noise_evidence!r} needs CLIP embeddings (text_emb, and image_emb "
+                             "or per-batch image embeddings); pass them or use noise_evidence='model'")
+        self.noise_evidence = noise_evidence
+        self.noise_relabel = bool(noise_relabel)
+        if self.noise_relabel and self.text_emb is None:
+            raise ValueError("noise_relabel=True needs CLIP embeddings: a class is given only where the model and "
+                             "CLIP agree on it")
+        if noise_start is None:
+            noise_start = max(2, round(self.epochs / 5))
+        self.noise_start = _check_int("noise_start", noise_start, 1)
 
         n, dev = self.num_samples, self.device
         self._scores = torch.zeros(n, dtype=torch.float32, device=dev)
         self._visits = torch.zeros(n, dtype=torch.int32, device=dev)
         self._consistency = torch.zeros(n, dtype=torch.float32, device=dev)
         self._weights = torch.ones(n, dtype=torch.float32, device=dev)
-        self._noisy = torch.zeros(n, dtype=torch.bool, device=dev)
+        self._noisy = torch.zeros(n, dtype=torch.bool, device=dev)  # left out by the noise decisions
+        self._action = torch.zeros(n, dtype=torch.int8, device=dev)  # fastprune.noise action codes
+        self._belief = torch.zeros(n, dtype=torch.float32, device=dev)  # P(label wrong)
+        self._relabel = torch.full((n,), -1, dtype=torch.int32, device=dev)  # class trained with instead
+        self._any_relabel = False
         self._stamp = torch.full((n,), -1, dtype=torch.int32, device=dev)
         self._excluded, self._population = self._check_subset(initial_subset)
+        self._evidence = Evidence(n, dev)
         self._errors = torch.zeros(K.ERR_SLOTS, dtype=torch.int64, device=dev)
         self._dups = torch.zeros(1, dtype=torch.int32, device=dev)  # the step's duplicate count, zero between steps
         self._err_host = torch.zeros(K.ERR_SLOTS, dtype=torch.int64,
@@ -209,7 +240,8 @@ class DynamicPruner:
             emb_shapes = [None if t is None else tuple(t.shape) for t in (self.image_emb, self.text_emb)]
             _dist.check_same(self._group, "the pruner's configuration", _dist.fingerprint(
                 self.num_samples, self.num_classes, self.epochs, self.keep_ratio, self.policy, self.ema,
-                self.warmup, self.anneal, self.noise_ratio, self.label_smoothing, self.semantic_weight,
+                self.warmup, self.anneal, self.noise_ratio, self.noise_evidence, self.noise_start, self.noise_relabel,
+                self.label_smoothing, self.semantic_weight,
                 self.max_drop, self.seed, self.ignore_index, self._population, emb_shapes), self.device)
         self._adopt(0, "full", self._select(0, "full"))  # epoch 0: every sample, shuffled
 
@@ -307,7 +339,8 @@ class DynamicPruner:
         Differentiable w.r.t. ``logits``; never synchronises with the host (except
         with ``validate="sync"``).  ``image_emb`` (B x D) gives per-batch CLIP image
         embeddings for pruners built with ``text_emb`` only.  Per-sample results
-        of the last call are in ``self.last_step``.
+        of the last call (loss, correctness, the model's margin ``z_y - max_{c != y} z_c``
+        and predicted class) are in ``self.last_step``.
         """
         self._check_batch(logits, labels, indices, image_emb)
         self._poll_errors()
@@ -317,6 +350,8 @@ class DynamicPruner:
             logits = logits.contiguous()
         if image_emb is not None and self.text_emb.dtype != image_emb.dtype:
             image_emb = image_emb.to(self.text_emb.dtype)
+        if self._any_relabel:
+            labels = self._relabeled(labels, indices)
         needs_grad = torch.is_grad_enabled() and logits.requires_grad
         raw = logits.detach()
         grad = None
@@ -337,6 +372,9 @@ class DynamicPruner:
             emb_mode=mode, emb=emb, text=self.text_emb if mode != K.EMB_NONE else None, grad=grad,
             dups=self._dups)
         self._step_count += 1
+        self._evidence.record(out.margin, out.pred, labels, indices)
+        if mode == K.EMB_BATCH:
+            self._evidence.record_clip_batch(emb, self.text_emb, labels, indices, out.pred >= 0)
         # without the gradient: a second reference to it would make autograd copy it into .grad
         self.last_step = dataclasses.replace(out, grad=None)
         if self.device.type == "cpu" or self.validate == "sync":
@@ -346,6 +384,14 @@ class DynamicPruner:
         if self.inplace_grad:
             torch.autograd.graph.increment_version(logits)
         return _FusedLoss.apply(logits, out.contrib, grad)
+
+    def _relabeled(self, labels: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """The classes the batch trains with: a relabeled sample's new class, else its given label."""
+        idx = indices.to(torch.int64)
+        inside = (idx >= 0) & (idx < self.num_samples)  # bad indices are the kernel's to report
+        new = self._relabel[idx.clamp(0, self.num_samples - 1)]
+        use = inside & (new >= 0) & (labels != self.ignore_index)
+        return torch.where(use, new.to(labels.dtype), labels)
 
     # ------------------------------------------------------------ error report
 
@@ -412,35 +458,83 @@ class DynamicPruner:
 
     # -------------------------------------------------------------- selection
 
-    def _select(self, epoch: int, policy: str) -> _k.Selection:
+    def _decide(self, epoch: int) -> _noise.NoiseDecision | None:
+        """The noise decisions for ``epoch`` (None before ``noise_start`` or with noise handling off)."""
+        if self.noise_ratio == 0 or epoch < self.noise_start:
+            return None
+        ev = self._evidence
+        use_clip = self.noise_evidence in ("clip", "both") or (self.noise_evidence == "auto"
+                                                                and self.text_emb is not None)
+        use_model = self.noise_evidence != "clip"
+        if use_clip:
+            self._complete_clip_table()
+        decision = _noise.decide(ev.label, ev.model_margin() if use_model else None, ev.pred if use_model else None,
+                                 ev.clip_margin if use_clip else None, ev.clip_pred if use_clip else None,
+                                 self.num_classes, max_fraction=self.noise_ratio, relabel=self.noise_relabel)
+        if self._group is not None:  # per-class sums use atomics on a GPU: every rank takes rank 0's decision
+            decision = self._from_rank0(decision)
+        return decision
+
+    def _from_rank0(self, d: _noise.NoiseDecision) -> _noise.NoiseDecision:
+        buf = torch.stack([d.belief, d.action.float(), d.new_label.float()])
+        if self.rank != 0:
+            buf.fill_(float("-inf"))
+        self._group.all_max(buf)
+        return _noise.NoiseDecision(belief=buf[0].clone(), action=buf[1].to(torch.int8),
+                                    new_label=buf[2].to(torch.int32))
+
+    def _select(self, epoch: int, policy: str, decision: _noise.NoiseDecision | None = None) -> _k.Selection:
         use_cons = self.image_emb is not None or self._has_batch_consistency
+        actions = self._action if decision is None else decision.action  # earlier decisions stand until new ones
+        noisy = actions == _noise.EXCLUDE
         return _k.select_epoch(
             self._scores, self._visits, self._consistency, use_consistency=use_cons, policy=policy,
-            keep_ratio=self.keep_ratio, noise_ratio=self.noise_ratio if use_cons else 0.0,
+            keep_ratio=self.keep_ratio, noise_ratio=0.0, noisy=noisy,
             semantic_weight=self.semantic_weight, max_drop=self.max_drop, seed=self.seed, epoch=epoch,
             exclude=self._excluded, population=self._population)
 
-    def _adopt(self, epoch: int, policy: str, sel: _k.Selection) -> torch.Tensor:
+    def _adopt(self, epoch: int, policy: str, sel: _k.Selection,
+               decision: _noise.NoiseDecision | None = None) -> torch.Tensor:
         # One small int64 transfer brings the counts, the drop probability's bits and the step error
         # counters (exact: counts and error examples never pass through a float); then the index list.
         drop_bits = sel.drop_prob.to(torch.float64).reshape(1).view(torch.int64)
+        actions = decision.counts() if decision is not None else torch.bincount(
+            self._action.to(torch.int64), minlength=4)
         counts = torch.cat([sel.n_keep.to(torch.int64).reshape(1), sel.noisy.sum().reshape(1), drop_bits,
-                            self._errors]).tolist()
-        self._check_errors(torch.tensor(counts[3:], dtype=torch.int64))
+                            actions, self._errors]).tolist()
+        self._check_errors(torch.tensor(counts[7:], dtype=torch.int64))
         n_keep, n_noisy = counts[0], counts[1]
         drop = torch.tensor(counts[2], dtype=torch.int64).view(torch.float64).item()
         order = sel.order[:n_keep].cpu()
         self._weights.copy_(sel.weights)
+        if decision is not None:
+            self._apply(decision, counts[3 + _noise.RELABEL] > 0)
+        self._weights.mul_(torch.where(self._action == _noise.DOWNWEIGHT, 1.0 - self._belief, 1.0))
         self._noisy.copy_(sel.noisy)
         self._set_order(order)
         self.epoch = epoch
         record = {"epoch": epoch, "policy": policy, "kept": n_keep, "noisy": n_noisy, "drop_prob": drop,
-                  "num_samples": self.num_samples}
+                  "num_samples": self.num_samples, "relabeled": counts[3 + _noise.RELABEL],
+                  "excluded": counts[3 + _noise.EXCLUDE], "down_weighted": counts[3 + _noise.DOWNWEIGHT]}
         if self._group is not None:
             record["world_size"] = self.world_size
             record["sync_bytes"] = self.last_sync["bytes"] if self.last_sync else 0
         self.history.append(record)
         return self._epoch_indices
+
+    def _apply(self, d: _noise.NoiseDecision, any_relabel: bool) -> None:
+        """Adopt new decisions.  A relabel stands (the sample's evidence restarts against its new class,
+        and later decisions judge it against that class); every other action is decided afresh."""
+        acted = d.action != _noise.KEEP
+        before = self._relabel >= 0
+        self._belief.copy_(torch.where(acted, d.belief, torch.where(before, self._belief, 0.0)))
+        if any_relabel:
+            fresh = d.action == _noise.RELABEL
+            self._relabel.copy_(torch.where(fresh, d.new_label, self._relabel))
+            self._evidence.restart(fresh, d.new_label)
+            self._any_relabel = True
+        relabeled = torch.where(self._relabel >= 0, _noise.RELABEL, _noise.KEEP)
+        self._action.copy_(torch.where(acted, d.action, relabeled).to(torch.int8))
 
     def _set_order(self, order: torch.Tensor):
         self._global_indices = order
@@ -457,7 +551,8 @@ class DynamicPruner:
         policy = self.schedule.policy_for(epoch)
         if self._group is not None:
             self._merge(_NEXT_EPOCH)
-        order = self._adopt(epoch, policy, self._select(epoch, policy))
+        decision = self._decide(epoch)
+        order = self._adopt(epoch, policy, self._select(epoch, policy, decision), decision)
         # A stamp only tells this step's rows apart and marks what changed since the last merge (just done):
         # clearing them every epoch means a stale stamp never equals a step id that wrapped around.
         self._stamp.fill_(-1)
@@ -512,7 +607,9 @@ class DynamicPruner:
         self._has_batch_consistency = bool(head[4])
         touched = self._stamp >= self._merged_step
         rows = [self._scores, self._visits] + ([self._consistency] if self.text_emb is not None else [])
+        rows += self._evidence.merge_rows(batch_clip=self._has_batch_consistency)
         sent += _dist.merge(rows, touched, g)
+        sent += self._evidence.merge_classes(touched, g, batch_clip=self._has_batch_consistency)
         self._step_count = head[5]
         self._merged_step = self._step_count
         self.last_sync = {"bytes": sent, "header_bytes": head_bytes, "seconds": time.perf_counter() - t0}
@@ -557,9 +654,59 @@ class DynamicPruner:
         """This epoch's per-sample loss weights (unbiasing weights of infobatch). Read-only."""
         return self._weights
 
+    @property
+    def model_margin(self) -> torch.Tensor:
+        """Each sample's area under the margin: its mean ``z_y - max_{c != y} z_c`` over the steps that
+        scored it (NaN where none did; +inf with one class). Negative: the model prefers another class."""
+        return self._evidence.model_margin()
+
+    @property
+    def model_pred(self) -> torch.Tensor:
+        """The class the model predicted at each sample's latest scored visit (-1: never scored)."""
+        return self._evidence.pred
+
+    @property
+    def given_labels(self) -> torch.Tensor:
+        """Each sample's label as the steps saw it (-1: never scored)."""
+        return self._evidence.label
+
+    @property
+    def clip_margin(self) -> torch.Tensor:
+        """``cos(e, t_y) - max_{c != y} cos(e, t_c)`` per sample (NaN where unknown: no embeddings, or a
+        sample never scored). With a fixed table it is computed once per sample, on the device."""
+        self._complete_clip_table()
+        return self._evidence.clip_margin
+
+    @property
+    def clip_pred(self) -> torch.Tensor:
+        """The class whose text embedding is closest to each sample's image embedding (-1: unknown)."""
+        self._complete_clip_table()
+        return self._evidence.clip_pred
+
+    def _complete_clip_table(self):
+        if self.image_emb is not None:
+            self._evidence.complete_clip_table(self.image_emb, self.text_emb)
+
     def suspected_noisy(self) -> torch.Tensor:
-        """Indices the noise filter left out of the current epoch (CPU LongTensor)."""
-        return torch.nonzero(self._noisy)[:, 0].cpu()
+        """Indices of the samples the noise decisions act on: relabeled, left out or down-weighted
+        (CPU LongTensor; ``noise_actions`` says which)."""
+        return torch.nonzero(self._action != _noise.KEEP)[:, 0].cpu()
+
+    @property
+    def noise_actions(self) -> torch.Tensor:
+        """Per sample, the noise decisions' action (``fastprune.noise`` codes: 0 keep, 1 down-weight,
+        2 exclude, 3 relabel). Read-only."""
+        return self._action
+
+    @property
+    def noise_belief(self) -> torch.Tensor:
+        """Per sample, the belief that its label is wrong, where an action was taken (else 0). Read-only."""
+        return self._belief
+
+    @property
+    def relabeled(self) -> torch.Tensor:
+        """Per sample, the class it trains with instead of its given label (-1: its own). Read-only."""
+        return self._relabel
 
     def sampler(self) -> EpochSampler:
         """A ``Sampler`` over the current epoch's order for a plain ``DataLoader``."""
@@ -608,7 +755,7 @@ class DynamicPruner:
                           "its own updates since then; call pruner.sync() on every rank first", RuntimeWarning,
                           stacklevel=2)
         return {
-            "version": 2,
+            "version": 3,
             "num_samples": self.num_samples,
             "num_classes": self.num_classes,
             "seed": self.seed,
@@ -622,6 +769,9 @@ class DynamicPruner:
             "excluded": None if self._excluded is None else self._excluded.clone(),
             "global_indices": self._global_indices.clone(),
             "has_batch_consistency": self._has_batch_consistency,
+            "evidence": self._evidence.state_dict(),
+            "noise": {"action": self._action.clone(), "belief": self._belief.clone(),
+                      "relabel": self._relabel.clone()},
             "history": [dict(h) for h in self.history],
         }
 
@@ -631,8 +781,8 @@ class DynamicPruner:
             if sd.get(key) != getattr(self, key):
                 raise ValueError(f"state_dict is for {key}={sd.get(key)!r}, but this pruner has "
                                  f"{key}={getattr(self, key)!r}")
-        if sd.get("version") not in (1, 2):
-            raise ValueError(f"state_dict version {sd.get('version')!r} is not supported (expected 1 or 2)")
+        if sd.get("version") not in (1, 2, 3):
+            raise ValueError(f"state_dict version {sd.get('version')!r} is not supported (expected 1, 2 or 3)")
         if sd["seed"] != self.seed:
             warnings.warn(f"state_dict was made with seed={sd['seed']}, this pruner has seed={self.seed}; "
                           "selections from here on follow this pruner's seed", RuntimeWarning, stacklevel=2)
@@ -651,6 +801,15 @@ class DynamicPruner:
         order = sd["global_indices"] if sd["version"] >= 2 else sd["epoch_indices"]  # v1: single process
         self._set_order(order.to("cpu", torch.int64).clone())
         self._has_batch_consistency = bool(sd["has_batch_consistency"])
+        self._evidence.load_state_dict(sd["evidence"] if sd["version"] >= 3 else None)  # v1, v2: none kept
+        if sd["version"] >= 3:
+            for name in ("action", "belief", "relabel"):
+                getattr(self, "_" + name).copy_(sd["noise"][name])
+        else:  # the old rule only left samples out
+            self._action.copy_(torch.where(self._noisy, _noise.EXCLUDE, _noise.KEEP).to(torch.int8))
+            self._belief.zero_()
+            self._relabel.fill_(-1)
+        self._any_relabel = bool((self._relabel >= 0).any())
         self.history = [dict(h) for h in sd["history"]]
         if self._group is not None:
             _dist.check_same(self._group, "the loaded pruner state (epoch, step count, selection)",

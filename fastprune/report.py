@@ -61,21 +61,36 @@ def _save(fig, path: Path) -> Path:
 
 
 def write_suspected_noisy(pruner, index, path: Path) -> int:
-    """``index, path, given_label, clip_label, consistency, score`` for each suspected-noisy sample."""
+    """One CSV row per sample the noise decisions act on, most suspected first: where it is, its given
+    label, the action taken and the suggested label, the classes the model and CLIP prefer with their
+    margins (the model's: area under the margin), the belief that the label is wrong, consistency, score."""
+    from .noise import ACTION_NAMES
+
     noisy = pruner.suspected_noisy()
-    preferred = None
-    if pruner.image_emb is not None and noisy.numel():
-        sims = pruner.image_emb[noisy.to(pruner.device)].float() @ pruner.text_emb.float().T
-        preferred = sims.argmax(1).cpu()
+    dev = pruner.device
+    cols = {"action": pruner.noise_actions, "suggested_label": pruner.relabeled, "model_label": pruner.model_pred,
+            "model_margin": pruner.model_margin, "clip_label": pruner.clip_pred, "clip_margin": pruner.clip_margin,
+            "belief": pruner.noise_belief, "consistency": pruner.consistency, "score": pruner.scores}
+    picked = {k: v[noisy.to(dev)].cpu() for k, v in cols.items()}
+    order = torch.argsort(picked["belief"], descending=True, stable=True).tolist()
     labels = index.labels
-    cons, scores = pruner.consistency.cpu(), pruner.scores.cpu()
+
+    def cls(k):
+        return index.classes[k] if k >= 0 else ""
+
+    def num(x):
+        return "" if x != x else f"{x:.4f}"  # NaN: unknown
+
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["index", "path", "given_label", "clip_label", "consistency", "score"])
-        for k, i in enumerate(noisy.tolist()):
-            clip = index.classes[int(preferred[k])] if preferred is not None else ""
-            w.writerow([i, index.files[i], index.classes[int(labels[i])], clip, f"{float(cons[i]):.4f}",
-                        f"{float(scores[i]):.4f}"])
+        w.writerow(["index", "path", "given_label", *cols])
+        for k in order:
+            i = int(noisy[k])
+            row = [ACTION_NAMES[int(picked["action"][k])], cls(int(picked["suggested_label"][k])),
+                   cls(int(picked["model_label"][k])), num(float(picked["model_margin"][k])),
+                   cls(int(picked["clip_label"][k])), num(float(picked["clip_margin"][k]))]
+            row += [num(float(picked[name][k])) for name in ("belief", "consistency", "score")]
+            w.writerow([i, index.files[i], index.classes[int(labels[i])], *row])
     return int(noisy.numel())
 
 

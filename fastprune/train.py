@@ -58,6 +58,9 @@ class TrainConfig:
     warmup: int = 1
     anneal: float = 0.125
     noise_ratio: float = 0.0
+    noise_evidence: str = "auto"
+    noise_start: int | None = None
+    noise_relabel: bool = False
     embeddings: str | None = None
     subset: str | None = None  # subset file from `fastprune prune-static`
     seed: int = 0
@@ -271,7 +274,8 @@ def _train(cfg, out, ckpt_path, device, log, on_epoch_end, progress) -> dict:
     model = build_model(cfg.arch, index.num_classes).to(device)
     pruner = DynamicPruner(len(index), index.num_classes, epochs=cfg.epochs, keep_ratio=cfg.keep_ratio,
                            policy=cfg.policy, ema=cfg.ema, warmup=cfg.warmup, anneal=cfg.anneal,
-                           noise_ratio=cfg.noise_ratio, image_emb=image_emb, text_emb=text_emb,
+                           noise_ratio=cfg.noise_ratio, noise_evidence=cfg.noise_evidence,
+                           noise_start=cfg.noise_start, noise_relabel=cfg.noise_relabel, image_emb=image_emb, text_emb=text_emb,
                            label_smoothing=cfg.label_smoothing, seed=cfg.seed, device=device,
                            initial_subset=initial_subset)
     if _channels_last(cfg, device):

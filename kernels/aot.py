@@ -60,6 +60,7 @@ def step_specs() -> list[Spec]:
                         "emb_ptr": f"*{et}", "text_ptr": f"*{et}", "scores_ptr": "*fp32", "visits_ptr": "*i32",
                         "cons_ptr": "*fp32", "weights_ptr": "*fp32", "stamp_ptr": "*i32", "err_ptr": "*i64",
                         "ce_ptr": "*fp32", "contrib_ptr": "*fp32", "correct_ptr": "*i8",
+                        "margin_ptr": "*fp32", "pred_ptr": "*i32",
                         "scratch_i_ptr": "*i32", "scratch_f_ptr": "*fp32", "dups_ptr": "*i32",
                         "B": "i32", "C": "i32", "N": "i32", "D": "i32",
                         "stride_l": "i32", "stride_g": "i32", "stride_e": "i32", "stride_t": "i32",

@@ -81,6 +81,8 @@ class StepOutput:
     ce: torch.Tensor  # training loss per sample (label-smoothed CE), 0 for ignored rows
     contrib: torch.Tensor  # weight * ce * scale: the batch loss is contrib.sum()
     correct: torch.Tensor  # argmax(logits) == label (bool)
+    margin: torch.Tensor  # z_y - max_{c != y} z_c, the model's own margin (float32; 0 where nothing updates)
+    pred: torch.Tensor  # argmax(logits), the first maximal class (int32; -1 where nothing updates)
     grad: torch.Tensor | None  # d(batch loss)/d(logits), or None when not asked for
 
 
@@ -145,6 +147,11 @@ def step_reference(
     # Everything read from the logits first: with an in-place gradient, z is overwritten below.
     mx, arg = z.max(dim=1)  # the first maximal index, as argmax
     z_y = z.gather(1, y[:, None])[:, 0]
+    if C > 1:  # the runner-up to the label: the row maximum, or the second largest where the label holds it
+        top2 = z.topk(2, dim=1).values
+        z_other = torch.where(arg == y, top2[:, 1], top2[:, 0])
+    else:
+        z_other = torch.full_like(z_y, float("-inf"))
     eps = float(label_smoothing)
     z_mean = z.mean(dim=1) if eps else None
     direct = grad is not None and grad.dtype == z.dtype
@@ -163,6 +170,8 @@ def step_reference(
     ce_out = torch.where(ok, ce, zero)
     contrib = torch.where(ok, w * ce * scale, zero)
     correct = ok & (arg == y) & finite
+    margin = torch.where(ok & finite, z_y - z_other, zero).to(torch.float32)
+    pred = torch.where(ok & finite, arg, -1).to(torch.int32)
 
     if grad is not None:  # (softmax - (1 - eps) onehot - eps / C) * w * scale, in place on e
         g = e.div_(denom[:, None])
@@ -204,7 +213,7 @@ def step_reference(
             consistency[idx] = torch.where(first, cos, ema * consistency[idx] + (1.0 - ema) * cos)
         visits[idx] += 1
 
-    return StepOutput(ce=ce_out, contrib=contrib, correct=correct, grad=grad)
+    return StepOutput(ce=ce_out, contrib=contrib, correct=correct, margin=margin, pred=pred, grad=grad)
 
 
 def cosine(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
@@ -383,6 +392,7 @@ def select_reference(
     epoch: int,
     exclude: torch.Tensor | None = None,
     population: int | None = None,
+    noisy: torch.Tensor | None = None,
     finalize=finalize_reference,
     priority=priority_reference,
 ) -> Selection:
@@ -390,7 +400,8 @@ def select_reference(
 
     ``exclude`` (bool N) marks samples outside a static subset: never kept, not counted in the
     statistics, and ``keep_ratio`` applies to the ``population`` that remains (pass it from the host
-    to avoid a sync; it is counted here otherwise).
+    to avoid a sync; it is counted here otherwise).  ``noisy`` (bool N), when given, is the set the
+    noise decisions leave out, instead of the ``noise_ratio`` quantile rule.
     """
     n = scores.numel()
     seen = visits > 0
@@ -399,7 +410,9 @@ def select_reference(
         if population is None:
             population = n - int(exclude.sum())
     population = n if population is None else population
-    if use_consistency and noise_ratio > 0:
+    if noisy is not None:
+        noisy = noisy & seen
+    elif use_consistency and noise_ratio > 0:
         noisy = noise_mask(scores, consistency, seen, noise_ratio)
     else:
         noisy = torch.zeros(n, dtype=torch.bool, device=scores.device)

@@ -1,7 +1,8 @@
 """Fused per-batch step: cross-entropy, its gradient, CLIP consistency, EMA score update.
 
 One launch reads each row of logits once (twice when C is larger than one
-tile) and writes, in the same pass: the per-sample loss, the gradient of the
+tile) and writes, in the same pass: the per-sample loss, the model's margin
+(label logit minus the largest other) and predicted class, the gradient of the
 weighted batch loss with respect to the logits (optionally in place), the
 sample's EMA score, visit count and consistency.  Nothing here talks to the
 host: bad labels, bad indices, non-finite rows and duplicate indices are
@@ -40,6 +41,7 @@ TILES = (
     (None, 1, 2048, 512, False, 8),  # H100: 2048 x 8 warps beat 4096 x 8, 1024 x 4 and single 16384-wide passes
 )
 MAX_CLASSES = K.MAX_CLASSES
+LANE_GATHER = tl.constexpr(32)  # chunks whose label-lane column one gather reads (streaming margin)
 SETTLE_BLOCK, SETTLE_WARPS = 256, 4  # rows per pass of settle_kernel's one program, and its warps
 
 
@@ -186,7 +188,7 @@ def _settle(indices_ptr, scores_ptr, cons_ptr, stamp_ptr, scratch_i_ptr, scratch
 def fused_step_kernel(
     logits_ptr, grad_ptr, labels_ptr, indices_ptr, emb_ptr, text_ptr,
     scores_ptr, visits_ptr, cons_ptr, weights_ptr, stamp_ptr, err_ptr,
-    ce_ptr, contrib_ptr, correct_ptr, scratch_i_ptr, scratch_f_ptr, dups_ptr,
+    ce_ptr, contrib_ptr, correct_ptr, margin_ptr, pred_ptr, scratch_i_ptr, scratch_f_ptr, dups_ptr,
     B, C, N, D, stride_l, stride_g, stride_e, stride_t,
     step_id, write_grad, ignore_index, ema, scale, smoothing,
     BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -222,15 +224,15 @@ def fused_step_kernel(
         cols = tl.arange(0, BLOCK_C)
         m2 = row_in[:, None] & _col_mask(cols, C, VEC)[None, :]
         x = tl.load(logits_ptr + l_rows[:, None] + cols[None, :], mask=m2, other=NEG_INF).to(tl.float32)
-        mx = tl.max(x, axis=1)
+        is_y = cols[None, :] == y2
+        mx, arg = tl.max(x, axis=1, return_indices=True, return_indices_tie_break_left=True)  # one reduction
+        z_y = tl.sum(tl.where(is_y, x, 0.0), axis=1)  # from registers: the gradient may overwrite the logits
+        z_other = tl.max(tl.where(is_y, NEG_INF, x), axis=1)  # the runner-up to the label
         mx_safe = tl.where(mx == NEG_INF, 0.0, mx)
         e = tl.exp(x - mx_safe[:, None])
         denom = tl.sum(e, axis=1)
         lse = mx_safe + tl.log(denom)
-        is_y = cols[None, :] == y2
-        z_y = tl.sum(tl.where(is_y, x, 0.0), axis=1)
         z_sum = tl.sum(tl.where(m2, x, 0.0), axis=1)
-        arg = tl.argmax(x, axis=1)
         if write_grad:
             p = e / denom[:, None]
             g = (p - smoothing * inv_c - tl.where(is_y, 1.0 - smoothing, 0.0)) * gscale[:, None]
@@ -263,6 +265,16 @@ def fused_step_kernel(
         z_sum = tl.sum(s_lane, axis=1)
         top = tl.max(best, axis=1)
         arg = tl.min(tl.where(best == top[:, None], at, 2147483647), axis=1)  # first column of the maximum
+        # The runner-up to the label, from what the lanes already hold: every lane's maximum except where
+        # that maximum is the label, plus the label's own lane without it (one strided gather, ~C / BLOCK_C
+        # values), instead of a masked maximum over every logit.
+        z_other = tl.max(tl.where(at == y2, NEG_INF, best), axis=1)
+        y_lane = y % BLOCK_C
+        for k0 in range(0, C, BLOCK_C * LANE_GATHER):
+            g_cols = k0 + y_lane[:, None] + tl.arange(0, LANE_GATHER)[None, :] * BLOCK_C
+            g_mask = ok[:, None] & (g_cols < C) & (g_cols != y[:, None])
+            rest = tl.load(logits_ptr + l_rows[:, None] + g_cols, mask=g_mask, other=NEG_INF).to(tl.float32)
+            z_other = tl.maximum(z_other, tl.max(rest, axis=1))
         if write_grad:
             for c0 in range(0, C, BLOCK_C):
                 cols = c0 + tl.arange(0, BLOCK_C)
@@ -282,6 +294,8 @@ def fused_step_kernel(
     tl.store(contrib_ptr + rows64, tl.where(ok, w * ce * scale, 0.0), mask=row_in)
     correct = ok & finite & (arg == y.to(tl.int32))
     tl.store(correct_ptr + rows64, correct.to(tl.int8), mask=row_in)
+    tl.store(margin_ptr + rows64, tl.where(ok & finite, z_y - z_other, 0.0), mask=row_in)
+    tl.store(pred_ptr + rows64, tl.where(ok & finite, arg, -1), mask=row_in)
 
     # ---- state update: the first row to claim a sample updates it; duplicates are settled last ----
     # Each row also leaves in scratch what settle_kernel needs for duplicates: its loss and
@@ -400,6 +414,8 @@ def launch_step(
     ce = torch.empty(B, dtype=torch.float32, device=dev) if ce is None else ce
     contrib = torch.empty(B, dtype=torch.float32, device=dev) if contrib is None else contrib
     correct = torch.empty(B, dtype=torch.int8, device=dev) if correct is None else correct
+    margin = torch.empty(B, dtype=torch.float32, device=dev)
+    pred = torch.empty(B, dtype=torch.int32, device=dev)
     dups = torch.zeros(1, dtype=torch.int32, device=dev) if dups is None else dups
     scratch = torch.empty(6 * B, dtype=torch.int32, device=dev)  # per-row state for settle_kernel
     if emb_mode == K.EMB_NONE:
@@ -412,7 +428,7 @@ def launch_step(
     fused_step_kernel[grid](
         logits, g, labels, indices, emb, text,
         scores, visits, consistency, weights, stamp, errors,
-        ce, contrib, correct, scratch, scratch_f, dups,
+        ce, contrib, correct, margin, pred, scratch, scratch_f, dups,
         B, C, scores.numel(), D, logits.stride(0), g.stride(0), stride_e, stride_t,
         step_id, int(write_grad), ignore_index, ema, scale, label_smoothing,
         BLOCK_B=cfg.BLOCK_B, BLOCK_C=cfg.BLOCK_C, BLOCK_D=cfg.BLOCK_D, SINGLE=cfg.SINGLE, VEC=vec,
@@ -420,4 +436,4 @@ def launch_step(
     )
     settle_kernel[(1,)](indices, scores, consistency, stamp, scratch, scratch_f, dups, B, step_id, ema,
                         EMB_MODE=emb_mode, FIX=SETTLE_BLOCK, num_warps=SETTLE_WARPS)
-    return StepOutput(ce=ce, contrib=contrib, correct=correct.view(torch.bool), grad=grad)
+    return StepOutput(ce=ce, contrib=contrib, correct=correct.view(torch.bool), margin=margin, pred=pred, grad=grad)

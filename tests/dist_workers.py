@@ -71,7 +71,15 @@ def snapshot(pruner) -> dict:
     return {"global": pruner.global_indices.clone(), "shard": pruner.epoch_indices.clone(),
             "scores": pruner.scores.to("cpu", copy=True), "visits": pruner.visits.to("cpu", copy=True),
             "consistency": pruner.consistency.to("cpu", copy=True), "weights": pruner.weights.to("cpu", copy=True),
-            "noisy": pruner.suspected_noisy(), "epoch": pruner.epoch}
+            "noisy": pruner.suspected_noisy(), "epoch": pruner.epoch,
+            **{k: getattr(pruner, k).to("cpu", copy=True)
+               for k in ("model_margin", "model_pred", "given_labels", "clip_margin", "clip_pred")}}
+
+
+def _to_cpu(value):
+    if isinstance(value, dict):
+        return {k: _to_cpu(v) for k, v in value.items()}
+    return value.to("cpu", copy=True) if isinstance(value, torch.Tensor) else value
 
 
 def run_epochs(rank, world, epochs=5, state=None, stop_after=None, save=None):
@@ -84,7 +92,7 @@ def run_epochs(rank, world, epochs=5, state=None, stop_after=None, save=None):
         train_epoch(pruner, pruner.epoch_indices)
         pruner.next_epoch()
         snaps.append(snapshot(pruner))
-    sd = {k: v.to("cpu", copy=True) if isinstance(v, torch.Tensor) else v for k, v in pruner.state_dict().items()}
+    sd = _to_cpu(pruner.state_dict())
     if save is not None and rank == 0:
         torch.save(sd, save)
     return {"snaps": snaps, "state": sd, "history": pruner.history, "last_sync": pruner.last_sync,
@@ -169,7 +177,8 @@ def resume_rest(rank, world, save):
 
 
 def sync_bytes_without_embeddings(rank, world):
-    """Without CLIP consistency the merge carries scores, visits and the touched row only."""
+    """Without CLIP consistency the merge carries scores, visits, the margin accumulators, the touched row
+    and the class columns (prediction, label)."""
     pruner = make_pruner(image_emb=None, text_emb=None, noise_ratio=0.0)
     train_epoch(pruner, pruner.epoch_indices[:8])
     return pruner.sync()

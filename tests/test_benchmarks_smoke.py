@@ -21,11 +21,18 @@ def test_bench_smoke_writes_well_formed_records(tmp_path):
     data = json.loads(files[0].read_text())
     assert {"date", "device", "torch", "cpu"} <= set(data["machine"])
     records = data["records"]
-    assert {r["bench"] for r in records} == {"step", "select", "loader", "epoch", "distributed"}
+    assert {r["bench"] for r in records} == {"step", "select", "loader", "epoch", "distributed", "noise"}
+    noise = [r for r in records if r["bench"] == "noise"]
+    records = [r for r in records if r["bench"] != "noise"]
     for r in records:
         for key in ("bench", "method", "device", "versions", "dtype", "sizes", "median_us", "iqr_us", "measured_at"):
             assert key in r, (key, r)
         assert r["median_us"] > 0 and r["iqr_us"] >= 0
+    from benchmarks.bench_noise import ARMS
+
+    assert set(ARMS) - {"cleanlab, then full"} <= {r["arm"] for r in noise}
+    for r in noise:
+        assert 0 <= r["accuracy"] <= 1 and 0 < r["visits"] <= 1 and r["seconds"] > 0 and r["planted"] > 0
     from benchmarks.goals import GOALS
 
     # the goals whose sizes a smoke run reaches read their values from real records, not only from samples

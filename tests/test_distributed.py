@@ -17,7 +17,25 @@ from fastprune.data.cursor import EpochCursor
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not built")
 
-STATE = ("scores", "visits", "consistency", "weights")
+STATE = ("scores", "visits", "consistency", "weights", "model_margin", "model_pred", "given_labels", "clip_margin",
+         "clip_pred")
+
+
+def _flat(sd: dict, prefix: str = "") -> dict:
+    """A state_dict's leaves by their path (nested dicts such as the evidence flattened)."""
+    out = {}
+    for key, value in sd.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = value
+    return out
+
+
+def _same(a, b) -> bool:
+    """Equal bit for bit, NaN (unknown) in the same places."""
+    return a.shape == b.shape and a.dtype == b.dtype and bool(((a == b) | (a.isnan() & b.isnan())).all()
+                                                               if a.is_floating_point() else torch.equal(a, b))
 
 
 def _ok(results):
@@ -45,7 +63,7 @@ def _assert_same_snapshots(a, b):
         assert sa["epoch"] == sb["epoch"]
         assert torch.equal(sa["global"], sb["global"]), f"epoch {sa['epoch']}: selections differ"
         for key in STATE:
-            assert torch.equal(sa[key], sb[key]), f"epoch {sa['epoch']}: {key} differ"
+            assert _same(sa[key], sb[key]), f"epoch {sa['epoch']}: {key} differ"
         assert torch.equal(sa["noisy"], sb["noisy"])
 
 
@@ -114,11 +132,13 @@ def test_ranks_agree_and_equal_a_single_process_run(world):
         _assert_same_snapshots(res["snaps"], single)  # same global state as one process, on every rank
         assert res["history"] == results[0]["history"]
         sd, sd0 = res["state"], results[0]["state"]
-        for key, value in sd.items():
+        flat, flat0 = _flat(sd), _flat(sd0)
+        assert flat.keys() == flat0.keys()
+        for key, value in flat.items():
             if isinstance(value, torch.Tensor):
-                assert torch.equal(value, sd0[key]), f"state_dict()[{key!r}] differs on rank {r}"
+                assert _same(value, flat0[key]), f"state_dict()[{key!r}] differs on rank {r}"
             else:
-                assert value == sd0[key], f"state_dict()[{key!r}] differs on rank {r}"
+                assert value == flat0[key], f"state_dict()[{key!r}] differs on rank {r}"
     for e in range(len(single)):
         shards = [res["snaps"][e]["shard"] for res in results]
         sel = single[e]["global"]
@@ -128,10 +148,11 @@ def test_ranks_agree_and_equal_a_single_process_run(world):
             assert torch.cat(shards).numel() == sel.numel(), "disjoint shards"
     pruned = [h for h in results[0]["history"] if h["policy"] == "infobatch"]
     assert pruned and all(h["kept"] < W.N for h in pruned), "the run pruned"
-    # bytes: one float32 row each for scores, visits, consistency and the touched count, + the header
+    # bytes: one float32 row each for scores, visits, consistency, margin sum, margin count and the touched
+    # count; one int32 row each for the model's prediction and the label; the header
     sync = results[0]["last_sync"]
     assert sync["header_bytes"] == 8 * (6 + world)
-    assert sync["bytes"] == 4 * 4 * W.N + sync["header_bytes"]
+    assert sync["bytes"] == 8 * 4 * W.N + sync["header_bytes"]
     assert results[0]["history"][-1]["sync_bytes"] == sync["bytes"]
 
 
@@ -193,9 +214,9 @@ def _warn_without_sync(rank, world):
     return any("call pruner.sync() on every rank first" in str(w.message) for w in caught) and not after
 
 
-def test_merge_without_embeddings_sends_three_rows():
+def test_merge_without_embeddings_sends_seven_rows():
     for sent in _ok(W.launch(W.sync_bytes_without_embeddings, 2)):
-        assert sent == 3 * 4 * W.N + 8 * (6 + 2)
+        assert sent == 7 * 4 * W.N + 8 * (6 + 2)
 
 
 # ------------------------------------------------------------------ failures

@@ -93,6 +93,8 @@ def assert_step_matches(out_k, out_r, s_k, s_r, dtype, logits=None):
     assert_close_rel(out_k.ce, out_r.ce, 1e-5, atol)
     assert_close_rel(out_k.contrib, out_r.contrib, 1e-5, atol)
     assert torch.equal(out_k.correct, out_r.correct)
+    assert_close_rel(out_k.margin, out_r.margin, 1e-6, atol)
+    assert torch.equal(out_k.pred, out_r.pred)
     if out_r.grad is not None:
         assert_close_rel(out_k.grad, out_r.grad, GRAD_TOL[dtype], grad_atol(out_r.grad))
     assert_close_rel(s_k["scores"], s_r["scores"], 1e-5, atol)
@@ -242,6 +244,52 @@ def test_correct_flag_is_argmax():
     labels = torch.tensor([1, 1, 0])
     out = launch_step(logits, labels, torch.arange(3), **make_state(3), step_id=0, ema=0.9, scale=1 / 3)
     assert out.correct.tolist() == [True, False, False]  # ties go to the first index, like argmax
+
+
+@pytest.mark.parametrize("C", [3, 4099])  # one pass; two streaming passes with the values in different chunks
+def test_margin_and_prediction(C):
+    """margin = z_y - max over the other classes; pred = the first maximal class; rows that update nothing
+    report margin 0 and pred -1."""
+    far = C - 1  # in the last chunk when C > one chunk
+    logits = torch.zeros(6, C)
+    logits[0, 1], logits[0, far] = 5.0, 2.0  # label holds the maximum: margin against the runner-up
+    logits[1, 0], logits[1, far] = 3.0, 3.0  # a tie: pred is the first, margin 0 for either label
+    logits[2, far] = 9.0  # label elsewhere: negative margin
+    logits[3, 1] = 4.0  # ignored row
+    logits[4, 0] = float("nan")  # non-finite row
+    logits[5, 0], logits[5, 1] = -1.0, 7.0
+    labels = torch.tensor([1, far, 0, -100, 0, 1])
+    out = launch_step(logits, labels, torch.arange(6), **make_state(6), step_id=0, ema=0.9, scale=1 / 6)
+    ref = step_reference(logits, labels, torch.arange(6), **make_state(6), step_id=0, ema=0.9, scale=1 / 6)
+    expected_margin = [3.0, 0.0, -9.0, 0.0, 0.0, 7.0]
+    assert out.margin.tolist() == ref.margin.tolist() == expected_margin
+    assert out.pred.tolist() == ref.pred.tolist() == [1, 0, far, -1, -1, 1]
+
+
+def test_margin_runner_up_in_the_label_lane():
+    """Streaming: the runner-up found wherever it sits, in the label's own lane of another chunk (read by
+    the lane gather, also in its second block of chunks), in another lane, or tied with the label."""
+    C, y, lane = 2048 * 33 + 5, 3, 2048  # 34 chunks: the gather walks two blocks of 32
+    g = torch.Generator().manual_seed(0)
+    logits = -torch.rand(6, C, generator=g)
+    logits[:, y] = 10.0
+    logits[0, y + 33 * lane], logits[0, 100] = 8.0, 6.0  # same lane, second gather block
+    logits[1, y + lane], logits[1, 200] = 7.0, 6.0  # same lane, next chunk
+    logits[2, 4000] = 9.0  # another lane
+    logits[3, y], logits[3, y + 2 * lane] = 1.0, 5.0  # the label's lane holds a larger logit
+    logits[4, y + lane] = 10.0  # a tie in the label's lane
+    logits[5, y + 33 * lane] = 12.0  # the maximum itself in the last chunk of the label's lane
+    labels = torch.full((6,), y)
+    out = launch_step(logits, labels, torch.arange(6), **make_state(6), step_id=0, ema=0.9, scale=1 / 6)
+    ref = step_reference(logits, labels, torch.arange(6), **make_state(6), step_id=0, ema=0.9, scale=1 / 6)
+    assert out.margin.tolist() == ref.margin.tolist() == [2.0, 3.0, 1.0, -4.0, 0.0, -2.0]
+    assert out.pred.tolist() == ref.pred.tolist() == [y, y, y, y + 2 * lane, y, y + 33 * lane]
+
+
+def test_margin_of_a_single_class_is_infinite():
+    logits = torch.tensor([[2.0]])
+    out = launch_step(logits, torch.tensor([0]), torch.tensor([0]), **make_state(1), step_id=0, ema=0.9, scale=1.0)
+    assert out.margin.item() == float("inf") and out.pred.item() == 0
 
 
 def test_bad_labels_and_indices_are_recorded_and_left_out():

@@ -3,6 +3,7 @@
 import csv
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -117,7 +118,9 @@ def test_outputs_exist_and_parse(folders, tmp_path):
         with Image.open(out / png) as im:
             assert im.size[0] > 100
     with open(out / "suspected_noisy.csv") as f:
-        assert next(csv.reader(f)) == ["index", "path", "given_label", "clip_label", "consistency", "score"]
+        assert next(csv.reader(f)) == ["index", "path", "given_label", "action", "suggested_label", "model_label",
+                                       "model_margin", "clip_label", "clip_margin", "belief", "consistency",
+                                       "score"]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["epochs"] == 3 and 0 < summary["visits_saved"] < 1
 
@@ -166,10 +169,34 @@ def test_demo_fast_mode(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout
     assert "semantic consistency: proxy (no CLIP weights offline)" in out
-    assert "| full data |" in out and "| fastprune (infobatch 0.7 + noise filter) |" in out
+    assert "| full data |" in out and "| fastprune (infobatch 0.7 + noise decisions) |" in out
+    assert re.search(r"fastprune is (above|equal to|below) full data", out)
     assert (tmp_path / "fastprune" / "kept_and_accuracy.png").exists()
     truth = json.loads((tmp_path / "digits" / "truth.json").read_text())
     assert sum(t["true"] != t["given"] for t in truth.values()) == int(0.2 * len(truth))
+
+
+def test_demo_pair_noise_and_seeds(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "fastprune", "demo", "--epochs", "1", "--noise", "0.3:pair",
+                           "--seeds", "2", "--out", str(tmp_path)], env=USER_ENV, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "2 seeds" in proc.stdout and "30% pair label noise" in proc.stdout
+    assert re.search(r"\| full data \| [0-9.]+% ± [0-9.]+% \|", proc.stdout)
+    from fastprune.demo import PAIRS
+
+    for seed in (0, 1):
+        truth = json.loads((tmp_path / f"seed{seed}" / "digits" / "truth.json").read_text())
+        flipped = [t for t in truth.values() if t["true"] != t["given"]]
+        assert len(flipped) == int(0.3 * len(truth)) and all(PAIRS[t["true"]] == t["given"] for t in flipped)
+
+
+@pytest.mark.parametrize("args,pattern", [(["--noise", "lots"], "--noise takes FRACTION"),
+                                          (["--noise", "0.2:diagonal"], "its kind one of symmetric, pair"),
+                                          (["--seeds", "0"], "seeds must be >= 1")])
+def test_demo_bad_noise_arguments(tmp_path, capsys, args, pattern):
+    rc, err = run_cli(["demo", "--out", str(tmp_path), *args], capsys)
+    assert rc == 2 and re.search(pattern, err) and "Traceback" not in err
 
 
 @pytest.mark.parametrize("script", ["plain_pytorch.py", "dali_loop.py"])

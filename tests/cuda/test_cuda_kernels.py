@@ -52,6 +52,8 @@ def test_compiled_step_matches_reference(B, C, dtype, mode):
     torch.testing.assert_close(s1["scores"], s2["scores"], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(s1["consistency"], s2["consistency"], rtol=1e-4, atol=1e-4)
     assert torch.equal(s1["visits"], s2["visits"])
+    torch.testing.assert_close(o1.margin, o2.margin, rtol=1e-5, atol=1e-5)
+    assert torch.equal(o1.pred, o2.pred)
 
 
 @pytest.mark.parametrize("mode", [K.EMB_NONE, K.EMB_TABLE, K.EMB_BATCH])

@@ -1,0 +1,145 @@
+"""Per-sample evidence that a label is wrong: the model's own margin and CLIP's margin.
+
+The fused step reports each row's margin ``z_y - max_{c != y} z_c`` and predicted class; this
+module accumulates them per sample as the area under the margin (AUM, Pleiss et al. 2020: the
+mean margin over every scored visit) and the latest prediction.  CLIP's margin
+``cos(e, t_y) - max_{c != y} cos(e, t_c)`` and its preferred class come from the image embeddings:
+computed once, in chunks on the device, for a fixed table; per step for per-batch embeddings.
+
+An atypical but correctly labelled sample has a low cosine to every class yet a positive margin;
+a flipped one has a negative margin.  Everything stays on the pruner's device; nothing here
+synchronises with the host during training.
+"""
+
+from __future__ import annotations
+
+import torch
+
+CLIP_CHUNK_ELEMENTS = 1 << 24  # rows x classes of one chunk of the table's similarity product
+
+
+def margins_and_preferred(sims: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``sims[i, y_i] - max_{c != y_i} sims[i, c]`` and the first maximal class of each row.
+
+    One class only: the margin is +inf (no other class to prefer).
+    """
+    y = labels.to(torch.int64)[:, None]
+    own = sims.gather(1, y)[:, 0]
+    if sims.shape[1] == 1:
+        return torch.full_like(own, float("inf")), torch.zeros_like(own, dtype=torch.int32)
+    other = sims.scatter(1, y, float("-inf")).amax(dim=1)
+    return own - other, sims.argmax(dim=1).to(torch.int32)
+
+
+def _unit(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    x = x.float()
+    return x / x.norm(dim=1, keepdim=True).clamp_min(eps)
+
+
+class Evidence:
+    """Per sample: the model's accumulated margin and latest prediction, the label the steps saw, and
+    CLIP's margin and preferred class."""
+
+    def __init__(self, num_samples: int, device: torch.device):
+        n = num_samples
+        # One slot past the end takes the writes of rows that update nothing, so that a step needs no
+        # host-side filtering; the fields are views without it.
+        self._margin_sum = torch.zeros(n + 1, dtype=torch.float32, device=device)
+        self._margin_count = torch.zeros(n + 1, dtype=torch.int32, device=device)
+        self._pred = torch.full((n + 1,), -1, dtype=torch.int32, device=device)
+        self._label = torch.full((n + 1,), -1, dtype=torch.int32, device=device)
+        self._clip_margin = torch.full((n + 1,), float("nan"), dtype=torch.float32, device=device)
+        self._clip_pred = torch.full((n + 1,), -1, dtype=torch.int32, device=device)
+        self.num_samples = n
+        for name in self.EMPTY:
+            setattr(self, name, getattr(self, "_" + name)[:n])
+
+    # ------------------------------------------------------------------ per step
+
+    def _slot(self, indices: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        return torch.where(valid, indices.to(torch.int64), self.num_samples)  # left-out rows: the spare slot
+
+    def record(self, margin: torch.Tensor, pred: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor) -> None:
+        """Add one step's rows; rows that updated nothing (pred == -1: ignored, bad or non-finite) are left out.
+
+        A sample twice in one batch adds both margins and keeps one of the rows' prediction.
+        """
+        valid = pred >= 0
+        slot = self._slot(indices, valid)
+        self._margin_sum.index_add_(0, slot, margin)
+        self._margin_count.index_add_(0, slot, valid.to(torch.int32))
+        self._pred.index_put_((slot,), pred)
+        self._label.index_put_((slot,), labels.to(torch.int32))
+
+    def record_clip_batch(self, image_emb: torch.Tensor, text_emb: torch.Tensor, labels: torch.Tensor,
+                          indices: torch.Tensor, valid: torch.Tensor) -> None:
+        """CLIP's margin of this batch's images (per-batch embeddings): the latest view of a sample wins."""
+        sims = _unit(image_emb) @ _unit(text_emb).T
+        margin, preferred = margins_and_preferred(sims, torch.where(valid, labels.to(torch.int64), 0))
+        slot = self._slot(indices, valid)
+        self._clip_margin.index_put_((slot,), margin)
+        self._clip_pred.index_put_((slot,), preferred)
+
+    def restart(self, mask: torch.Tensor, new_label: torch.Tensor) -> None:
+        """Samples in ``mask`` now train with ``new_label``: their evidence starts again against it."""
+        self.margin_sum.masked_fill_(mask, 0.0)
+        self.margin_count.masked_fill_(mask, 0)
+        self.label.copy_(torch.where(mask, new_label, self.label))
+        self.clip_margin.masked_fill_(mask, float("nan"))
+        self.clip_pred.masked_fill_(mask, -1)
+
+    # ------------------------------------------------------------------ fixed table
+
+    def complete_clip_table(self, image_emb: torch.Tensor, text_emb: torch.Tensor) -> None:
+        """CLIP's margin and preferred class of every scored sample of a fixed table not yet computed:
+        each sample once, in chunks of an (n x C) product on the device (synchronises: epoch-level)."""
+        todo = torch.nonzero((self.clip_pred < 0) & (self.label >= 0))[:, 0]
+        if todo.numel() == 0:
+            return
+        text = _unit(text_emb)
+        chunk = max(1, CLIP_CHUNK_ELEMENTS // text.shape[0])
+        for lo in range(0, todo.numel(), chunk):
+            rows = todo[lo:lo + chunk]
+            margin, preferred = margins_and_preferred(_unit(image_emb[rows]) @ text.T, self.label[rows])
+            self.clip_margin[rows] = margin
+            self.clip_pred[rows] = preferred
+
+    # ------------------------------------------------------------------ queries
+
+    def model_margin(self) -> torch.Tensor:
+        """Area under the margin: the mean margin over a sample's scored visits (NaN where never scored)."""
+        count = self.margin_count.to(torch.float32)
+        return torch.where(count > 0, self.margin_sum / count.clamp_min(1.0), float("nan"))
+
+    # ------------------------------------------------------------------ ranks
+
+    def merge_rows(self, batch_clip: bool) -> list[torch.Tensor]:
+        """The accumulators ranks merge like the scores (one rank touches a sample in an epoch)."""
+        return [self.margin_sum, self.margin_count] + ([self.clip_margin] if batch_clip else [])
+
+    def merge_classes(self, touched: torch.Tensor, group, batch_clip: bool) -> int:
+        """Class columns of touched samples (the model's prediction, the label; CLIP's class with per-batch
+        embeddings): the largest over the touching ranks, since a mean of classes means nothing.  Returns
+        the bytes handed to the all-reduce."""
+        cols = (self.pred, self.label) + ((self.clip_pred,) if batch_clip else ())
+        buf = torch.stack([torch.where(touched, c, -1) for c in cols])
+        group.all_max(buf)
+        for k, c in enumerate(cols):
+            c.copy_(torch.where(buf[k] >= 0, buf[k], c))
+        return buf.numel() * buf.element_size()
+
+    # ------------------------------------------------------------------ persistence
+
+    EMPTY = {"margin_sum": 0.0, "margin_count": 0, "pred": -1, "label": -1, "clip_margin": float("nan"),
+             "clip_pred": -1}  # each field's value before any step
+
+    def state_dict(self) -> dict:
+        return {name: getattr(self, name).clone() for name in self.EMPTY}
+
+    def load_state_dict(self, sd: dict | None) -> None:
+        """Restore; ``None`` (a state saved before the evidence existed) starts it empty."""
+        for name, empty in self.EMPTY.items():
+            if sd is None:
+                getattr(self, name).fill_(empty)
+            else:
+                getattr(self, name).copy_(sd[name])
