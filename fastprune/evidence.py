@@ -114,7 +114,9 @@ class Evidence:
     # ------------------------------------------------------------------ ranks
 
     def merge_rows(self, batch_clip: bool) -> list[torch.Tensor]:
-        """The accumulators ranks merge like the scores (one rank touches a sample in an epoch)."""
+        """The accumulators ranks merge like the scores: a mean over the ranks that touched a sample since
+        the last merge.  Exact because the pruner's shards give each sample to one rank an epoch (the pad
+        rule's repeats score the same sample the same way on both ranks)."""
         return [self.margin_sum, self.margin_count] + ([self.clip_margin] if batch_clip else [])
 
     def merge_classes(self, touched: torch.Tensor, group, batch_clip: bool) -> int:

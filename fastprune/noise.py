@@ -77,11 +77,13 @@ def mixture_belief(x: torch.Tensor, cls: torch.Tensor, valid: torch.Tensor, num_
     mu_lo, mu_hi = mean - sd, mean + sd
     var_lo = var_hi = var + floor
     pi_lo = torch.full_like(mean, 0.5)
-    r = torch.zeros_like(xv)
-    for _ in range(iterations):
+    def responsibility():  # of the lower component
         a = torch.log(pi_lo.clamp_min(1e-12))[c] + _log_normal(xv, mu_lo[c], var_lo[c])
         b = torch.log((1 - pi_lo).clamp_min(1e-12))[c] + _log_normal(xv, mu_hi[c], var_hi[c])
-        r = torch.sigmoid(a - b) * w  # responsibility of the lower component
+        return torch.sigmoid(a - b) * w
+
+    for _ in range(iterations):
+        r = responsibility()
         n_lo = _per_class_sum(r, c, num_classes)
         n_hi = n - n_lo
         mu_lo = _per_class_sum(r * xv, c, num_classes) / n_lo.clamp_min(1e-12)
@@ -93,6 +95,7 @@ def mixture_belief(x: torch.Tensor, cls: torch.Tensor, valid: torch.Tensor, num_
         mu_lo, mu_hi = torch.where(swap, mu_hi, mu_lo), torch.where(swap, mu_lo, mu_hi)
         var_lo, var_hi = torch.where(swap, var_hi, var_lo), torch.where(swap, var_lo, var_hi)
         pi_lo = torch.where(swap, 1 - pi_lo, pi_lo)
+    r = responsibility()  # from the final, ordered components
     # A class has a mode of wrong labels only if its mixture is bimodal: components apart by more than
     # SEPARATION (Ashman's D) and the lower one on the wrong side of zero.  Otherwise nothing is suspected.
     separation = math.sqrt(2.0) * (mu_hi - mu_lo) / (var_lo + var_hi).sqrt()
@@ -100,12 +103,6 @@ def mixture_belief(x: torch.Tensor, cls: torch.Tensor, valid: torch.Tensor, num_
     enough = ((n >= MIN_PER_CLASS) & bimodal)[c]
     outlier = xv < (mu_hi - OUTLIER_SD * var_hi.sqrt())[c]  # far below what the class's clean samples show
     return torch.where(valid & enough & (x < 0) & outlier, r.to(torch.float32), 0.0)
-
-
-def combine(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """Two independent beliefs in one: p q / (p q + (1 - p)(1 - q)); 0 where either is 0."""
-    num = p * q
-    return torch.where(num > 0, num / (num + (1 - p) * (1 - q)).clamp_min(1e-12), 0.0)
 
 
 def decide(label: torch.Tensor, model_margin: torch.Tensor | None, model_pred: torch.Tensor | None,

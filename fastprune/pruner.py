@@ -93,10 +93,10 @@ class DynamicPruner:
         ema: weight of the old score in the EMA, in [0, 1).
         warmup: number of first epochs trained on the full (noise-filtered) set.
         anneal: fraction of final epochs trained on the full (noise-filtered) set.
-        noise_ratio: the most of the dataset that the noise decisions may act on (0 turns them off).
-            Within it the amount is found per class from the evidence (see ``fastprune.noise``):
-            likely mislabeled samples are relabeled where the model and CLIP agree on another
-            class, left out where the evidence is strong, down-weighted where it is not.
+        noise_ratio: the most of the dataset that one epoch's noise decisions may act on (0 turns them
+            off).  Within it the amount is found per class from the evidence (see ``fastprune.noise``):
+            likely mislabeled samples are left out where the evidence is strong and down-weighted
+            where it is not (or relabeled, with ``noise_relabel``).
         noise_evidence: ``"auto"`` (the model's margin and CLIP's when embeddings are given, the
             model's alone otherwise), ``"model"``, ``"clip"`` or ``"both"``.
         noise_start: the first epoch whose selection uses the noise decisions (the model's margins
@@ -200,9 +200,9 @@ class DynamicPruner:
                              "or per-batch image embeddings); pass them or use noise_evidence='model'")
         self.noise_evidence = noise_evidence
         self.noise_relabel = bool(noise_relabel)
-        if self.noise_relabel and self.text_emb is None:
-            raise ValueError("noise_relabel=True needs CLIP embeddings: a class is given only where the model and "
-                             "CLIP agree on it")
+        if self.noise_relabel and (self.text_emb is None or noise_evidence not in ("auto", "both")):
+            raise ValueError("noise_relabel=True needs both sources of evidence (CLIP embeddings and "
+                             "noise_evidence 'auto' or 'both'): a class is given only where the model and CLIP agree")
         if noise_start is None:
             noise_start = max(2, round(self.epochs / 5))
         self.noise_start = _check_int("noise_start", noise_start, 1)
@@ -390,7 +390,7 @@ class DynamicPruner:
         idx = indices.to(torch.int64)
         inside = (idx >= 0) & (idx < self.num_samples)  # bad indices are the kernel's to report
         new = self._relabel[idx.clamp(0, self.num_samples - 1)]
-        use = inside & (new >= 0) & (labels != self.ignore_index)
+        use = inside & (new >= 0) & (labels >= 0) & (labels < self.num_classes)  # bad labels: the kernel reports
         return torch.where(use, new.to(labels.dtype), labels)
 
     # ------------------------------------------------------------ error report
@@ -463,8 +463,8 @@ class DynamicPruner:
         if self.noise_ratio == 0 or epoch < self.noise_start:
             return None
         ev = self._evidence
-        use_clip = self.noise_evidence in ("clip", "both") or (self.noise_evidence == "auto"
-                                                                and self.text_emb is not None)
+        clip_known = self.image_emb is not None or self._has_batch_consistency
+        use_clip = self.noise_evidence in ("clip", "both") or (self.noise_evidence == "auto" and clip_known)
         use_model = self.noise_evidence != "clip"
         if use_clip:
             self._complete_clip_table()
@@ -486,7 +486,7 @@ class DynamicPruner:
     def _select(self, epoch: int, policy: str, decision: _noise.NoiseDecision | None = None) -> _k.Selection:
         use_cons = self.image_emb is not None or self._has_batch_consistency
         actions = self._action if decision is None else decision.action  # earlier decisions stand until new ones
-        noisy = actions == _noise.EXCLUDE
+        noisy = actions == _noise.EXCLUDE if self.noise_ratio > 0 else None
         return _k.select_epoch(
             self._scores, self._visits, self._consistency, use_consistency=use_cons, policy=policy,
             keep_ratio=self.keep_ratio, noise_ratio=0.0, noisy=noisy,
@@ -551,6 +551,8 @@ class DynamicPruner:
         policy = self.schedule.policy_for(epoch)
         if self._group is not None:
             self._merge(_NEXT_EPOCH)
+        if self.image_emb is not None:  # on every rank, so that the ranks' states stay equal
+            self._complete_clip_table()
         decision = self._decide(epoch)
         order = self._adopt(epoch, policy, self._select(epoch, policy, decision), decision)
         # A stamp only tells this step's rows apart and marks what changed since the last merge (just done):
@@ -805,8 +807,8 @@ class DynamicPruner:
         if sd["version"] >= 3:
             for name in ("action", "belief", "relabel"):
                 getattr(self, "_" + name).copy_(sd["noise"][name])
-        else:  # the old rule only left samples out
-            self._action.copy_(torch.where(self._noisy, _noise.EXCLUDE, _noise.KEEP).to(torch.int8))
+        else:  # the old rule's set applies to the loaded epoch (its order and weights); new decisions follow
+            self._action.zero_()
             self._belief.zero_()
             self._relabel.fill_(-1)
         self._any_relabel = bool((self._relabel >= 0).any())

@@ -46,7 +46,7 @@ def plot_run(history: list[dict], pruner, out: Path) -> list[Path]:
 
     fig, ax = plt.subplots(figsize=(5, 3.6))
     ax.bar(epochs, [h["suspected_noisy"] for h in history])
-    ax.set(xlabel="epoch", ylabel="samples", title="left out as suspected mislabeled")
+    ax.set(xlabel="epoch", ylabel="samples", title="suspected mislabeled (acted on)")
     fig.tight_layout()
     paths.append(_save(fig, out / "suspected_noisy.png"))
     return paths

@@ -365,7 +365,7 @@ def _train(cfg, out, ckpt_path, device, log, on_epoch_end, progress) -> dict:
         train_s = time.perf_counter() - t0
         top1, top5 = evaluate(eval_net, val_loader, device) if val_loader is not None else (None, None)
         record = {"epoch": epoch, "policy": pruner.history[-1]["policy"], "samples_trained": int(selected.numel()),
-                  "kept_fraction": selected.numel() / len(index), "suspected_noisy": pruner.history[-1]["noisy"],
+                  "kept_fraction": selected.numel() / len(index), "suspected_noisy": _acted_on(pruner.history[-1]),
                   "visits_saved": pruner.visits_saved, "train_seconds": round(train_s, 3),
                   "epoch_seconds": round(time.perf_counter() - t0, 3),
                   "images_per_s": round(trained * world / max(train_s, 1e-9), 1), "val_top1": top1,
@@ -397,6 +397,12 @@ def _train(cfg, out, ckpt_path, device, log, on_epoch_end, progress) -> dict:
         (out / "summary.json").write_text(json.dumps(summary, indent=1))
     log(format_summary(summary))
     return summary
+
+
+def _acted_on(record: dict) -> int:
+    """Samples the noise decisions act on in an epoch's selection record (older records: those left out)."""
+    return sum(record.get(k, 0) for k in ("relabeled", "excluded", "down_weighted")) if "excluded" in record \
+        else record["noisy"]
 
 
 def format_summary(s: dict) -> str:

@@ -37,6 +37,7 @@ def batch(B=4, C=5):
     (dict(noise_evidence="both", text_emb=None), r"noise_evidence='both' needs CLIP embeddings"),
     (dict(noise_evidence="loss"), r"noise_evidence must be one of auto, model, clip, both; got 'loss'"),
     (dict(noise_start=0), r"noise_start must be an integer >= 1, got 0"),
+    (dict(noise_relabel=True, noise_evidence="model"), r"noise_relabel=True needs both sources of evidence"),
     (dict(label_smoothing=1.0), r"label_smoothing .* got 1.0"),
     (dict(max_drop=1.0), r"max_drop .* got 1.0"),
     (dict(semantic_weight=-1.0), r"semantic_weight .* got -1.0"),
