@@ -235,6 +235,7 @@ def render(records: list[dict], info: dict, args, note: str) -> str:
                          f"{statistics.median(r['seconds'] for r in rs):.1f}",
                          _mean_sd(r.get("precision") for r in rs), _mean_sd(r.get("recall") for r in rs),
                          _mean_sd(r.get("relabel_accuracy") for r in rs)])
+    goals = _goals(records)
     head = (f"### Label noise — {describe(info)}\n\n"
             f"Digits (scikit-learn, 32x32 PNGs as the demo renders them), SmallCNN, {args.epochs} epochs, batch 64, "
             f"{args.seeds} seed(s) per setting (each its own split and flips), every arm on the same data; mean ± sd "
@@ -244,7 +245,49 @@ def render(records: list[dict], info: dict, args, note: str) -> str:
             f"its wall time, not its visits). Precision / recall: of the samples acted on, against the planted "
             f"flips; relabel accuracy: suggested label == true label.{note}\n\n")
     return head + table(["setting", "arm", "seeds", "test accuracy %", "gap closed", "visits", "wall s (median)",
-                         "precision %", "recall %", "relabel accuracy %"], rows)
+                         "precision %", "recall %", "relabel accuracy %"], rows) + goals
+
+
+DEFAULT_ARM = "fastprune, both"  # the method with its defaults and embeddings
+
+
+def _goals(records: list[dict]) -> str:
+    """The issue's goals for the default arm, from the means over seeds: met or missed, with the numbers."""
+    def mean(setting, arm, key="accuracy"):
+        vals = [r[key] for r in records if r["setting"] == setting and r["arm"] == arm and r.get(key) is not None]
+        return statistics.mean(vals) if vals else None
+
+    lines = []
+    for setting, need in (("0%", None), ("20% symmetric", 0.5), ("40% symmetric", 0.5), ("20% pair", 0.3)):
+        acc, full = mean(setting, DEFAULT_ARM), mean(setting, "full, noisy labels")
+        if acc is None or full is None:
+            continue
+        visits = mean(setting, DEFAULT_ARM, "visits")
+        if need is None:
+            ok = acc >= full - 0.002 and visits <= 0.75
+            lines.append(f"{setting}: within 0.2 points of full at <= 0.75 of the visits: "
+                         f"{'met' if ok else 'missed'} ({100 * acc:.2f}% vs {100 * full:.2f}%, visits {visits:.2f})")
+            continue
+        ceiling = mean(setting, "full, true labels")
+        if ceiling is None or ceiling - full <= 1e-9:
+            continue
+        closed = (acc - full) / (ceiling - full)
+        peer = mean(setting, "cleanlab, then full")
+        ok = closed >= need and visits <= 0.75 and (need < 0.5 or (peer is not None and acc > peer))
+        verdict = "met" if ok else ("not decided (cleanlab not measured)" if need >= 0.5 and peer is None
+                                    and closed >= need and visits <= 0.75 else "missed")
+        vs_peer = "" if peer is None or need < 0.5 else f", cleanlab {100 * peer:.2f}%"
+        lines.append(f"{setting}: closes >= {need:.0%} of the gap at <= 0.75 of the visits"
+                     f"{' and beats cleanlab' if need >= 0.5 else ''}: {verdict} "
+                     f"({closed:+.0%}; {100 * acc:.2f}% vs full {100 * full:.2f}%, true labels {100 * ceiling:.2f}%"
+                     f"{vs_peer}; visits {visits:.2f})")
+    p, r = mean("20% symmetric", DEFAULT_ARM, "precision"), mean("20% symmetric", DEFAULT_ARM, "recall")
+    if p is not None and r is not None:
+        lines.append(f"20% symmetric: detection precision >= 0.9 at recall >= 0.8: "
+                     f"{'met' if p >= 0.9 and r >= 0.8 else 'missed'} ({p:.2f} / {r:.2f})")
+    if not lines:
+        return ""
+    return f"\n\nGoals ({DEFAULT_ARM}, means over seeds):\n" + "\n".join(f"- {ln}" for ln in lines)
 
 
 def produce(args, info) -> tuple[list[dict], str, str]:
