@@ -63,8 +63,9 @@ def _log_normal(x, mu, var):
 def mixture_belief(x: torch.Tensor, cls: torch.Tensor, valid: torch.Tensor, num_classes: int,
                    iterations: int = EM_ITERATIONS) -> torch.Tensor:
     """Per-class two-component Gaussian mixture on ``x``: posterior of the lower component, and 0 where
-    ``x >= 0`` (no preference for another class), where ``valid`` is false, or in classes with fewer than
-    ``MIN_PER_CLASS`` valid samples.  Float64 sums, so the result does not depend on N's size."""
+    ``x >= 0`` (no preference for another class), where ``valid`` is false, in classes with fewer than
+    ``MIN_PER_CLASS`` valid samples or without a separate negative mode, and above ``OUTLIER_SD`` standard
+    deviations under the upper component's mean.  Float64 sums, so the result does not depend on N's size."""
     xv = torch.where(valid, x, 0.0).to(torch.float64)
     c = torch.where(valid, cls.to(torch.int64), 0)
     w = valid.to(torch.float64)
@@ -77,6 +78,7 @@ def mixture_belief(x: torch.Tensor, cls: torch.Tensor, valid: torch.Tensor, num_
     mu_lo, mu_hi = mean - sd, mean + sd
     var_lo = var_hi = var + floor
     pi_lo = torch.full_like(mean, 0.5)
+
     def responsibility():  # of the lower component
         a = torch.log(pi_lo.clamp_min(1e-12))[c] + _log_normal(xv, mu_lo[c], var_lo[c])
         b = torch.log((1 - pi_lo).clamp_min(1e-12))[c] + _log_normal(xv, mu_hi[c], var_hi[c])
