@@ -465,9 +465,7 @@ class DynamicPruner:
         ev = self._evidence
         clip_known = self.image_emb is not None or self._has_batch_consistency
         use_clip = self.noise_evidence in ("clip", "both") or (self.noise_evidence == "auto" and clip_known)
-        use_model = self.noise_evidence != "clip"
-        if use_clip:
-            self._complete_clip_table()
+        use_model = self.noise_evidence != "clip"  # a CLIP table was completed by next_epoch() on every rank
         decision = _noise.decide(ev.label, ev.model_margin() if use_model else None, ev.pred if use_model else None,
                                  ev.clip_margin if use_clip else None, ev.clip_pred if use_clip else None,
                                  self.num_classes, max_fraction=self.noise_ratio, relabel=self.noise_relabel)
