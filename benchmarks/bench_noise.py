@@ -200,10 +200,10 @@ def parse_args(argv=None):
     ap.add_argument("--settings", nargs="+", default=None, choices=[s[0] for s in SETTINGS], metavar="SETTING")
     ap.add_argument("--json", default=None, help="also write the records here")
     args = ap.parse_args(argv)
+    if any(v is not None and v < 1 for v in (args.seeds, args.epochs)):
+        ap.error("--seeds and --epochs must be >= 1")
     args.seeds = args.seeds or (1 if args.smoke else 3)
     args.epochs = args.epochs or (3 if args.smoke else 15)
-    if args.seeds < 1 or args.epochs < 1:
-        ap.error("--seeds and --epochs must be >= 1")
     return args
 
 

@@ -123,3 +123,12 @@ def test_bench_epoch_rejects_a_bad_repeat_count(capsys):
     assert "--repeats must be >= 1, got 0" in capsys.readouterr().err
     assert bench_epoch.parse_args(["--smoke", "--cpu"]).repeats == 1
     assert bench_epoch.parse_args(["--cpu"]).repeats == 3
+
+
+@pytest.mark.parametrize("argv", [["--seeds", "0"], ["--epochs", "0"]])
+def test_noise_bench_refuses_nonpositive_counts(argv, capsys):
+    from benchmarks import bench_noise
+
+    with pytest.raises(SystemExit):
+        bench_noise.parse_args(argv)
+    assert "--seeds and --epochs must be >= 1" in capsys.readouterr().err
