@@ -41,9 +41,9 @@ def _pruner(n: int, device, group):
     g = torch.Generator().manual_seed(0)
     p = fp.DynamicPruner(n, 1000, epochs=10, keep_ratio=0.7, noise_ratio=0.05, text_emb=torch.randn(1000, 8).to(device),
                          device=device, process_group=group)
-    p._scores.copy_((torch.rand(n, generator=g) * 5).to(device))
-    p._consistency.copy_((torch.randn(n, generator=g) * 0.1 + 0.3).to(device))
-    p._visits.fill_(1)
+    p._state.scores.copy_((torch.rand(n, generator=g) * 5).to(device))
+    p._state.consistency.copy_((torch.randn(n, generator=g) * 0.1 + 0.3).to(device))
+    p._state.visits.fill_(1)
     p._has_batch_consistency = True
     return p
 
@@ -51,9 +51,9 @@ def _pruner(n: int, device, group):
 def _train_shard(p):
     """What an epoch of steps leaves behind on this rank: its shard's state changed and stamped."""
     shard = p.epoch_indices.to(p.device)
-    p._scores[shard] *= 0.9
-    p._visits[shard] += 1
-    p._stamp[shard] = p._step_count
+    p._state.scores[shard] *= 0.9
+    p._state.visits[shard] += 1
+    p._state.stamp[shard] = p._step_count
     p._step_count += 1
 
 

@@ -33,9 +33,9 @@ def make_pruner(n: int, device, seed=0) -> fp.DynamicPruner:
     g = torch.Generator().manual_seed(seed)
     pruner = fp.DynamicPruner(n, 1000, epochs=10, keep_ratio=0.7, noise_ratio=0.05,
                               text_emb=torch.randn(1000, 8).to(device), device=device)
-    pruner._scores.copy_((torch.rand(n, generator=g) * 5).to(device))
-    pruner._consistency.copy_((torch.randn(n, generator=g) * 0.1 + 0.3).to(device))
-    pruner._visits.fill_(1)
+    pruner._state.scores.copy_((torch.rand(n, generator=g) * 5).to(device))
+    pruner._state.consistency.copy_((torch.randn(n, generator=g) * 0.1 + 0.3).to(device))
+    pruner._state.visits.fill_(1)
     pruner._has_batch_consistency = True
     return pruner
 

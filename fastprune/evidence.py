@@ -1,8 +1,9 @@
 """Per-sample evidence that a label is wrong: the model's own margin and CLIP's margin.
 
-The fused step reports each row's margin ``z_y - max_{c != y} z_c`` and predicted class; this
-module accumulates them per sample as the area under the margin (AUM, Pleiss et al. 2020: the
-mean margin over every scored visit) and the latest prediction.  CLIP's margin
+The fused step accumulates each sample's margin ``z_y - max_{c != y} z_c`` in the step state
+(``SampleState.margin_sum`` / ``margin_count``: the area under the margin, AUM, Pleiss et al. 2020,
+is their ratio), with its latest prediction and the label it trained with; this module reads them.
+CLIP's margin
 ``cos(e, t_y) - max_{c != y} cos(e, t_c)`` and its preferred class come from the image embeddings:
 computed once, in chunks on the device, for a fixed table; per step for per-batch embeddings.
 
@@ -14,6 +15,8 @@ synchronises with the host during training.
 from __future__ import annotations
 
 import torch
+
+from .kernels import SampleState
 
 CLIP_CHUNK_ELEMENTS = 1 << 24  # rows x classes of one chunk of the table's similarity product
 
@@ -37,39 +40,32 @@ def _unit(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
 
 
 class Evidence:
-    """Per sample: the model's accumulated margin and latest prediction, the label the steps saw, and
-    CLIP's margin and preferred class."""
+    """Per sample: the model's evidence (the step state's margin sum and count, prediction and label)
+    and CLIP's margin and preferred class."""
 
-    def __init__(self, num_samples: int, device: torch.device):
-        n = num_samples
+    def __init__(self, state: SampleState):
+        n = state.num_samples
+        self.state = state
         # One slot past the end takes the writes of rows that update nothing, so that a step needs no
         # host-side filtering; the fields are views without it.
-        self._margin_sum = torch.zeros(n + 1, dtype=torch.float32, device=device)
-        self._margin_count = torch.zeros(n + 1, dtype=torch.int32, device=device)
-        self._pred = torch.full((n + 1,), -1, dtype=torch.int32, device=device)
-        self._label = torch.full((n + 1,), -1, dtype=torch.int32, device=device)
-        self._clip_margin = torch.full((n + 1,), float("nan"), dtype=torch.float32, device=device)
-        self._clip_pred = torch.full((n + 1,), -1, dtype=torch.int32, device=device)
+        self._clip_margin = torch.full((n + 1,), float("nan"), dtype=torch.float32, device=state.scores.device)
+        self._clip_pred = torch.full((n + 1,), -1, dtype=torch.int32, device=state.scores.device)
         self.num_samples = n
-        for name in self.EMPTY:
-            setattr(self, name, getattr(self, "_" + name)[:n])
+        self.clip_margin = self._clip_margin[:n]
+        self.clip_pred = self._clip_pred[:n]
+
+    @property
+    def pred(self) -> torch.Tensor:
+        return self.state.pred
+
+    @property
+    def label(self) -> torch.Tensor:
+        return self.state.label
 
     # ------------------------------------------------------------------ per step
 
     def _slot(self, indices: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         return torch.where(valid, indices.to(torch.int64), self.num_samples)  # left-out rows: the spare slot
-
-    def record(self, margin: torch.Tensor, pred: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor) -> None:
-        """Add one step's rows; rows that updated nothing (pred == -1: ignored, bad or non-finite) are left out.
-
-        A sample twice in one batch adds both margins and keeps one of the rows' prediction.
-        """
-        valid = pred >= 0
-        slot = self._slot(indices, valid)
-        self._margin_sum.index_add_(0, slot, margin)
-        self._margin_count.index_add_(0, slot, valid.to(torch.int32))
-        self._pred.index_put_((slot,), pred)
-        self._label.index_put_((slot,), labels.to(torch.int32))
 
     def record_clip_batch(self, image_emb: torch.Tensor, text_emb: torch.Tensor, labels: torch.Tensor,
                           indices: torch.Tensor, valid: torch.Tensor) -> None:
@@ -82,8 +78,8 @@ class Evidence:
 
     def restart(self, mask: torch.Tensor, new_label: torch.Tensor) -> None:
         """Samples in ``mask`` now train with ``new_label``: their evidence starts again against it."""
-        self.margin_sum.masked_fill_(mask, 0.0)
-        self.margin_count.masked_fill_(mask, 0)
+        self.state.margin_sum.masked_fill_(mask, 0.0)
+        self.state.margin_count.masked_fill_(mask, 0)
         self.label.copy_(torch.where(mask, new_label, self.label))
         self.clip_margin.masked_fill_(mask, float("nan"))
         self.clip_pred.masked_fill_(mask, -1)
@@ -108,8 +104,8 @@ class Evidence:
 
     def model_margin(self) -> torch.Tensor:
         """Area under the margin: the mean margin over a sample's scored visits (NaN where never scored)."""
-        count = self.margin_count.to(torch.float32)
-        return torch.where(count > 0, self.margin_sum / count.clamp_min(1.0), float("nan"))
+        count = self.state.margin_count.to(torch.float32)
+        return torch.where(count > 0, self.state.margin_sum / count.clamp_min(1.0), float("nan"))
 
     # ------------------------------------------------------------------ ranks
 
@@ -117,7 +113,7 @@ class Evidence:
         """The accumulators ranks merge like the scores: a mean over the ranks that touched a sample since
         the last merge.  Exact because the pruner's shards give each sample to one rank an epoch (the pad
         rule's repeats score the same sample the same way on both ranks)."""
-        return [self.margin_sum, self.margin_count] + ([self.clip_margin] if batch_clip else [])
+        return [self.state.margin_sum, self.state.margin_count] + ([self.clip_margin] if batch_clip else [])
 
     def merge_classes(self, touched: torch.Tensor, group, batch_clip: bool) -> int:
         """Class columns of touched samples (the model's prediction, the label; CLIP's class with per-batch
@@ -132,16 +128,15 @@ class Evidence:
 
     # ------------------------------------------------------------------ persistence
 
-    EMPTY = {"margin_sum": 0.0, "margin_count": 0, "pred": -1, "label": -1, "clip_margin": float("nan"),
-             "clip_pred": -1}  # each field's value before any step
-
     def state_dict(self) -> dict:
-        return {name: getattr(self, name).clone() for name in self.EMPTY}
+        """CLIP's columns (the model's evidence is saved with the step state)."""
+        return {"clip_margin": self.clip_margin.clone(), "clip_pred": self.clip_pred.clone()}
 
     def load_state_dict(self, sd: dict | None) -> None:
         """Restore; ``None`` (a state saved before the evidence existed) starts it empty."""
-        for name, empty in self.EMPTY.items():
-            if sd is None:
-                getattr(self, name).fill_(empty)
-            else:
-                getattr(self, name).copy_(sd[name])
+        if sd is None:
+            self.clip_margin.fill_(float("nan"))
+            self.clip_pred.fill_(-1)
+        else:
+            self.clip_margin.copy_(sd["clip_margin"])
+            self.clip_pred.copy_(sd["clip_pred"])

@@ -22,6 +22,8 @@ _LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _EMB_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _VALIDATE = ("async", "sync", "none")
 _SYNC, _NEXT_EPOCH = 1, 2  # which collective sequence the ranks are in (checked to agree)
+STATE_VERSION = 4  # 4: the step state's columns by name (kernels.FIELDS), CLIP's under "clip"
+_UNSAVED = ("stamp",)  # step ids only tell one step's rows apart: cleared on load
 
 
 class _FusedLoss(torch.autograd.Function):
@@ -208,20 +210,14 @@ class DynamicPruner:
         self.noise_start = _check_int("noise_start", noise_start, 1)
 
         n, dev = self.num_samples, self.device
-        self._scores = torch.zeros(n, dtype=torch.float32, device=dev)
-        self._visits = torch.zeros(n, dtype=torch.int32, device=dev)
-        self._consistency = torch.zeros(n, dtype=torch.float32, device=dev)
-        self._weights = torch.ones(n, dtype=torch.float32, device=dev)
+        self._state = _k.SampleState.empty(n, dev)  # what the step reads and writes, per sample
         self._noisy = torch.zeros(n, dtype=torch.bool, device=dev)  # left out by the noise decisions
         self._action = torch.zeros(n, dtype=torch.int8, device=dev)  # fastprune.noise action codes
         self._belief = torch.zeros(n, dtype=torch.float32, device=dev)  # P(label wrong)
         self._relabel = torch.full((n,), -1, dtype=torch.int32, device=dev)  # class trained with instead
         self._any_relabel = False
-        self._stamp = torch.full((n,), -1, dtype=torch.int32, device=dev)
         self._excluded, self._population = self._check_subset(initial_subset)
-        self._evidence = Evidence(n, dev)
-        self._errors = torch.zeros(K.ERR_SLOTS, dtype=torch.int64, device=dev)
-        self._dups = torch.zeros(1, dtype=torch.int32, device=dev)  # the step's duplicate count, zero between steps
+        self._evidence = Evidence(self._state)
         self._err_host = torch.zeros(K.ERR_SLOTS, dtype=torch.int64,
                                      pin_memory=dev.type == "cuda")
         self._err_event = None
@@ -365,20 +361,16 @@ class DynamicPruner:
         else:
             mode, emb = K.EMB_NONE, None
         out = _k.fused_step(
-            raw, labels, indices,
-            scores=self._scores, visits=self._visits, consistency=self._consistency, weights=self._weights,
-            stamp=self._stamp, errors=self._errors, step_id=self._step_count % (K.MAX_STEP_ID + 1), ema=self.ema,
+            raw, labels, indices, state=self._state, step_id=self._step_count % (K.MAX_STEP_ID + 1), ema=self.ema,
             scale=1.0 / logits.shape[0], label_smoothing=self.label_smoothing, ignore_index=self.ignore_index,
-            emb_mode=mode, emb=emb, text=self.text_emb if mode != K.EMB_NONE else None, grad=grad,
-            dups=self._dups)
+            emb_mode=mode, emb=emb, text=self.text_emb if mode != K.EMB_NONE else None, grad=grad)
         self._step_count += 1
-        self._evidence.record(out.margin, out.pred, labels, indices)
         if mode == K.EMB_BATCH:
             self._evidence.record_clip_batch(emb, self.text_emb, labels, indices, out.pred >= 0)
         # without the gradient: a second reference to it would make autograd copy it into .grad
         self.last_step = dataclasses.replace(out, grad=None)
         if self.device.type == "cpu" or self.validate == "sync":
-            self._check_errors(self._errors if self.device.type == "cpu" else self._errors.cpu())
+            self._check_errors(self._state.errors if self.device.type == "cpu" else self._state.errors.cpu())
         if not needs_grad:
             return out.contrib.sum()
         if self.inplace_grad:
@@ -404,7 +396,7 @@ class DynamicPruner:
             if not ev.query():
                 return
             self._check_errors(self._err_host)
-        self._err_host.copy_(self._errors, non_blocking=True)
+        self._err_host.copy_(self._state.errors, non_blocking=True)
         self._err_event = torch.cuda.Event()
         self._err_event.record()
 
@@ -424,7 +416,7 @@ class DynamicPruner:
         fatal = new[K.ERR_LABEL_COUNT] > 0 or new[K.ERR_INDEX_COUNT] > 0 or (
             new[K.ERR_NONFINITE_COUNT] > 0 and self.validate == "sync")
         if fatal:
-            self._errors.zero_()
+            self._state.errors.zero_()
             self._err_host.zero_()
             self._err_event = None
             self._reported = [0] * K.ERR_SLOTS
@@ -454,7 +446,7 @@ class DynamicPruner:
 
     def check_errors(self):
         """Synchronise and report anything the device recorded since the last report."""
-        self._check_errors(self._errors.cpu())
+        self._check_errors(self._state.errors.cpu())
 
     # -------------------------------------------------------------- selection
 
@@ -486,7 +478,7 @@ class DynamicPruner:
         actions = self._action if decision is None else decision.action  # earlier decisions stand until new ones
         noisy = actions == _noise.EXCLUDE if self.noise_ratio > 0 else None
         return _k.select_epoch(
-            self._scores, self._visits, self._consistency, use_consistency=use_cons, policy=policy,
+            self._state.scores, self._state.visits, self._state.consistency, use_consistency=use_cons, policy=policy,
             keep_ratio=self.keep_ratio, noise_ratio=0.0, noisy=noisy,
             semantic_weight=self.semantic_weight, max_drop=self.max_drop, seed=self.seed, epoch=epoch,
             exclude=self._excluded, population=self._population)
@@ -499,15 +491,15 @@ class DynamicPruner:
         actions = decision.counts() if decision is not None else torch.bincount(
             self._action.to(torch.int64), minlength=4)
         counts = torch.cat([sel.n_keep.to(torch.int64).reshape(1), sel.noisy.sum().reshape(1), drop_bits,
-                            actions, self._errors]).tolist()
+                            actions, self._state.errors]).tolist()
         self._check_errors(torch.tensor(counts[7:], dtype=torch.int64))
         n_keep, n_noisy = counts[0], counts[1]
         drop = torch.tensor(counts[2], dtype=torch.int64).view(torch.float64).item()
         order = sel.order[:n_keep].cpu()
-        self._weights.copy_(sel.weights)
+        self._state.weights.copy_(sel.weights)
         if decision is not None:
             self._apply(decision, counts[3 + _noise.RELABEL] > 0)
-        self._weights.mul_(torch.where(self._action == _noise.DOWNWEIGHT, 1.0 - self._belief, 1.0))
+        self._state.weights.mul_(torch.where(self._action == _noise.DOWNWEIGHT, 1.0 - self._belief, 1.0))
         self._noisy.copy_(sel.noisy)
         self._set_order(order)
         self.epoch = epoch
@@ -555,7 +547,7 @@ class DynamicPruner:
         order = self._adopt(epoch, policy, self._select(epoch, policy, decision), decision)
         # A stamp only tells this step's rows apart and marks what changed since the last merge (just done):
         # clearing them every epoch means a stale stamp never equals a step id that wrapped around.
-        self._stamp.fill_(-1)
+        self._state.stamp.fill_(-1)
         return order
 
     # ------------------------------------------------------------ distributed
@@ -584,7 +576,7 @@ class DynamicPruner:
         """Agree on the epoch and on errors, then merge the touched samples' state over ranks."""
         t0 = time.perf_counter()
         g = self._group
-        errs = self._errors.tolist()  # a sync, at an epoch end
+        errs = self._state.errors.tolist()  # a sync, at an epoch end
         fatal = (errs[K.ERR_LABEL_COUNT] - self._reported[K.ERR_LABEL_COUNT]
                  + errs[K.ERR_INDEX_COUNT] - self._reported[K.ERR_INDEX_COUNT]) > 0
         header = [kind, -kind, self.epoch, -self.epoch, int(self._has_batch_consistency), self._step_count]
@@ -605,8 +597,8 @@ class DynamicPruner:
                 f"indices during epoch {self.epoch} (see {'their' if len(bad) > 1 else 'its'} error); every rank "
                 "stops here so that none waits for the others")
         self._has_batch_consistency = bool(head[4])
-        touched = self._stamp >= self._merged_step
-        rows = [self._scores, self._visits] + ([self._consistency] if self.text_emb is not None else [])
+        touched = self._state.stamp >= self._merged_step
+        rows = [self._state.scores, self._state.visits] + ([self._state.consistency] if self.text_emb is not None else [])
         rows += self._evidence.merge_rows(batch_clip=self._has_batch_consistency)
         sent += _dist.merge(rows, touched, g)
         sent += self._evidence.merge_classes(touched, g, batch_clip=self._has_batch_consistency)
@@ -637,22 +629,22 @@ class DynamicPruner:
     @property
     def scores(self) -> torch.Tensor:
         """EMA of each sample's cross-entropy (0 for unseen samples). Treat as read-only."""
-        return self._scores
+        return self._state.scores
 
     @property
     def consistency(self) -> torch.Tensor:
         """Cosine of each sample's image embedding with its label's text embedding. Read-only."""
-        return self._consistency
+        return self._state.consistency
 
     @property
     def visits(self) -> torch.Tensor:
         """How many steps have scored each sample. Read-only."""
-        return self._visits
+        return self._state.visits
 
     @property
     def weights(self) -> torch.Tensor:
         """This epoch's per-sample loss weights (unbiasing weights of infobatch). Read-only."""
-        return self._weights
+        return self._state.weights
 
     @property
     def model_margin(self) -> torch.Tensor:
@@ -755,25 +747,35 @@ class DynamicPruner:
                           "its own updates since then; call pruner.sync() on every rank first", RuntimeWarning,
                           stacklevel=2)
         return {
-            "version": 3,
+            "version": STATE_VERSION,
             "num_samples": self.num_samples,
             "num_classes": self.num_classes,
             "seed": self.seed,
             "epoch": self.epoch,
             "step_count": self._step_count,
-            "scores": self._scores.clone(),
-            "visits": self._visits.clone(),
-            "consistency": self._consistency.clone(),
-            "weights": self._weights.clone(),
+            **{name: col.clone() for name, col in self._state.columns().items() if name not in _UNSAVED},
             "noisy": self._noisy.clone(),
             "excluded": None if self._excluded is None else self._excluded.clone(),
             "global_indices": self._global_indices.clone(),
             "has_batch_consistency": self._has_batch_consistency,
-            "evidence": self._evidence.state_dict(),
+            "clip": self._evidence.state_dict(),
             "noise": {"action": self._action.clone(), "belief": self._belief.clone(),
                       "relabel": self._relabel.clone()},
             "history": [dict(h) for h in self.history],
         }
+
+    def _load_columns(self, sd: dict) -> None:
+        """The step state's columns; one a state lacks (saved before it existed) starts empty.  Version 3
+        kept the model's evidence beside CLIP's; the stamps only tell one step's rows apart."""
+        saved = dict(sd)
+        if sd["version"] == 3:
+            saved.update({k: v for k, v in sd["evidence"].items() if not k.startswith("clip_")})
+        for f in _k.FIELDS:
+            col = getattr(self._state, f.name)
+            if f.name in saved and f.name not in _UNSAVED:
+                col.copy_(saved[f.name])
+            else:
+                col.fill_(f.empty)
 
     def load_state_dict(self, sd: dict) -> None:
         """Restore a ``state_dict``; sizes must match this pruner's."""
@@ -781,18 +783,18 @@ class DynamicPruner:
             if sd.get(key) != getattr(self, key):
                 raise ValueError(f"state_dict is for {key}={sd.get(key)!r}, but this pruner has "
                                  f"{key}={getattr(self, key)!r}")
-        if sd.get("version") not in (1, 2, 3):
-            raise ValueError(f"state_dict version {sd.get('version')!r} is not supported (expected 1, 2 or 3)")
+        if sd.get("version") not in range(1, STATE_VERSION + 1):
+            raise ValueError(f"state_dict version {sd.get('version')!r} is not supported (expected 1 to "
+                             f"{STATE_VERSION})")
         if sd["seed"] != self.seed:
             warnings.warn(f"state_dict was made with seed={sd['seed']}, this pruner has seed={self.seed}; "
                           "selections from here on follow this pruner's seed", RuntimeWarning, stacklevel=2)
         if (sd.get("excluded") is None) != (self._excluded is None) or (
                 self._excluded is not None and not torch.equal(sd["excluded"].to(self.device), self._excluded)):
             raise ValueError("state_dict was made with a different initial_subset than this pruner's")
-        for name in ("scores", "visits", "consistency", "weights", "noisy"):
-            getattr(self, "_" + name).copy_(sd[name])
-        self._stamp.fill_(-1)
-        self._errors.zero_()
+        self._load_columns(sd)
+        self._noisy.copy_(sd["noisy"])
+        self._state.errors.zero_()
         self._err_event = None
         self._reported = [0] * K.ERR_SLOTS
         self.epoch = int(sd["epoch"])
@@ -801,7 +803,7 @@ class DynamicPruner:
         order = sd["global_indices"] if sd["version"] >= 2 else sd["epoch_indices"]  # v1: single process
         self._set_order(order.to("cpu", torch.int64).clone())
         self._has_batch_consistency = bool(sd["has_batch_consistency"])
-        self._evidence.load_state_dict(sd["evidence"] if sd["version"] >= 3 else None)  # v1, v2: none kept
+        self._evidence.load_state_dict(sd["clip"] if sd["version"] >= 4 else sd.get("evidence"))  # v1, v2: none
         if sd["version"] >= 3:
             for name in ("action", "belief", "relabel"):
                 getattr(self, "_" + name).copy_(sd["noise"][name])

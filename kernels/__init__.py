@@ -13,6 +13,7 @@ import torch
 
 from . import common, reference
 from .reference import Selection, StepOutput
+from .state import FIELDS, SampleState
 
 
 def uses_triton(t: torch.Tensor) -> bool:
@@ -26,7 +27,6 @@ def fused_step(logits: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor
         from .step import launch_step
 
         return launch_step(logits, labels, indices, **kw)
-    kw.pop("dups", None)  # the reference settles duplicates in order: no counter to carry
     return reference.step_reference(logits, labels, indices, **kw)
 
 
@@ -49,4 +49,4 @@ def select_epoch(scores: torch.Tensor, visits: torch.Tensor, consistency: torch.
     return reference.select_reference(scores, visits, consistency, **kw)
 
 
-__all__ = ["Selection", "StepOutput", "common", "fused_step", "reference", "scale_grad", "select_epoch", "uses_triton"]
+__all__ = ["FIELDS", "SampleState", "Selection", "StepOutput", "common", "fused_step", "reference", "scale_grad", "select_epoch", "uses_triton"]

@@ -38,12 +38,19 @@ class Spec:
     aligned: tuple = field(default_factory=tuple)  # pointer args known 16-byte aligned
 
 
+def _pointer(dtype) -> str:
+    return "*" + {"float32": "fp32", "int32": "i32", "int64": "i64", "int8": "i8"}[str(dtype).removeprefix("torch.")]
+
+
 def step_specs() -> list[Spec]:
     """Every specialisation ``launch_step`` can choose (pointers 16-byte aligned)."""
     import torch
 
     from . import common as K
+    from .state import FIELDS
     from .step import SETTLE_BLOCK, SETTLE_WARPS, TILES, step_config, vector_width
+
+    state_sig = {f"{f.name}_ptr": _pointer(f.dtype) for f in FIELDS}
 
     specs = []
     emb_variants = [(K.EMB_NONE, "float32")] + [(m, d) for m in (K.EMB_TABLE, K.EMB_BATCH) for d in EMB_DTYPES]
@@ -57,10 +64,9 @@ def step_specs() -> list[Spec]:
                     et = _TRITON_DTYPES[edt]
                     sig = {
                         "logits_ptr": f"*{lt}", "grad_ptr": f"*{lt}", "labels_ptr": "*i64", "indices_ptr": "*i64",
-                        "emb_ptr": f"*{et}", "text_ptr": f"*{et}", "scores_ptr": "*fp32", "visits_ptr": "*i32",
-                        "cons_ptr": "*fp32", "weights_ptr": "*fp32", "stamp_ptr": "*i32", "err_ptr": "*i64",
+                        "emb_ptr": f"*{et}", "text_ptr": f"*{et}", **state_sig, "err_ptr": "*i64",
                         "ce_ptr": "*fp32", "contrib_ptr": "*fp32", "correct_ptr": "*i8",
-                        "margin_ptr": "*fp32", "pred_ptr": "*i32",
+                        "row_margin_ptr": "*fp32", "row_pred_ptr": "*i32",
                         "scratch_i_ptr": "*i32", "scratch_f_ptr": "*fp32", "dups_ptr": "*i32",
                         "B": "i32", "C": "i32", "N": "i32", "D": "i32",
                         "stride_l": "i32", "stride_g": "i32", "stride_e": "i32", "stride_t": "i32",
@@ -77,7 +83,9 @@ def step_specs() -> list[Spec]:
                     specs.append(Spec("fused_step_kernel", sig, const, cfg.num_warps, label,
                                       expect_vector_loads=vec > 1, aligned=aligned))
     for mode in (K.EMB_NONE, K.EMB_TABLE, K.EMB_BATCH):
-        sig = {"indices_ptr": "*i64", "scores_ptr": "*fp32", "cons_ptr": "*fp32", "stamp_ptr": "*i32",
+        sig = {"indices_ptr": "*i64", "labels_ptr": "*i64", "row_margin_ptr": "*fp32", "row_pred_ptr": "*i32",
+               **{k: state_sig[k] for k in ("scores_ptr", "consistency_ptr", "stamp_ptr", "margin_sum_ptr",
+                                            "pred_ptr", "label_ptr")},
                "scratch_i_ptr": "*i32", "scratch_f_ptr": "*fp32", "dups_ptr": "*i32", "B": "i32", "step_id": "i32",
                "ema": "fp32", "EMB_MODE": "constexpr", "FIX": "constexpr"}
         specs.append(Spec("settle_kernel", sig, {"EMB_MODE": mode, "FIX": SETTLE_BLOCK}, SETTLE_WARPS,
@@ -156,6 +164,8 @@ def compile_spec(spec: Spec, arch: int) -> dict:
 
     fn = _kernel(spec.kernel)
     names = list(spec.signature)
+    if names != list(fn.arg_names):  # the attrs below and the arguments are matched by position
+        raise ValueError(f"{spec.label}: the signature's arguments {names} are not the kernel's {fn.arg_names}")
     attrs = {(names.index(k),): [["tt.divisibility", 16]] for k in spec.aligned}
     t0 = time.perf_counter()
     src = ASTSource(fn=fn, signature=spec.signature, constexprs=spec.constexprs, attrs=attrs)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from . import common as K
+from .state import SampleState
 
 _U32 = 0xFFFFFFFF
 
@@ -99,12 +100,7 @@ def step_reference(
     labels: torch.Tensor,
     indices: torch.Tensor,
     *,
-    scores: torch.Tensor,
-    visits: torch.Tensor,
-    consistency: torch.Tensor,
-    weights: torch.Tensor,
-    stamp: torch.Tensor,
-    errors: torch.Tensor,
+    state: SampleState,
     step_id: int,
     ema: float,
     scale: float,
@@ -118,9 +114,9 @@ def step_reference(
 ) -> StepOutput:
     """Fused step semantics, one row after another.
 
-    Updates ``scores``, ``visits``, ``consistency``, ``stamp`` and ``errors`` in
-    place and, when ``grad`` is given (it may alias ``logits``), writes the
-    gradient of ``sum_i weights[idx_i] * ce_i * scale`` into it.  Rows with a
+    Updates ``state`` in place (every column but ``weights``, which it reads,
+    and ``errors``) and, when ``grad`` is given (it may alias ``logits``),
+    writes the gradient of ``sum_i weights[idx_i] * ce_i * scale`` into it.  Rows with a
     label outside [0, C) (other than ``ignore_index``) or an index outside
     [0, N) are recorded in ``errors`` and contribute nothing.  Rows with
     non-finite loss are recorded and leave the state untouched.  When an index
@@ -129,7 +125,9 @@ def step_reference(
     """
     K.check_step_id(step_id)
     B, C = logits.shape
-    N = scores.numel()
+    N = state.num_samples
+    scores, visits, consistency, weights, stamp, errors = (state.scores, state.visits, state.consistency,
+                                                           state.weights, state.stamp, state.errors)
     dev = logits.device
     z = logits.to(compute_dtype)
     labels = labels.to(torch.int64)
@@ -212,6 +210,10 @@ def step_reference(
             cos = cosine(emb[rows].to(compute_dtype), text[y[rows]].to(compute_dtype)).to(torch.float32)
             consistency[idx] = torch.where(first, cos, ema * consistency[idx] + (1.0 - ema) * cos)
         visits[idx] += 1
+        state.margin_sum[idx] += margin[rows]
+        state.margin_count[idx] += 1
+        state.pred[idx] = pred[rows]
+        state.label[idx] = y[rows].to(torch.int32)
 
     return StepOutput(ce=ce_out, contrib=contrib, correct=correct, margin=margin, pred=pred, grad=grad)
 

@@ -3,8 +3,10 @@
 One launch reads each row of logits once (twice when C is larger than one
 tile) and writes, in the same pass: the per-sample loss, the model's margin
 (label logit minus the largest other) and predicted class, the gradient of the
-weighted batch loss with respect to the logits (optionally in place), the
-sample's EMA score, visit count and consistency.  Nothing here talks to the
+weighted batch loss with respect to the logits (optionally in place), and the
+sample's state (``state.SampleState``): EMA score, visit count, consistency, the
+margin's running sum and count (area under the margin), the latest prediction
+and the label trained with.  Nothing here talks to the
 host: bad labels, bad indices, non-finite rows and duplicate indices are
 counted in a small device buffer that the pruner reads asynchronously.
 
@@ -30,13 +32,14 @@ import triton.language as tl
 
 from . import common as K
 from .reference import StepOutput
+from .state import SampleState
 
 # Tile shapes by number of classes: (max C, BLOCK_B, BLOCK_C, BLOCK_D, single pass, num_warps).
 # C above the last single-pass size streams in 2048-wide chunks.
 # Chosen so that no specialisation spills registers on sm_80/sm_90 (see kernels/aot.py).
 TILES = (
     (128, 16, 128, 128, True, 8),
-    (1024, 2, 1024, 512, True, 4),
+    (1024, 2, 1024, 512, True, 8),  # 8 warps since the label column: 4 spilled 4 bytes (table mode, fp32, sm_80)
     (4096, 1, 4096, 512, True, 8),
     (None, 1, 2048, 512, False, 8),  # H100: 2048 x 8 warps beat 4096 x 8, 1024 x 4 and single 16384-wide passes
 )
@@ -106,8 +109,9 @@ def _cosine_rows(emb_ptr, text_ptr, e_rows, t_rows, need, D, BLOCK_D: tl.constex
 
 
 @triton.jit(do_not_specialize=["B", "step_id"])
-def settle_kernel(indices_ptr, scores_ptr, cons_ptr, stamp_ptr, scratch_i_ptr, scratch_f_ptr, dups_ptr, B, step_id,
-                  ema, EMB_MODE: tl.constexpr, FIX: tl.constexpr):
+def settle_kernel(indices_ptr, labels_ptr, row_margin_ptr, row_pred_ptr,
+                  scores_ptr, consistency_ptr, stamp_ptr, margin_sum_ptr, pred_ptr, label_ptr,
+                  scratch_i_ptr, scratch_f_ptr, dups_ptr, B, step_id, ema, EMB_MODE: tl.constexpr, FIX: tl.constexpr):
     """One program, after ``fused_step_kernel``: when the batch had duplicates, each duplicated sample's state
     becomes the update of its lowest row from the state its first claimant read, as if only that row had run.
 
@@ -118,14 +122,15 @@ def settle_kernel(indices_ptr, scores_ptr, cons_ptr, stamp_ptr, scratch_i_ptr, s
     restored.  Data that other threads change is read at L2 (``.cg``).
     """
     if tl.load(dups_ptr) > 0:
-        _settle(indices_ptr, scores_ptr, cons_ptr, stamp_ptr, scratch_i_ptr, scratch_f_ptr, B, step_id, ema,
-                EMB_MODE, FIX)
+        _settle(indices_ptr, labels_ptr, row_margin_ptr, row_pred_ptr, scores_ptr, consistency_ptr, stamp_ptr,
+                margin_sum_ptr, pred_ptr, label_ptr, scratch_i_ptr, scratch_f_ptr, B, step_id, ema, EMB_MODE, FIX)
         tl.debug_barrier()
         tl.store(dups_ptr, 0)  # zero again for the next step
 
 
 @triton.jit
-def _settle(indices_ptr, scores_ptr, cons_ptr, stamp_ptr, scratch_i_ptr, scratch_f_ptr, B, step_id, ema,
+def _settle(indices_ptr, labels_ptr, row_margin_ptr, row_pred_ptr, scores_ptr, consistency_ptr, stamp_ptr,
+            margin_sum_ptr, pred_ptr, label_ptr, scratch_i_ptr, scratch_f_ptr, B, step_id, ema,
             EMB_MODE: tl.constexpr, FIX: tl.constexpr):
     MARK = -2147483648
     for r0 in range(0, B, FIX):  # 1: mark every duplicated sample
@@ -154,6 +159,8 @@ def _settle(indices_ptr, scores_ptr, cons_ptr, stamp_ptr, scratch_i_ptr, scratch
                  mask=hand)
         tl.store(scratch_i_ptr + 5 * B + low, tl.load(scratch_i_ptr + 5 * B + rr, mask=hand, cache_modifier=".cg"),
                  mask=hand)
+        tl.store(scratch_f_ptr + 6 * B + low, tl.load(scratch_f_ptr + 6 * B + rr, mask=hand, cache_modifier=".cg"),
+                 mask=hand)
     tl.debug_barrier()
     for r0 in range(0, B, FIX):  # 4: each duplicated sample's lowest row writes its update, claimant or not:
         rr = r0 + tl.arange(0, FIX)  # this code computes every duplicated sample's value (FMA contraction may
@@ -164,6 +171,10 @@ def _settle(indices_ptr, scores_ptr, cons_ptr, stamp_ptr, scratch_i_ptr, scratch
         s_pre = tl.load(scratch_f_ptr + B + rr, mask=win, other=0.0, cache_modifier=".cg")
         nll = tl.load(scratch_f_ptr + rr, mask=win, other=0.0, cache_modifier=".cg")
         tl.store(scores_ptr + n, tl.where(first, nll, ema * s_pre + (1.0 - ema) * nll), mask=win)
+        ms_pre = tl.load(scratch_f_ptr + 6 * B + rr, mask=win, other=0.0, cache_modifier=".cg")
+        tl.store(margin_sum_ptr + n, ms_pre + tl.load(row_margin_ptr + rr, mask=win, other=0.0), mask=win)
+        tl.store(pred_ptr + n, tl.load(row_pred_ptr + rr, mask=win, other=-1), mask=win)
+        tl.store(label_ptr + n, tl.load(labels_ptr + rr, mask=win, other=0).to(tl.int32), mask=win)
         if EMB_MODE != 0:
             cos = tl.load(scratch_f_ptr + 3 * B + rr, mask=win, other=0.0, cache_modifier=".cg")
             if EMB_MODE == 1:
@@ -172,7 +183,7 @@ def _settle(indices_ptr, scores_ptr, cons_ptr, stamp_ptr, scratch_i_ptr, scratch
                 need = win
                 c_pre = tl.load(scratch_f_ptr + 2 * B + rr, mask=win, other=0.0, cache_modifier=".cg")
                 cos = tl.where(first, cos, ema * c_pre + (1.0 - ema) * cos)
-            tl.store(cons_ptr + n, cos, mask=need)
+            tl.store(consistency_ptr + n, cos, mask=need)
     tl.debug_barrier()
     for r0 in range(0, B, FIX):  # 5: the duplicated samples' stamps say "updated in this step" again
         rr = r0 + tl.arange(0, FIX)
@@ -187,8 +198,10 @@ def _settle(indices_ptr, scores_ptr, cons_ptr, stamp_ptr, scratch_i_ptr, scratch
                                "step_id", "write_grad", "ignore_index"])
 def fused_step_kernel(
     logits_ptr, grad_ptr, labels_ptr, indices_ptr, emb_ptr, text_ptr,
-    scores_ptr, visits_ptr, cons_ptr, weights_ptr, stamp_ptr, err_ptr,
-    ce_ptr, contrib_ptr, correct_ptr, margin_ptr, pred_ptr, scratch_i_ptr, scratch_f_ptr, dups_ptr,
+    # the SampleState columns, in state.FIELDS order, then its error counters
+    scores_ptr, visits_ptr, consistency_ptr, weights_ptr, stamp_ptr, margin_sum_ptr, margin_count_ptr, pred_ptr,
+    label_ptr, err_ptr,
+    ce_ptr, contrib_ptr, correct_ptr, row_margin_ptr, row_pred_ptr, scratch_i_ptr, scratch_f_ptr, dups_ptr,
     B, C, N, D, stride_l, stride_g, stride_e, stride_t,
     step_id, write_grad, ignore_index, ema, scale, smoothing,
     BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -210,11 +223,12 @@ def fused_step_kernel(
     ok = row_in & (~ignored) & (~bad_label) & (~bad_index)
     y = tl.where(ok, y, 0)
     n = tl.where(ok, n, 0)
+    y32 = y.to(tl.int32)
     w = tl.load(weights_ptr + n, mask=ok, other=0.0)
 
     l_rows = tl.multiple_of(rows64 * stride_l, VEC)
     g_rows = tl.multiple_of(rows64 * stride_g, VEC)
-    y2 = y[:, None].to(tl.int32)
+    y2 = y32[:, None]
     inv_c = 1.0 / C
     gscale = w * scale
     NEG_INF = float("-inf")
@@ -294,18 +308,28 @@ def fused_step_kernel(
     tl.store(contrib_ptr + rows64, tl.where(ok, w * ce * scale, 0.0), mask=row_in)
     correct = ok & finite & (arg == y.to(tl.int32))
     tl.store(correct_ptr + rows64, correct.to(tl.int8), mask=row_in)
-    tl.store(margin_ptr + rows64, tl.where(ok & finite, z_y - z_other, 0.0), mask=row_in)
-    tl.store(pred_ptr + rows64, tl.where(ok & finite, arg, -1), mask=row_in)
+    margin = tl.where(ok & finite, z_y - z_other, 0.0)
+    tl.store(row_margin_ptr + rows64, margin, mask=row_in)
+    tl.store(row_pred_ptr + rows64, tl.where(ok & finite, arg, -1), mask=row_in)
 
     # ---- state update: the first row to claim a sample updates it; duplicates are settled last ----
     # Each row also leaves in scratch what settle_kernel needs for duplicates: its loss and
     # status (0 no update, 1 claimed first, 2 duplicate), the state its claimant read, its cosine.
+    # Scratch layout (B each): f[0] loss, f[1] score read, f[2] consistency read, f[3] cosine,
+    # i[4] status, i[5] visits read, f[6] margin sum read.
     upd = ok & finite
     old_stamp = tl.atomic_xchg(stamp_ptr + n, step_id, mask=upd, sem="relaxed")
     dup = upd & (old_stamp == step_id)
     _record_error(err_ptr, 6, 7, dup, n)
     claimed = upd & (~dup)
     tl.store(scratch_i_ptr + 4 * B + rows64, tl.where(dup, 2, tl.where(claimed, 1, 0)), mask=row_in)
+    # the model's evidence: area under the margin (sum and count), latest prediction, label trained with
+    ms_old = tl.load(margin_sum_ptr + n, mask=claimed, other=0.0)
+    tl.store(scratch_f_ptr + 6 * B + rows64, ms_old, mask=claimed)
+    tl.store(margin_sum_ptr + n, ms_old + margin, mask=claimed)
+    tl.store(margin_count_ptr + n, tl.load(margin_count_ptr + n, mask=claimed, other=0) + 1, mask=claimed)
+    tl.store(pred_ptr + n, arg, mask=claimed)
+    tl.store(label_ptr + n, y32, mask=claimed)
     tl.store(scratch_f_ptr + rows64, nll, mask=row_in)
     v = tl.load(visits_ptr + n, mask=claimed, other=0)
     tl.store(scratch_i_ptr + 5 * B + rows64, v, mask=claimed)
@@ -324,10 +348,10 @@ def fused_step_kernel(
         cos = _cosine_rows(emb_ptr, text_ptr, e_rows, y * stride_t, need | dup, D, BLOCK_D, BLOCK_B)
         tl.store(scratch_f_ptr + 3 * B + rows64, cos, mask=row_in)
         if EMB_MODE == 2:
-            c_old = tl.load(cons_ptr + n, mask=claimed & (~first), other=0.0)
+            c_old = tl.load(consistency_ptr + n, mask=claimed & (~first), other=0.0)
             tl.store(scratch_f_ptr + 2 * B + rows64, c_old, mask=claimed)
             cos = tl.where(first, cos, ema * c_old + (1.0 - ema) * cos)
-        tl.store(cons_ptr + n, cos, mask=need)
+        tl.store(consistency_ptr + n, cos, mask=need)
     n_dup = tl.sum(dup.to(tl.int32), axis=0)
     if n_dup > 0:
         tl.atomic_add(dups_ptr, n_dup, sem="relaxed")
@@ -373,12 +397,7 @@ def launch_step(
     labels: torch.Tensor,
     indices: torch.Tensor,
     *,
-    scores: torch.Tensor,
-    visits: torch.Tensor,
-    consistency: torch.Tensor,
-    weights: torch.Tensor,
-    stamp: torch.Tensor,
-    errors: torch.Tensor,
+    state: SampleState,
     step_id: int,
     ema: float,
     scale: float,
@@ -391,16 +410,14 @@ def launch_step(
     ce: torch.Tensor | None = None,
     contrib: torch.Tensor | None = None,
     correct: torch.Tensor | None = None,
-    dups: torch.Tensor | None = None,
 ) -> StepOutput:
     """Launch the fused step; same contract as ``reference.step_reference``.
 
     ``logits`` must have unit column stride (any row stride); ``grad`` likewise
-    and may alias ``logits``.  ``dups`` is a one-element int32 zero that the
-    step leaves zero (the count of duplicate rows between its two launches; a
-    caller that steps often keeps one, and steps that share it must be
-    stream-ordered).  Inputs are assumed validated by the caller for shape,
-    dtype and device; values are checked on the device.
+    and may alias ``logits``.  Steps that share a ``state`` must be
+    stream-ordered (its ``dups`` counter carries between the step's two
+    launches).  Inputs are assumed validated by the caller for shape, dtype and
+    device; values are checked on the device.
     """
     K.check_step_id(step_id)
     B, C = logits.shape
@@ -416,10 +433,10 @@ def launch_step(
     correct = torch.empty(B, dtype=torch.int8, device=dev) if correct is None else correct
     margin = torch.empty(B, dtype=torch.float32, device=dev)
     pred = torch.empty(B, dtype=torch.int32, device=dev)
-    dups = torch.zeros(1, dtype=torch.int32, device=dev) if dups is None else dups
-    scratch = torch.empty(6 * B, dtype=torch.int32, device=dev)  # per-row state for settle_kernel
+    scratch = torch.empty(7 * B, dtype=torch.int32, device=dev)  # per-row state for settle_kernel
+    cols = state.columns()
     if emb_mode == K.EMB_NONE:
-        emb = text = scores  # unused placeholders
+        emb = text = state.scores  # unused placeholders
         D, stride_e, stride_t = 1, 0, 0
     else:
         D, stride_e, stride_t = emb.shape[1], emb.stride(0), text.stride(0)
@@ -427,13 +444,14 @@ def launch_step(
     grid = (triton.cdiv(B, cfg.BLOCK_B),)
     fused_step_kernel[grid](
         logits, g, labels, indices, emb, text,
-        scores, visits, consistency, weights, stamp, errors,
-        ce, contrib, correct, margin, pred, scratch, scratch_f, dups,
-        B, C, scores.numel(), D, logits.stride(0), g.stride(0), stride_e, stride_t,
+        *cols.values(), state.errors,
+        ce, contrib, correct, margin, pred, scratch, scratch_f, state.dups,
+        B, C, state.num_samples, D, logits.stride(0), g.stride(0), stride_e, stride_t,
         step_id, int(write_grad), ignore_index, ema, scale, label_smoothing,
         BLOCK_B=cfg.BLOCK_B, BLOCK_C=cfg.BLOCK_C, BLOCK_D=cfg.BLOCK_D, SINGLE=cfg.SINGLE, VEC=vec,
         EMB_MODE=emb_mode, num_warps=cfg.num_warps,
     )
-    settle_kernel[(1,)](indices, scores, consistency, stamp, scratch, scratch_f, dups, B, step_id, ema,
+    settle_kernel[(1,)](indices, labels, margin, pred, state.scores, state.consistency, state.stamp,
+                        state.margin_sum, state.pred, state.label, scratch, scratch_f, state.dups, B, step_id, ema,
                         EMB_MODE=emb_mode, FIX=SETTLE_BLOCK, num_warps=SETTLE_WARPS)
     return StepOutput(ce=ce, contrib=contrib, correct=correct.view(torch.bool), margin=margin, pred=pred, grad=grad)

@@ -12,27 +12,22 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from fastprune.kernels import common as K  # noqa: E402
+from fastprune.kernels import SampleState  # noqa: E402
 # The kernels are decorated once, when first imported: import them now, with the interpreter on, so that a
 # test that switches it off for a while (``reference_path``) cannot be the first to import them.
 from fastprune.kernels import select, step  # noqa: E402, F401
 
 
-def make_state(n: int, seed: int = 0) -> dict:
-    """Fresh pruner state buffers, with random (never zero) weights."""
+def make_state(n: int, seed: int = 0, device="cpu") -> SampleState:
+    """A fresh step state, with random (never zero) weights."""
     g = torch.Generator().manual_seed(seed)
-    return dict(
-        scores=torch.zeros(n),
-        visits=torch.zeros(n, dtype=torch.int32),
-        consistency=torch.zeros(n),
-        weights=torch.rand(n, generator=g) + 0.5,
-        stamp=torch.full((n,), -1, dtype=torch.int32),
-        errors=torch.zeros(K.ERR_SLOTS, dtype=torch.int64),
-    )
+    state = SampleState.empty(n, device)
+    state.weights.copy_(torch.rand(n, generator=g) + 0.5)
+    return state
 
 
-def clone_state(state: dict) -> dict:
-    return {k: v.clone() for k, v in state.items()}
+def clone_state(state: SampleState) -> SampleState:
+    return state.clone()
 
 
 @pytest.fixture

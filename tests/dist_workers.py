@@ -121,8 +121,8 @@ def device_recorded_error(rank, world):
     pruner = make_pruner()
     train_epoch(pruner, pruner.epoch_indices[:8])
     if rank == 1:  # what the kernel records for a bad label when nothing polls the counters
-        pruner._errors[K.ERR_LABEL_COUNT] += 1
-        pruner._errors[K.ERR_LABEL_VALUE] = K.example_key(C + 3)
+        pruner._state.errors[K.ERR_LABEL_COUNT] += 1
+        pruner._state.errors[K.ERR_LABEL_VALUE] = K.example_key(C + 3)
     pruner.next_epoch()
     return "finished"
 

@@ -49,12 +49,15 @@ def test_model_margin_is_the_mean_over_scored_visits():
     assert pruner.given_labels.tolist() == [0, 1, -1, -1, 2, -1]
 
 
-def test_duplicates_in_a_batch_add_both_margins():
+@pytest.mark.parametrize("path", ["kernel_path", "reference_path"])
+def test_duplicates_in_a_batch_count_their_first_row_like_the_score(request, path):
+    request.getfixturevalue(path)
     pruner = fp.DynamicPruner(3, 3, epochs=2, device="cpu")
     logits = torch.tensor([[2.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
     with pytest.warns(RuntimeWarning):
-        pruner.step(logits, torch.tensor([0, 0]), torch.tensor([1, 1]))
-    assert pruner.model_margin[1].item() == pytest.approx((2.0 - 1.0) / 2)
+        pruner.step(logits, torch.tensor([0, 1]), torch.tensor([1, 1]))
+    assert pruner.model_margin[1].item() == 2.0 and pruner.visits[1].item() == 1
+    assert pruner.model_pred[1].item() == 0 and pruner.given_labels[1].item() == 0
 
 
 def unit(x):
@@ -105,11 +108,20 @@ def test_evidence_survives_a_state_dict_and_older_states_start_it_empty():
     idx = torch.arange(N)
     a.step(torch.randn(N, C, generator=g), torch.randint(0, C, (N,), generator=g), idx)
     sd = a.state_dict()
-    assert sd["version"] == 3
+    assert sd["version"] == 4
+    names = ("model_margin", "model_pred", "given_labels", "scores", "visits")
     b = fp.DynamicPruner(N, C, epochs=3, device="cpu")
     b.load_state_dict(sd)
-    for name in ("model_margin", "model_pred", "given_labels"):
+    for name in names:
         assert torch.equal(getattr(a, name), getattr(b, name)), name
-    old = {k: v for k, v in sd.items() if k != "evidence"} | {"version": 2}
-    b.load_state_dict(old)
+    model = ("margin_sum", "margin_count", "pred", "label")  # version 3 kept them beside CLIP's columns
+    v3 = {k: v for k, v in sd.items() if k not in model + ("clip",)} | {"version": 3, "evidence": {
+        **{k: sd[k] for k in model}, **sd["clip"]}}
+    c = fp.DynamicPruner(N, C, epochs=3, device="cpu")
+    c.load_state_dict(v3)
+    for name in names:
+        assert torch.equal(getattr(a, name), getattr(c, name)), name
+    v2 = {k: v for k, v in v3.items() if k != "evidence"} | {"version": 2}
+    b.load_state_dict(v2)
     assert torch.isnan(b.model_margin).all() and (b.model_pred == -1).all() and (b.given_labels == -1).all()
+    assert torch.equal(a.scores, b.scores)

@@ -62,10 +62,8 @@ def run_both(logits, labels, indices, state, *, grad=True, **kw):
     kw.setdefault("step_id", 0)
     kw.setdefault("ema", 0.9)
     kw.setdefault("scale", 1.0 / B)
-    dups = kw.pop("dups", None)
-    out_k = launch_step(logits, labels, indices, grad=g_k, ce=ce, contrib=contrib, correct=correct, dups=dups,
-                        **s_k, **kw)
-    out_r = step_reference(logits, labels, indices, grad=g_r, compute_dtype=torch.float64, **s_r, **kw)
+    out_k = launch_step(logits, labels, indices, grad=g_k, ce=ce, contrib=contrib, correct=correct, state=s_k, **kw)
+    out_r = step_reference(logits, labels, indices, grad=g_r, compute_dtype=torch.float64, state=s_r, **kw)
     return out_k, out_r, s_k, s_r
 
 
@@ -97,11 +95,18 @@ def assert_step_matches(out_k, out_r, s_k, s_r, dtype, logits=None):
     assert torch.equal(out_k.pred, out_r.pred)
     if out_r.grad is not None:
         assert_close_rel(out_k.grad, out_r.grad, GRAD_TOL[dtype], grad_atol(out_r.grad))
-    assert_close_rel(s_k["scores"], s_r["scores"], 1e-5, atol)
-    assert_close_rel(s_k["consistency"], s_r["consistency"], 1e-5)
-    assert torch.equal(s_k["visits"], s_r["visits"])
-    assert torch.equal(s_k["stamp"], s_r["stamp"])
-    assert torch.equal(s_k["errors"], s_r["errors"])  # counts and examples
+    assert_close_rel(s_k.scores, s_r.scores, 1e-5, atol)
+    assert_close_rel(s_k.consistency, s_r.consistency, 1e-5)
+    assert torch.equal(s_k.visits, s_r.visits)
+    assert torch.equal(s_k.stamp, s_r.stamp)
+    assert torch.equal(s_k.errors, s_r.errors)  # counts and examples
+    finite = torch.isfinite(s_r.margin_sum)  # +inf with one class
+    assert torch.equal(torch.isfinite(s_k.margin_sum), finite) and torch.equal(s_k.margin_sum[~finite],
+                                                                             s_r.margin_sum[~finite])
+    if finite.any():
+        assert_close_rel(s_k.margin_sum[finite], s_r.margin_sum[finite], 1e-6, atol)
+    for name in ("margin_count", "pred", "label"):
+        assert torch.equal(getattr(s_k, name), getattr(s_r, name)), name
 
 
 # Shapes: B=1, C not a power of two, C in each tile, C larger than one chunk (two passes), odd D.
@@ -115,7 +120,7 @@ def test_step_matches_reference(B, C, dtype):
     logits, labels, indices = random_batch(B, C, N, dtype, seed=B * C)
     out_k, out_r, s_k, s_r = run_both(logits, labels, indices, make_state(N, seed=C))
     assert_step_matches(out_k, out_r, s_k, s_r, dtype, logits)
-    assert (s_k["visits"][indices] == 1).all()
+    assert (s_k.visits[indices] == 1).all()
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -131,7 +136,7 @@ def test_step_consistency(B, C, D, mode, dtype):
     assert_step_matches(out_k, out_r, s_k, s_r, dtype, logits)
     e = emb[indices] if mode == K.EMB_TABLE else emb
     expected = F.cosine_similarity(e.double(), text[labels].double(), dim=1)
-    torch.testing.assert_close(s_k["consistency"][indices].double(), expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(s_k.consistency[indices].double(), expected, atol=1e-5, rtol=1e-5)
 
 
 def test_largest_class_count():
@@ -147,13 +152,13 @@ def test_table_consistency_cached_after_first_visit():
     logits, labels, indices = random_batch(B, C, N, torch.float32)
     emb, text = torch.randn(N, D), torch.randn(C, D)
     state = make_state(N)
-    launch_step(logits, labels, indices, **state, step_id=0, ema=0.5, scale=0.25, emb_mode=K.EMB_TABLE, emb=emb,
+    launch_step(logits, labels, indices, state=state, step_id=0, ema=0.5, scale=0.25, emb_mode=K.EMB_TABLE, emb=emb,
                 text=text)
-    first = state["consistency"].clone()
+    first = state.consistency.clone()
     emb.mul_(-1)  # a changed table is not re-read for samples already visited
-    launch_step(logits, labels, indices, **state, step_id=1, ema=0.5, scale=0.25, emb_mode=K.EMB_TABLE, emb=emb,
+    launch_step(logits, labels, indices, state=state, step_id=1, ema=0.5, scale=0.25, emb_mode=K.EMB_TABLE, emb=emb,
                 text=text)
-    assert torch.equal(state["consistency"], first)
+    assert torch.equal(state.consistency, first)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -168,12 +173,12 @@ def test_ema_over_several_steps(dtype):
         emb = torch.randn(B, 8, generator=g)
         text = torch.randn(C, 8, generator=g)
         kw = dict(step_id=step, ema=0.8, scale=1 / B, emb_mode=K.EMB_BATCH, emb=emb, text=text)
-        launch_step(logits, labels, indices, **state_k, **kw)
-        step_reference(logits, labels, indices, **state_r, compute_dtype=torch.float64, **kw)
-    assert state_k["visits"].max() > 1
-    assert_close_rel(state_k["scores"], state_r["scores"], 1e-5)
-    assert_close_rel(state_k["consistency"], state_r["consistency"], 1e-5)
-    assert torch.equal(state_k["visits"], state_r["visits"])
+        launch_step(logits, labels, indices, state=state_k, **kw)
+        step_reference(logits, labels, indices, state=state_r, compute_dtype=torch.float64, **kw)
+    assert state_k.visits.max() > 1
+    assert_close_rel(state_k.scores, state_r.scores, 1e-5)
+    assert_close_rel(state_k.consistency, state_r.consistency, 1e-5)
+    assert torch.equal(state_k.visits, state_r.visits)
 
 
 def test_ema_formula():
@@ -185,13 +190,13 @@ def test_ema_formula():
     for step in range(3):
         logits = torch.randn(1, C)
         y = torch.tensor([step % C])
-        launch_step(logits, y, idx, **state, step_id=step, ema=0.75, scale=1.0)
+        launch_step(logits, y, idx, state=state, step_id=step, ema=0.75, scale=1.0)
         ces.append(F.cross_entropy(logits, y).item())
     expected = ces[0]
     for ce in ces[1:]:
         expected = 0.75 * expected + 0.25 * ce
-    assert state["scores"][1].item() == pytest.approx(expected, rel=1e-5)
-    assert state["visits"].tolist() == [0, 3, 0]
+    assert state.scores[1].item() == pytest.approx(expected, rel=1e-5)
+    assert state.visits.tolist() == [0, 3, 0]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -204,23 +209,23 @@ def test_gradient_matches_autograd(C, smoothing, dtype):
     labels[1] = -100  # ignored row
     state = make_state(N)
     grad = torch.empty_like(logits)
-    out = launch_step(logits, labels, indices, **state, step_id=0, ema=0.9, scale=1 / B,
+    out = launch_step(logits, labels, indices, state=state, step_id=0, ema=0.9, scale=1 / B,
                       label_smoothing=smoothing, grad=grad)
     x = logits.double().requires_grad_()
     per = F.cross_entropy(x, labels, reduction="none", label_smoothing=smoothing, ignore_index=-100)
-    loss = (per * state["weights"][indices].double()).sum() / B
+    loss = (per * state.weights[indices].double()).sum() / B
     loss.backward()
     assert out.contrib.sum().item() == pytest.approx(loss.item(), rel=1e-5)
     assert_close_rel(grad, x.grad, GRAD_TOL[dtype], grad_atol(grad))
     assert (grad[1] == 0).all() and out.ce[1] == 0 and not out.correct[1]
-    assert state["visits"][indices[1]] == 0, "ignored rows leave the state alone"
+    assert state.visits[indices[1]] == 0, "ignored rows leave the state alone"
 
 
 def test_score_is_plain_ce_under_label_smoothing():
     logits, labels, indices = random_batch(3, 20, 5, torch.float32)
     state = make_state(5)
-    out = launch_step(logits, labels, indices, **state, step_id=0, ema=0.9, scale=1 / 3, label_smoothing=0.2)
-    torch.testing.assert_close(state["scores"][indices], F.cross_entropy(logits, labels, reduction="none"))
+    out = launch_step(logits, labels, indices, state=state, step_id=0, ema=0.9, scale=1 / 3, label_smoothing=0.2)
+    torch.testing.assert_close(state.scores[indices], F.cross_entropy(logits, labels, reduction="none"))
     torch.testing.assert_close(out.ce, F.cross_entropy(logits, labels, reduction="none", label_smoothing=0.2))
 
 
@@ -234,7 +239,7 @@ def test_in_place_gradient_and_row_stride():
     indices = torch.arange(B)
     expected_out, _, _, _ = run_both(logits.clone(), labels, indices, make_state(N))
     before = big.clone()
-    launch_step(logits, labels, indices, **make_state(N), step_id=0, ema=0.9, scale=1 / B, grad=logits)
+    launch_step(logits, labels, indices, state=make_state(N), step_id=0, ema=0.9, scale=1 / B, grad=logits)
     torch.testing.assert_close(logits, expected_out.grad)
     assert torch.equal(big[:, :8], before[:, :8]) and torch.equal(big[:, 8 + C:], before[:, 8 + C:])
 
@@ -242,7 +247,7 @@ def test_in_place_gradient_and_row_stride():
 def test_correct_flag_is_argmax():
     logits = torch.tensor([[0.0, 5.0, 1.0], [3.0, 3.0, 0.0], [0.0, 0.0, 9.0]])
     labels = torch.tensor([1, 1, 0])
-    out = launch_step(logits, labels, torch.arange(3), **make_state(3), step_id=0, ema=0.9, scale=1 / 3)
+    out = launch_step(logits, labels, torch.arange(3), state=make_state(3), step_id=0, ema=0.9, scale=1 / 3)
     assert out.correct.tolist() == [True, False, False]  # ties go to the first index, like argmax
 
 
@@ -259,8 +264,8 @@ def test_margin_and_prediction(C):
     logits[4, 0] = float("nan")  # non-finite row
     logits[5, 0], logits[5, 1] = -1.0, 7.0
     labels = torch.tensor([1, far, 0, -100, 0, 1])
-    out = launch_step(logits, labels, torch.arange(6), **make_state(6), step_id=0, ema=0.9, scale=1 / 6)
-    ref = step_reference(logits, labels, torch.arange(6), **make_state(6), step_id=0, ema=0.9, scale=1 / 6)
+    out = launch_step(logits, labels, torch.arange(6), state=make_state(6), step_id=0, ema=0.9, scale=1 / 6)
+    ref = step_reference(logits, labels, torch.arange(6), state=make_state(6), step_id=0, ema=0.9, scale=1 / 6)
     expected_margin = [3.0, 0.0, -9.0, 0.0, 0.0, 7.0]
     assert out.margin.tolist() == ref.margin.tolist() == expected_margin
     assert out.pred.tolist() == ref.pred.tolist() == [1, 0, far, -1, -1, 1]
@@ -280,15 +285,15 @@ def test_margin_runner_up_in_the_label_lane():
     logits[4, y + lane] = 10.0  # a tie in the label's lane
     logits[5, y + 33 * lane] = 12.0  # the maximum itself in the last chunk of the label's lane
     labels = torch.full((6,), y)
-    out = launch_step(logits, labels, torch.arange(6), **make_state(6), step_id=0, ema=0.9, scale=1 / 6)
-    ref = step_reference(logits, labels, torch.arange(6), **make_state(6), step_id=0, ema=0.9, scale=1 / 6)
+    out = launch_step(logits, labels, torch.arange(6), state=make_state(6), step_id=0, ema=0.9, scale=1 / 6)
+    ref = step_reference(logits, labels, torch.arange(6), state=make_state(6), step_id=0, ema=0.9, scale=1 / 6)
     assert out.margin.tolist() == ref.margin.tolist() == [2.0, 3.0, 1.0, -4.0, 0.0, -2.0]
     assert out.pred.tolist() == ref.pred.tolist() == [y, y, y, y + 2 * lane, y, y + 33 * lane]
 
 
 def test_margin_of_a_single_class_is_infinite():
     logits = torch.tensor([[2.0]])
-    out = launch_step(logits, torch.tensor([0]), torch.tensor([0]), **make_state(1), step_id=0, ema=0.9, scale=1.0)
+    out = launch_step(logits, torch.tensor([0]), torch.tensor([0]), state=make_state(1), step_id=0, ema=0.9, scale=1.0)
     assert out.margin.item() == float("inf") and out.pred.item() == 0
 
 
@@ -299,12 +304,12 @@ def test_bad_labels_and_indices_are_recorded_and_left_out():
     indices[3] = N + 5
     out_k, out_r, s_k, s_r = run_both(logits, labels, indices, make_state(N))
     assert_step_matches(out_k, out_r, s_k, s_r, torch.float32, logits)
-    err = s_k["errors"].tolist()
+    err = s_k.errors.tolist()
     assert err[K.ERR_LABEL_COUNT] == 2 and K.example_value(err[K.ERR_LABEL_VALUE]) == -3  # the smallest
     assert err[K.ERR_INDEX_COUNT] == 1 and K.example_value(err[K.ERR_INDEX_VALUE]) == N + 5
     for row in (2, 3, 4):
         assert (out_k.grad[row] == 0).all() and out_k.ce[row] == 0
-    assert s_k["visits"].sum() == 3
+    assert s_k.visits.sum() == 3
 
 
 def test_nonfinite_rows_do_not_poison_scores():
@@ -313,12 +318,12 @@ def test_nonfinite_rows_do_not_poison_scores():
     logits[1, 7] = float("nan")
     logits[2, 3] = float("inf")
     out_k, out_r, s_k, s_r = run_both(logits, labels, indices, make_state(N))
-    assert s_k["errors"][K.ERR_NONFINITE_COUNT] == 2 and K.example_value(s_k["errors"][K.ERR_NONFINITE_ROW]) == 1
-    assert torch.isfinite(s_k["scores"]).all()
-    assert s_k["visits"][indices[[1, 2]]].tolist() == [0, 0]
-    assert s_k["visits"][indices[[0, 3]]].tolist() == [1, 1]
+    assert s_k.errors[K.ERR_NONFINITE_COUNT] == 2 and K.example_value(s_k.errors[K.ERR_NONFINITE_ROW]) == 1
+    assert torch.isfinite(s_k.scores).all()
+    assert s_k.visits[indices[[1, 2]]].tolist() == [0, 0]
+    assert s_k.visits[indices[[0, 3]]].tolist() == [1, 1]
     assert not torch.isfinite(out_k.contrib.sum())  # the loss shows the problem, like F.cross_entropy
-    torch.testing.assert_close(s_k["scores"], s_r["scores"])
+    torch.testing.assert_close(s_k.scores, s_r.scores)
 
 
 def test_duplicate_indices_update_once_first_row_wins():
@@ -327,11 +332,11 @@ def test_duplicate_indices_update_once_first_row_wins():
     indices = torch.tensor([4, 1, 4, 7, 1, 4])
     out_k, out_r, s_k, s_r = run_both(logits, labels, indices, make_state(N))
     assert_step_matches(out_k, out_r, s_k, s_r, torch.float32, logits)
-    assert s_k["errors"][K.ERR_DUP_COUNT] == 3
-    assert s_k["visits"][[1, 4, 7]].tolist() == [1, 1, 1]
+    assert s_k.errors[K.ERR_DUP_COUNT] == 3
+    assert s_k.visits[[1, 4, 7]].tolist() == [1, 1, 1]
     ce = F.cross_entropy(logits, labels, reduction="none")
-    assert s_k["scores"][4].item() == pytest.approx(ce[0].item(), rel=1e-6)
-    assert s_k["scores"][1].item() == pytest.approx(ce[1].item(), rel=1e-6)
+    assert s_k.scores[4].item() == pytest.approx(ce[0].item(), rel=1e-6)
+    assert s_k.scores[1].item() == pytest.approx(ce[1].item(), rel=1e-6)
 
 
 @pytest.mark.parametrize("mode", [K.EMB_NONE, K.EMB_TABLE, K.EMB_BATCH], ids=["none", "table", "batch"])
@@ -350,9 +355,12 @@ def test_duplicates_do_not_depend_on_program_order(B, C, order, mode):
     indices[0] = indices[B - 1]  # the first and the last row share a sample
     labels[B - 1] = (labels[0] + 1) % C  # with another label: the winner's label matters for consistency
     state = make_state(N, seed=1)
-    state["visits"][indices[0]] = 2  # a sample seen before (EMA) and samples seen for the first time
-    state["scores"][indices[0]] = 1.25
-    state["consistency"][indices[0]] = 0.5
+    state.visits[indices[0]] = 2  # a sample seen before (EMA) and samples seen for the first time
+    state.scores[indices[0]] = 1.25
+    state.consistency[indices[0]] = 0.5
+    state.margin_sum[indices[0]] = -3.0  # and its evidence so far
+    state.margin_count[indices[0]] = 2
+    state.pred[indices[0]] = C - 1
     emb = text = None
     if mode != K.EMB_NONE:
         emb = torch.randn(N if mode == K.EMB_TABLE else B, 24, generator=g)
@@ -362,13 +370,11 @@ def test_duplicates_do_not_depend_on_program_order(B, C, order, mode):
     def programs(n):
         return reversed_programs(n) if order == "reversed" else [p for p in perm if p < n]
 
-    dups = torch.zeros(1, dtype=torch.int32)
     with program_order(programs):
-        out_k, out_r, s_k, s_r = run_both(logits, labels, indices, state, emb_mode=mode, emb=emb, text=text,
-                                          dups=dups)
+        out_k, out_r, s_k, s_r = run_both(logits, labels, indices, state, emb_mode=mode, emb=emb, text=text)
     assert_step_matches(out_k, out_r, s_k, s_r, torch.float32, logits)
-    assert s_k["errors"][K.ERR_DUP_COUNT] == B - indices.unique().numel()
-    assert dups.tolist() == [0], "the step must leave its duplicate counter at zero"
+    assert s_k.errors[K.ERR_DUP_COUNT] == B - indices.unique().numel()
+    assert s_k.dups.tolist() == [0], "the step must leave its duplicate counter at zero"
 
 
 def test_step_state_is_bitwise_the_same_in_any_program_order():
@@ -385,11 +391,12 @@ def test_step_state_is_bitwise_the_same_in_any_program_order():
                 labels = torch.randint(0, C, (B,), generator=g)
                 indices = torch.randint(0, N, (B,), generator=g)
                 emb = torch.randn(B, 16, generator=g)
-                launch_step(logits, labels, indices, **state, step_id=step, ema=0.7, scale=1 / B,
+                launch_step(logits, labels, indices, state=state, step_id=step, ema=0.7, scale=1 / B,
                             emb_mode=K.EMB_BATCH, emb=emb, text=torch.randn(C, 16, generator=g))
         runs.append(state)
-    for key in runs[0]:
-        assert torch.equal(runs[0][key], runs[1][key]), key
+    for key, col in runs[0].columns().items():
+        assert torch.equal(col, getattr(runs[1], key)), key
+    assert torch.equal(runs[0].errors, runs[1].errors)
 
 
 def test_int32_labels_and_indices_address_beyond_2_to_the_31():
@@ -409,17 +416,17 @@ def test_int32_labels_and_indices_address_beyond_2_to_the_31():
     labels = torch.tensor([5, 2], dtype=torch.int32)
     logits = torch.randn(2, 7, generator=g)
     state = make_state(N)
-    launch_step(logits, labels, far, **state, step_id=0, ema=0.9, scale=0.5, emb_mode=K.EMB_TABLE, emb=table,
+    launch_step(logits, labels, far, state=state, step_id=0, ema=0.9, scale=0.5, emb_mode=K.EMB_TABLE, emb=table,
                 text=text)
     expected = F.cosine_similarity(rows.double(), text[labels.long()].double(), dim=1)
-    torch.testing.assert_close(state["consistency"][far.long()].double(), expected, rtol=1e-5, atol=1e-6)
-    assert state["visits"][far.long()].tolist() == [1, 1]
+    torch.testing.assert_close(state.consistency[far.long()].double(), expected, rtol=1e-5, atol=1e-6)
+    assert state.visits[far.long()].tolist() == [1, 1]
 
 
 def test_no_grad_mode_writes_nothing():
     logits, labels, indices = random_batch(3, 17, 5, torch.float16)
     before = logits.clone()
-    out = launch_step(logits, labels, indices, **make_state(5), step_id=0, ema=0.9, scale=1 / 3)
+    out = launch_step(logits, labels, indices, state=make_state(5), step_id=0, ema=0.9, scale=1 / 3)
     assert out.grad is None and torch.equal(logits, before)
 
 
@@ -451,8 +458,8 @@ def test_step_hypothesis(B, C, scale, dtype, smoothing, seed):
     atol = loss_atol(logits)
     assert_close_rel(out_k.ce, out_r.ce, 1e-5, atol)
     assert_close_rel(out_k.grad, out_r.grad, GRAD_TOL[dtype], grad_atol(out_r.grad))
-    assert_close_rel(s_k["scores"], s_r["scores"], 1e-5, atol)
-    assert torch.equal(s_k["visits"], s_r["visits"])
+    assert_close_rel(s_k.scores, s_r.scores, 1e-5, atol)
+    assert torch.equal(s_k.visits, s_r.visits)
     assert math.isfinite(out_k.contrib.sum().item())
 
 
@@ -471,4 +478,39 @@ def test_step_id_out_of_range_is_refused(step_id, impl):
     logits, labels, indices = random_batch(2, 5, 4, torch.float32)
     fn = launch_step if impl == "kernel" else step_reference
     with pytest.raises(ValueError, match="step_id must be in"):
-        fn(logits, labels, indices, **make_state(4), step_id=step_id, ema=0.9, scale=0.5)
+        fn(logits, labels, indices, state=make_state(4), step_id=step_id, ema=0.9, scale=0.5)
+
+
+@pytest.mark.parametrize("impl", ["kernel", "reference"])
+def test_state_accumulates_the_models_evidence(impl):
+    """Each scored visit adds its margin to the sample's sum and count and leaves its prediction and label;
+    rows that update nothing (ignored, non-finite) leave the evidence alone."""
+    fn = launch_step if impl == "kernel" else step_reference
+    state = make_state(4)
+    first = torch.tensor([[4.0, 1.0, 0.0], [0.0, 0.0, 2.0], [1.0, 1.0, 1.0]])
+    fn(first, torch.tensor([0, 0, -100]), torch.tensor([0, 1, 2]), state=state, step_id=0, ema=0.9, scale=1.0)
+    assert state.margin_sum.tolist() == [3.0, -2.0, 0.0, 0.0]
+    assert state.margin_count.tolist() == [1, 1, 0, 0]
+    assert state.pred.tolist() == [0, 2, -1, -1] and state.label.tolist() == [0, 0, -1, -1]
+    second = torch.tensor([[0.0, 5.0, 1.0], [float("nan"), 0.0, 0.0]])
+    fn(second, torch.tensor([1, 2]), torch.tensor([0, 1]), state=state, step_id=1, ema=0.9, scale=1.0)
+    assert state.margin_sum.tolist() == [3.0 + 4.0, -2.0, 0.0, 0.0]  # sample 0 now trains with label 1
+    assert state.margin_count.tolist() == [2, 1, 0, 0]
+    assert state.pred.tolist() == [1, 2, -1, -1] and state.label.tolist() == [1, 0, -1, -1]
+
+
+def test_sample_state_fields_are_the_kernels_arguments():
+    """The bundle's columns are passed to the kernel in FIELDS order under their own names."""
+    from fastprune.kernels.state import FIELD_NAMES
+
+    names = list(step_module.fused_step_kernel.arg_names)
+    at = names.index("scores_ptr")
+    assert names[at:at + len(FIELD_NAMES)] == [f"{n}_ptr" for n in FIELD_NAMES]
+
+
+def test_sample_state_check_names_the_bad_field():
+    state = make_state(3)
+    state.check()
+    state.pred = torch.zeros(3, dtype=torch.int64)
+    with pytest.raises(ValueError, match="SampleState.pred must be a contiguous torch.int32"):
+        state.check()

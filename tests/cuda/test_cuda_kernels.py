@@ -10,6 +10,7 @@ import torch.nn.functional as F
 import fastprune as fp
 from test_select_kernel import assert_same_up_to_rounding
 
+from fastprune.kernels import SampleState
 from fastprune.kernels import common as K
 from fastprune.kernels import reference as R
 from fastprune.kernels.step import launch_step
@@ -22,10 +23,16 @@ DEV = "cuda"
 
 
 def state(n):
-    return dict(scores=torch.zeros(n, device=DEV), visits=torch.zeros(n, dtype=torch.int32, device=DEV),
-                consistency=torch.zeros(n, device=DEV), weights=torch.rand(n, device=DEV) + 0.5,
-                stamp=torch.full((n,), -1, dtype=torch.int32, device=DEV),
-                errors=torch.zeros(K.ERR_SLOTS, dtype=torch.int64, device=DEV))
+    s = SampleState.empty(n, DEV)
+    s.weights.copy_(torch.rand(n, device=DEV) + 0.5)
+    return s
+
+
+def assert_evidence_equal(a: SampleState, b: SampleState):
+    """The model's evidence columns: the margin sums within rounding, the rest exactly."""
+    torch.testing.assert_close(a.margin_sum.cpu(), b.margin_sum.cpu(), rtol=1e-5, atol=1e-5)
+    for name in ("margin_count", "pred", "label"):
+        assert torch.equal(getattr(a, name).cpu(), getattr(b, name).cpu()), name
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
@@ -39,21 +46,22 @@ def test_compiled_step_matches_reference(B, C, dtype, mode):
     idx = torch.randperm(N, device=DEV)[:B]
     emb = torch.randn(N if mode == K.EMB_TABLE else B, D, device=DEV).half() if mode else None
     text = torch.randn(C, D, device=DEV).half() if mode else None
-    s1, s2 = state(N), None
-    s2 = {k: v.clone() for k, v in s1.items()}
+    s1 = state(N)
+    s2 = s1.clone()
     g1 = torch.empty_like(logits)
     g2 = torch.empty(B, C, dtype=torch.float64, device=DEV)
     kw = dict(step_id=0, ema=0.9, scale=1 / B, label_smoothing=0.1, emb_mode=mode, emb=emb, text=text)
-    o1 = launch_step(logits, labels, idx, grad=g1, **s1, **kw)
-    o2 = R.step_reference(logits, labels, idx, grad=g2, compute_dtype=torch.float64, **s2, **kw)
+    o1 = launch_step(logits, labels, idx, grad=g1, state=s1, **kw)
+    o2 = R.step_reference(logits, labels, idx, grad=g2, compute_dtype=torch.float64, state=s2, **kw)
     torch.testing.assert_close(o1.ce.double(), o2.ce, rtol=1e-5, atol=1e-5)
     tol = {torch.float32: 1e-6, torch.bfloat16: 1e-2, torch.float16: 1e-3}[dtype]
     torch.testing.assert_close(g1.double(), g2, rtol=tol, atol=tol / B)
-    torch.testing.assert_close(s1["scores"], s2["scores"], rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(s1["consistency"], s2["consistency"], rtol=1e-4, atol=1e-4)
-    assert torch.equal(s1["visits"], s2["visits"])
+    torch.testing.assert_close(s1.scores, s2.scores, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(s1.consistency, s2.consistency, rtol=1e-4, atol=1e-4)
+    assert torch.equal(s1.visits, s2.visits)
     torch.testing.assert_close(o1.margin, o2.margin, rtol=1e-5, atol=1e-5)
     assert torch.equal(o1.pred, o2.pred)
+    assert_evidence_equal(s1, s2)
 
 
 @pytest.mark.parametrize("mode", [K.EMB_NONE, K.EMB_TABLE, K.EMB_BATCH])
@@ -68,28 +76,31 @@ def test_duplicates_settle_the_same_way_every_time(mode):
     emb = torch.randn(N if mode == K.EMB_TABLE else B, D, device=DEV).half() if mode else None
     text = torch.randn(C, D, device=DEV).half() if mode else None
     base = state(N)
-    base["visits"][: N // 2] = 3  # half seen before (EMA), half first visits
-    base["scores"][: N // 2] = 1.5
-    base["consistency"][: N // 2] = 0.25
+    base.visits[: N // 2] = 3  # half seen before (EMA), half first visits
+    base.scores[: N // 2] = 1.5
+    base.consistency[: N // 2] = 0.25
+    base.margin_sum[: N // 2] = 2.0
+    base.margin_count[: N // 2] = 3
     kw = dict(step_id=5, ema=0.9, scale=1 / B, emb_mode=mode, emb=emb, text=text)
     runs = []
     for _ in range(20):
-        s = {k: v.clone() for k, v in base.items()}
-        dups = torch.zeros(1, dtype=torch.int32, device=DEV)
-        launch_step(logits, labels, idx, dups=dups, **s, **kw)
-        assert dups.item() == 0
+        s = base.clone()
+        launch_step(logits, labels, idx, state=s, **kw)
+        assert s.dups.item() == 0
         runs.append(s)
     for s in runs[1:]:
-        for key in s:
-            assert torch.equal(s[key], runs[0][key]), key
-    ref = {k: v.cpu() for k, v in base.items()}
-    R.step_reference(logits.cpu(), labels.cpu(), idx.cpu(), compute_dtype=torch.float64, **ref,
+        for key, col in s.columns().items():
+            assert torch.equal(col, getattr(runs[0], key)), key
+        assert torch.equal(s.errors, runs[0].errors)
+    ref = base.to("cpu")
+    R.step_reference(logits.cpu(), labels.cpu(), idx.cpu(), compute_dtype=torch.float64, state=ref,
                      **{k: (v.cpu() if torch.is_tensor(v) else v) for k, v in kw.items()})
     got = runs[0]
-    torch.testing.assert_close(got["scores"].cpu(), ref["scores"], rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(got["consistency"].cpu(), ref["consistency"], rtol=1e-4, atol=1e-4)
-    assert torch.equal(got["visits"].cpu(), ref["visits"]) and torch.equal(got["stamp"].cpu(), ref["stamp"])
-    assert torch.equal(got["errors"].cpu(), ref["errors"])  # counts, and the example: the smallest duplicate
+    torch.testing.assert_close(got.scores.cpu(), ref.scores, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got.consistency.cpu(), ref.consistency, rtol=1e-4, atol=1e-4)
+    assert torch.equal(got.visits.cpu(), ref.visits) and torch.equal(got.stamp.cpu(), ref.stamp)
+    assert torch.equal(got.errors.cpu(), ref.errors)  # counts, and the example: the smallest duplicate
+    assert_evidence_equal(got, ref)
 
 
 def test_int32_labels_and_indices_address_beyond_2_to_the_31():
@@ -102,10 +113,10 @@ def test_int32_labels_and_indices_address_beyond_2_to_the_31():
     text = torch.randn(7, D, device=DEV)
     labels = torch.tensor([5, 2], dtype=torch.int32, device=DEV)
     s = state(n)
-    launch_step(torch.randn(2, 7, device=DEV), labels, far, **s, step_id=0, ema=0.9, scale=0.5,
+    launch_step(torch.randn(2, 7, device=DEV), labels, far, state=s, step_id=0, ema=0.9, scale=0.5,
                 emb_mode=K.EMB_TABLE, emb=table, text=text.half())
     expected = F.cosine_similarity(rows.float(), text.half()[labels.long()].float(), dim=1)
-    torch.testing.assert_close(s["consistency"][far.long()], expected, rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(s.consistency[far.long()], expected, rtol=1e-3, atol=1e-3)
 
 
 def test_step_never_synchronises():
