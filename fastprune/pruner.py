@@ -478,8 +478,8 @@ class DynamicPruner:
         actions = self._action if decision is None else decision.action  # earlier decisions stand until new ones
         noisy = actions == _noise.EXCLUDE if self.noise_ratio > 0 else None
         return _k.select_epoch(
-            self._state.scores, self._state.visits, self._state.consistency, use_consistency=use_cons, policy=policy,
-            keep_ratio=self.keep_ratio, noise_ratio=0.0, noisy=noisy,
+            self._state.scores, self._state.visits, self._state.consistency, use_consistency=use_cons,
+            policy=policy, keep_ratio=self.keep_ratio, noise_ratio=0.0, noisy=noisy,
             semantic_weight=self.semantic_weight, max_drop=self.max_drop, seed=self.seed, epoch=epoch,
             exclude=self._excluded, population=self._population)
 
@@ -598,7 +598,8 @@ class DynamicPruner:
                 "stops here so that none waits for the others")
         self._has_batch_consistency = bool(head[4])
         touched = self._state.stamp >= self._merged_step
-        rows = [self._state.scores, self._state.visits] + ([self._state.consistency] if self.text_emb is not None else [])
+        st = self._state
+        rows = [st.scores, st.visits] + ([st.consistency] if self.text_emb is not None else [])
         rows += self._evidence.merge_rows(batch_clip=self._has_batch_consistency)
         sent += _dist.merge(rows, touched, g)
         sent += self._evidence.merge_classes(touched, g, batch_clip=self._has_batch_consistency)

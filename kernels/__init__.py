@@ -49,4 +49,5 @@ def select_epoch(scores: torch.Tensor, visits: torch.Tensor, consistency: torch.
     return reference.select_reference(scores, visits, consistency, **kw)
 
 
-__all__ = ["FIELDS", "SampleState", "Selection", "StepOutput", "common", "fused_step", "reference", "scale_grad", "select_epoch", "uses_triton"]
+__all__ = ["FIELDS", "SampleState", "Selection", "StepOutput", "common", "fused_step", "reference", "scale_grad",
+           "select_epoch", "uses_triton"]
