@@ -114,9 +114,10 @@ def step_reference(
 ) -> StepOutput:
     """Fused step semantics, one row after another.
 
-    Updates ``state`` in place (every column but ``weights``, which it reads,
-    and ``errors``) and, when ``grad`` is given (it may alias ``logits``),
-    writes the gradient of ``sum_i weights[idx_i] * ce_i * scale`` into it.  Rows with a
+    Updates ``state`` in place (its error counters and every column but
+    ``weights``, which it only reads) and, when ``grad`` is given (it may alias
+    ``logits``), writes the gradient of ``sum_i weights[idx_i] * ce_i * scale``
+    into it.  Rows with a
     label outside [0, C) (other than ``ignore_index``) or an index outside
     [0, N) are recorded in ``errors`` and contribute nothing.  Rows with
     non-finite loss are recorded and leave the state untouched.  When an index

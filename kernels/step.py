@@ -306,7 +306,7 @@ def fused_step_kernel(
     _record_error(err_ptr, 4, 5, ok & (~finite), rows64)
     tl.store(ce_ptr + rows64, tl.where(ok, ce, 0.0), mask=row_in)
     tl.store(contrib_ptr + rows64, tl.where(ok, w * ce * scale, 0.0), mask=row_in)
-    correct = ok & finite & (arg == y.to(tl.int32))
+    correct = ok & finite & (arg == y32)
     tl.store(correct_ptr + rows64, correct.to(tl.int8), mask=row_in)
     margin = tl.where(ok & finite, z_y - z_other, 0.0)
     tl.store(row_margin_ptr + rows64, margin, mask=row_in)
