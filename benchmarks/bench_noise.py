@@ -9,8 +9,9 @@ schedule.  The "CLIP" embeddings are the demo's stated proxy (a small network tr
 split; class prototypes for the text side): no CLIP weights exist offline.  Arms: full data on the noisy
 labels; full data on the true labels (the ceiling); fastprune (infobatch 0.7) without noise handling; with
 the model's evidence alone, CLIP's alone, and both (the ablation); both with relabeling, and both with the
-consistency also in the pruning priority (``semantic_weight=1``, the earlier default); cleanlab's ``find_label_issues`` on 5-fold
-cross-validated probabilities, then retraining without the issues (when cleanlab is installed).
+consistency also in the pruning priority (``semantic_weight=1``, the earlier default); cleanlab's
+``find_label_issues`` on 5-fold cross-validated probabilities, then retraining without the issues (when
+cleanlab is installed).
 """
 
 from __future__ import annotations

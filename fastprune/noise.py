@@ -18,7 +18,8 @@ What happens to a suspected sample (belief > 0.5):
 
 Nothing is flagged where the evidence is weak: a class whose evidence has no separate negative mode
 (Ashman's D <= 2, or a lower mean >= 0) gives beliefs of zero, and a suspect must also lie three standard
-deviations below the class's upper (clean) component.  ``max_fraction`` caps the suspected count (the most suspected first).
+deviations below the class's upper (clean) component.  ``max_fraction`` caps the suspected count (the most
+suspected first).
 Every step is a device tensor operation over N; no host synchronisation.
 """
 

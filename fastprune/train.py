@@ -275,7 +275,8 @@ def _train(cfg, out, ckpt_path, device, log, on_epoch_end, progress) -> dict:
     pruner = DynamicPruner(len(index), index.num_classes, epochs=cfg.epochs, keep_ratio=cfg.keep_ratio,
                            policy=cfg.policy, ema=cfg.ema, warmup=cfg.warmup, anneal=cfg.anneal,
                            noise_ratio=cfg.noise_ratio, noise_evidence=cfg.noise_evidence,
-                           noise_start=cfg.noise_start, noise_relabel=cfg.noise_relabel, image_emb=image_emb, text_emb=text_emb,
+                           noise_start=cfg.noise_start, noise_relabel=cfg.noise_relabel,
+                           image_emb=image_emb, text_emb=text_emb,
                            label_smoothing=cfg.label_smoothing, seed=cfg.seed, device=device,
                            initial_subset=initial_subset)
     if _channels_last(cfg, device):
