@@ -110,14 +110,21 @@ def mixture_belief(x: torch.Tensor, cls: torch.Tensor, valid: torch.Tensor, num_
 
 def decide(label: torch.Tensor, model_margin: torch.Tensor | None, model_pred: torch.Tensor | None,
            clip_margin: torch.Tensor | None, clip_pred: torch.Tensor | None, num_classes: int,
-           max_fraction: float = 1.0, exclude_above: float = 0.9, relabel: bool = False) -> NoiseDecision:
+           max_fraction: float = 1.0, exclude_above: float = 0.9, relabel: bool = False,
+           settled: torch.Tensor | None = None) -> NoiseDecision:
     """Belief, action, class and weight for every sample from the evidence given (None: not used).
 
     ``label`` is the class each sample trains with (-1: never scored, no decision).  ``relabel``: give
-    the agreed class to sure suspects instead of leaving them out.
+    the agreed class to sure suspects instead of leaving them out.  ``settled`` (bool N) marks samples whose
+    decision stands (relabeled ones): they are neither judged nor part of a class's mixture, because their
+    evidence restarted against the new class and is younger than everyone else's (a few late, confident
+    visits beside margins averaged since the first epoch): mixed in, they become the class's upper
+    component and hide the remaining wrong labels.
     """
     n, dev = label.numel(), label.device
     seen = label >= 0
+    if settled is not None:
+        seen = seen & ~settled
     belief, pull = None, torch.zeros(n, dtype=torch.float64, device=dev)
     for margin in (model_margin, clip_margin):
         if margin is None:

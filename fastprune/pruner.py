@@ -460,7 +460,8 @@ class DynamicPruner:
         use_model = self.noise_evidence != "clip"  # a CLIP table was completed by next_epoch() on every rank
         decision = _noise.decide(ev.label, ev.model_margin() if use_model else None, ev.pred if use_model else None,
                                  ev.clip_margin if use_clip else None, ev.clip_pred if use_clip else None,
-                                 self.num_classes, max_fraction=self.noise_ratio, relabel=self.noise_relabel)
+                                 self.num_classes, max_fraction=self.noise_ratio, relabel=self.noise_relabel,
+                                 settled=self._relabel >= 0 if self._any_relabel else None)
         if self._group is not None:  # per-class sums use atomics on a GPU: every rank takes rank 0's decision
             decision = self._from_rank0(decision)
         return decision
@@ -513,8 +514,8 @@ class DynamicPruner:
         return self._epoch_indices
 
     def _apply(self, d: _noise.NoiseDecision, any_relabel: bool) -> None:
-        """Adopt new decisions.  A relabel stands (the sample's evidence restarts against its new class,
-        and later decisions judge it against that class); every other action is decided afresh."""
+        """Adopt new decisions.  A relabel stands (the sample's evidence restarts against its new class and
+        later decisions leave it out, see ``noise.decide``); every other action is decided afresh."""
         acted = d.action != _noise.KEEP
         before = self._relabel >= 0
         self._belief.copy_(torch.where(acted, d.belief, torch.where(before, self._belief, 0.0)))

@@ -222,6 +222,26 @@ def test_noise_decisions_relabel_where_the_model_and_clip_agree(reference_path):
     torch.testing.assert_close(pruner.consistency, (image * text[given]).sum(1))  # consistency: given labels
 
 
+def test_relabeled_samples_stay_out_of_their_new_class_mixture():
+    """A relabeled sample's evidence restarts: a few late, confident visits beside margins averaged since the
+    first epoch.  Mixed into its new class, those become the upper component and the class's remaining wrong
+    labels fall into one lower component with the clean ones (nothing suspected); settled, they stay out."""
+    g = torch.Generator().manual_seed(0)
+    clean, wrong, relabeled = 160, 20, 60
+    margin = torch.cat([1.0 + 0.3 * torch.randn(clean, generator=g), -1.0 + 0.2 * torch.randn(wrong, generator=g),
+                        6.0 + 0.5 * torch.randn(relabeled, generator=g)])
+    n = margin.numel()
+    label = torch.zeros(n, dtype=torch.int32)
+    pred = torch.where(margin < 0, 1, 0).to(torch.int32)
+    settled = torch.arange(n) >= clean + wrong
+    mixed = fpn.decide(label, margin, pred, None, None, 2)
+    assert (mixed.action == fpn.KEEP).all()
+    d = fpn.decide(label, margin, pred, None, None, 2, settled=settled)
+    suspected = torch.nonzero(d.action != fpn.KEEP)[:, 0]
+    assert suspected.tolist() == list(range(clean, clean + wrong))
+    assert (d.belief[settled] == 0).all()
+
+
 def test_noise_decisions_from_the_model_alone_never_relabel(reference_path):
     n, c = 2000, 10
     g, text, true, noisy, given, image, strength = planted_noise(n, c, seed=1)
