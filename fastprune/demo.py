@@ -121,13 +121,19 @@ def run(epochs: int = 15, out: str | None = None, clip: str | None = None, devic
     if not 0.0 <= noise < 1.0 or kind not in NOISE_KINDS:
         raise ValueError(f"noise must be in [0, 1) and its kind one of {', '.join(NOISE_KINDS)}; "
                          f"got {noise!r} ({kind!r})")
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+        raise ValueError(f"epochs must be an integer >= 1, got {epochs!r}")
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
+        raise ValueError(f"workers must be an integer >= 0, got {workers!r}")
     t_start = time.perf_counter()
     out = Path(out or tempfile.mkdtemp(prefix="fastprune-demo-"))
-    out.mkdir(parents=True, exist_ok=True)
+    homes = [out / f"seed{seed}" if seeds > 1 else out for seed in range(seeds)]
+    for home in homes:  # every folder is checked before any is replaced
+        for name in _OWNED_FOLDERS:
+            _check_owned(home / name)
     runs = []
-    for seed in range(seeds):
-        runs += _one_seed(out / f"seed{seed}" if seeds > 1 else out, seed, epochs, clip, device, workers, noise,
-                          kind, log)
+    for seed, home in enumerate(homes):
+        runs += _one_seed(home, seed, epochs, clip, device, workers, noise, kind, log)
     log(f"\nResults ({epochs} epochs each, {seeds} seed{'s' if seeds > 1 else ''}, "
         f"{torch.get_num_threads()} CPU threads; {noise:.0%} {kind} label noise; consistency: "
         f"{'CLIP' if clip else 'proxy, see above'})")
@@ -152,13 +158,32 @@ def run(epochs: int = 15, out: str | None = None, clip: str | None = None, devic
 
 
 FASTPRUNE = "fastprune (infobatch 0.7 + noise decisions)"
+_OWNED_FOLDERS = ("digits", "proxy-embeddings", "full", "fastprune")  # what the demo writes in its --out
+_MARK = ".fastprune-demo"  # in every folder the demo made: the proof that a later demo may replace it
+
+
+def _check_owned(folder: Path) -> None:
+    """Refuse a folder that exists, is not empty and was not made by the demo: it is the user's."""
+    if folder.is_dir() and any(folder.iterdir()) and not (folder / _MARK).is_file():
+        raise FileExistsError(f"{folder} exists and was not made by fastprune demo; it is left as it is: "
+                              "choose another --out, or move the folder away")
+    if folder.exists() and not folder.is_dir():
+        raise FileExistsError(f"{folder} exists and is not a folder; choose another --out")
+
+
+def _fresh(folder: Path) -> Path:
+    """An empty folder the demo owns: one a previous demo made is replaced; anything else is refused."""
+    _check_owned(folder)
+    if folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+    (folder / _MARK).write_text("made by fastprune demo: a new demo with the same --out replaces this folder\n")
+    return folder
 
 
 def _one_seed(out: Path, seed: int, epochs: int, clip, device, workers, noise: float, kind: str, log) -> list[dict]:
     out.mkdir(parents=True, exist_ok=True)
-    data = out / "digits"
-    if data.exists():
-        shutil.rmtree(data)
+    data = _fresh(out / "digits")
     truth = render_digits(data, noise=noise, seed=seed, kind=kind)
     planted = {p for p, t in truth.items() if t["true"] != t["given"]}
     log(f"data (seed {seed}): scikit-learn digits as {SIZE}x{SIZE} PNGs in {data}: {len(truth)} train images "
@@ -166,7 +191,7 @@ def _one_seed(out: Path, seed: int, epochs: int, clip, device, workers, noise: f
     if clip:
         emb_dir, source = clip, f"CLIP embeddings from {clip}"
     else:
-        emb_dir = out / "proxy-embeddings"
+        emb_dir = _fresh(out / "proxy-embeddings")
         proxy_embeddings(data, emb_dir, seed=seed, log=log)
         source = ("proxy (no CLIP weights offline): a small CNN trained on the clean held-out split embeds the "
                   "images; class prototypes (mean held-out embedding per class) stand in for the text side")
@@ -176,9 +201,7 @@ def _one_seed(out: Path, seed: int, epochs: int, clip, device, workers, noise: f
                      (FASTPRUNE, {"policy": "infobatch", "keep_ratio": 0.7, "noise_ratio": NOISE_CAP,
                                   "embeddings": str(emb_dir)})):
         log(f"\n== {name} (seed {seed})")
-        run_dir = out / name.split()[0]
-        if run_dir.exists():  # the demo owns its run folders: a new demo replaces the last one's
-            shutil.rmtree(run_dir)
+        run_dir = _fresh(out / name.split()[0])
         cfg = TrainConfig(data=str(data / "train"), val=str(data / "test"), out=str(run_dir),
                           arch="smallcnn", epochs=epochs, batch_size=64, lr=0.05, weight_decay=5e-4,
                           schedule="cosine", lr_warmup=0.05, image_size=SIZE, workers=workers, device=device,

@@ -200,6 +200,33 @@ def test_demo_bad_noise_arguments(tmp_path, capsys, args, pattern):
     assert rc == 2 and re.search(pattern, err) and "Traceback" not in err
 
 
+@pytest.mark.parametrize("args,pattern", [(["--epochs", "0"], "epochs must be an integer >= 1"),
+                                          (["--epochs", "1"], "was not made by fastprune demo")])
+def test_demo_never_deletes_what_it_did_not_make(tmp_path, capsys, args, pattern):
+    """A user's folder under --out that happens to share a name with the demo's survives, whatever the
+    arguments: bad ones are refused before anything is touched, good ones meet a clear refusal."""
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "thesis.tex").write_text("x")
+    rc, err = run_cli(["demo", "--out", str(tmp_path), *args], capsys)
+    assert rc == 2 and re.search(pattern, err) and "Traceback" not in err, err
+    assert (tmp_path / "full" / "thesis.tex").read_text() == "x"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["full"]
+
+
+def test_demo_replaces_only_its_own_folders(tmp_path):
+    from fastprune.demo import _fresh
+
+    made = _fresh(tmp_path / "digits")
+    (made / "old.png").write_text("from the last demo")
+    _fresh(tmp_path / "digits")
+    assert [p.name for p in made.iterdir()] == [".fastprune-demo"]
+    (tmp_path / "empty").mkdir()
+    _fresh(tmp_path / "empty")  # an empty folder loses nothing
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(FileExistsError, match="is not a folder"):
+        _fresh(tmp_path / "file")
+
+
 @pytest.mark.parametrize("script", ["plain_pytorch.py", "dali_loop.py"])
 def test_examples_run(folders, script):
     if script == "dali_loop.py":
@@ -221,13 +248,13 @@ def test_demo_with_clip_tables(tmp_path):
     from fastprune.demo import render_digits
     from fastprune.embeddings import Embeddings
 
-    render_digits(tmp_path / "digits")
-    index = ImageFolderIndex(tmp_path / "digits" / "train", cache_dir=False)
+    render_digits(tmp_path / "ref")  # the same split the demo renders (seed 0), outside its --out
+    index = ImageFolderIndex(tmp_path / "ref" / "train", cache_dir=False)
     g = torch.Generator().manual_seed(0)
     text = torch.randn(10, 12, generator=g)
     image = text[index.labels] + 0.3 * torch.randn(len(index), 12, generator=g)
     Embeddings.from_arrays(image, text, meta={"fingerprint": index.fingerprint}).save(tmp_path / "clip")
-    proc = subprocess.run([sys.executable, "-m", "fastprune", "demo", "--epochs", "2", "--out", str(tmp_path),
+    proc = subprocess.run([sys.executable, "-m", "fastprune", "demo", "--epochs", "2", "--out", str(tmp_path / "run"),
                            "--clip", str(tmp_path / "clip")], env=USER_ENV, capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
