@@ -201,6 +201,7 @@ def test_demo_bad_noise_arguments(tmp_path, capsys, args, pattern):
 
 
 @pytest.mark.parametrize("args,pattern", [(["--epochs", "0"], "epochs must be an integer >= 1"),
+                                          (["--workers", "-1"], "workers must be an integer >= 0"),
                                           (["--epochs", "1"], "was not made by fastprune demo")])
 def test_demo_never_deletes_what_it_did_not_make(tmp_path, capsys, args, pattern):
     """A user's folder under --out that happens to share a name with the demo's survives, whatever the
