@@ -1,12 +1,14 @@
 """The pruner under ``torch.distributed``: rank shards and the epoch-end merge of per-sample state.
 
 During an epoch every rank updates the scores of the samples it trains on, locally, with no
-communication.  At ``next_epoch()`` (or ``sync()``) one all-reduce merges the epoch's updates:
-each rank contributes, for the samples it touched, its state multiplied by a 0/1 mask, plus the
-mask; a sample's merged state is the sum divided by the number of ranks that touched it.  Shards
-are disjoint except for the padding (below), so the division is by one and the merge is exact;
-a padded sample trained by two ranks between the same two merges takes the mean of their two updates.  Every rank then
-computes the same global selection from the same state and seed, and takes its shard.
+communication.  At ``next_epoch()`` (or ``sync()``) one all-reduce (a maximum over int32 words) merges
+the epoch's updates: each rank contributes its state for the samples it touched and the smallest int32
+elsewhere, so a sample's merged state is its toucher's, bit for bit (float32 values travel as int32 keys
+that order like the floats).  Shards are disjoint except for the padding (below), and a padded sample is
+scored the same way by both ranks that train it.  Counters that advance with the visit count (the
+margin count) are not sent: each rank adds the merged visits' increase.  Class columns are packed several
+to a word.  Every rank then computes the same global selection from the same state and seed, and takes its
+shard.
 
 Shard rule (as ``DistributedSampler`` with ``drop_last=False``): the global order is padded to a
 multiple of the world size by repeating its first entries, and rank ``r`` takes positions
@@ -21,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-# Samples merged per all-reduce: bounds the temporary buffer (4 float32 rows -> 256 MiB).
+# Samples merged per all-reduce: bounds the temporary buffer (4 int32 words a sample -> 256 MiB).
 MERGE_CHUNK = 1 << 24
 
 
@@ -123,33 +125,76 @@ def check_same(group: Group, what: str, value: int, device: torch.device) -> Non
                          "with the same arguments (and the same data)")
 
 
-def merge(rows: list[torch.Tensor], touched: torch.Tensor, group: Group, chunk: int = MERGE_CHUNK) -> int:
-    """Merge per-sample float32 state ``rows`` (each N, updated in place) over ranks.
+_INT_MIN = -(1 << 31)  # what a rank contributes for a sample it did not touch
 
-    Where at least one rank touched a sample, its value becomes the mean of the touching ranks'
-    values; elsewhere it stays (it is already the same on every rank).  Returns the bytes this
-    rank handed to the all-reduces.
+
+def float_key(x: torch.Tensor) -> torch.Tensor:
+    """float32 -> int32 keys ordered like the floats (-0.0 below +0.0); its own inverse (``key_float``)."""
+    b = x.view(torch.int32)
+    return torch.where(b < 0, b ^ 0x7FFFFFFF, b)
+
+
+def key_float(k: torch.Tensor) -> torch.Tensor:
+    """The float32 values of ``float_key`` keys, bit for bit."""
+    return torch.where(k < 0, k ^ 0x7FFFFFFF, k).view(torch.float32)
+
+
+def class_bits(num_classes: int) -> int:
+    """Bits of one packed class column: its values -1 .. C - 1 travel as 0 .. C."""
+    return max(1, int(num_classes).bit_length())
+
+
+def merge_words(num_floats: int, num_classes: int, num_class_cols: int) -> int:
+    """int32 words per sample that ``merge`` hands to the all-reduce."""
+    per_word = 31 // class_bits(num_classes)
+    return num_floats + 1 + -(-num_class_cols // per_word)
+
+
+def merge(floats: list[torch.Tensor], visits: torch.Tensor, counters: list[torch.Tensor],
+          classes: list[torch.Tensor], num_classes: int, touched: torch.Tensor, group: Group,
+          chunk: int = MERGE_CHUNK) -> int:
+    """Merge the per-sample state of the samples some rank touched since the last merge (every tensor N,
+    updated in place).  Returns the bytes this rank handed to the all-reduces.
+
+    ``floats`` (float32) and ``visits`` (int32, at least 1 on a touched sample) take the touching rank's
+    value (where two ranks touched a sample, the larger); ``counters`` (int32) count the same visits as
+    ``visits`` from their own start (a restart), so each adds the merged visits' increase; ``classes`` are
+    int32 columns with values in -1 .. ``num_classes`` - 1, packed into ``31 // class_bits`` per word.
+    Elsewhere every rank already holds the same values and nothing changes.
     """
     n = touched.numel()
+    bits = class_bits(num_classes)
+    per_word = 31 // bits
+    mask = (1 << bits) - 1
+    words = merge_words(len(floats), num_classes, len(classes))
     sent = 0
     for lo in range(0, n, chunk):
         hi = min(n, lo + chunk)
-        t = touched[lo:hi]
-        buf = torch.empty((len(rows) + 1, hi - lo), dtype=torch.float32, device=touched.device)
-        untouched = ~t
-        for k, row in enumerate(rows):
-            buf[k].copy_(row[lo:hi]).masked_fill_(untouched, 0.0)
-        buf[-1].copy_(t)
-        group.all_sum(buf)
+        untouched = ~touched[lo:hi]
+        buf = torch.empty((words, hi - lo), dtype=torch.int32, device=touched.device)
+        for k, row in enumerate(floats):
+            buf[k].copy_(float_key(row[lo:hi]))
+        buf[len(floats)].copy_(visits[lo:hi])
+        for w in range(words - len(floats) - 1):
+            word = buf[len(floats) + 1 + w]
+            word.zero_()
+            for j, col in enumerate(classes[w * per_word:(w + 1) * per_word]):
+                word.bitwise_or_((col[lo:hi] + 1) << (bits * j))
+        buf.masked_fill_(untouched, _INT_MIN)
+        group.all_max(buf)
         sent += buf.numel() * buf.element_size()
-        count = buf[-1]
-        hit = count > 0
-        inv = 1.0 / count.clamp_min(1.0)
-        for k, row in enumerate(rows):
-            mean = torch.where(count > 1, buf[k] * inv, buf[k])  # one toucher: its value, bit for bit
-            if not row.dtype.is_floating_point:
-                mean = mean.round_()
-            row[lo:hi] = torch.where(hit, mean.to(row.dtype), row[lo:hi])
+        merged_visits = buf[len(floats)]
+        hit = merged_visits != _INT_MIN
+        advance = torch.where(hit, merged_visits - visits[lo:hi], 0)
+        for row in counters:
+            row[lo:hi] += advance
+        visits[lo:hi] = torch.where(hit, merged_visits, visits[lo:hi])
+        for k, row in enumerate(floats):
+            row[lo:hi] = torch.where(hit, key_float(buf[k]), row[lo:hi])
+        for w in range(words - len(floats) - 1):
+            word = buf[len(floats) + 1 + w]
+            for j, col in enumerate(classes[w * per_word:(w + 1) * per_word]):
+                col[lo:hi] = torch.where(hit, ((word >> (bits * j)) & mask) - 1, col[lo:hi])
     return sent
 
 

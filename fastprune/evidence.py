@@ -34,8 +34,8 @@ def margins_and_preferred(sims: torch.Tensor, labels: torch.Tensor) -> tuple[tor
     return own - other, sims.argmax(dim=1).to(torch.int32)
 
 
-def _unit(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    x = x.float()
+def _unit(x: torch.Tensor, dtype: torch.dtype = torch.float32, eps: float = 1e-8) -> torch.Tensor:
+    x = x.to(dtype)
     return x / x.norm(dim=1, keepdim=True).clamp_min(eps)
 
 
@@ -69,11 +69,15 @@ class Evidence:
 
     def record_clip_batch(self, image_emb: torch.Tensor, text_emb: torch.Tensor, labels: torch.Tensor,
                           indices: torch.Tensor, valid: torch.Tensor) -> None:
-        """CLIP's margin of this batch's images (per-batch embeddings): the latest view of a sample wins."""
-        sims = _unit(image_emb) @ _unit(text_emb).T
+        """CLIP's margin of this batch's images (per-batch embeddings): the latest view of a sample wins.
+
+        In float64, rounded to float32: a matrix product's last bits may depend on how many rows it has, and
+        a sample's margin should not depend on the batch it came in (another world size makes other batches).
+        """
+        sims = _unit(image_emb, torch.float64) @ _unit(text_emb, torch.float64).T
         margin, preferred = margins_and_preferred(sims, torch.where(valid, labels.to(torch.int64), 0))
         slot = self._slot(indices, valid)
-        self._clip_margin.index_put_((slot,), margin)
+        self._clip_margin.index_put_((slot,), margin.to(torch.float32))
         self._clip_pred.index_put_((slot,), preferred)
 
     def restart(self, mask: torch.Tensor, new_label: torch.Tensor) -> None:
@@ -109,22 +113,13 @@ class Evidence:
 
     # ------------------------------------------------------------------ ranks
 
-    def merge_rows(self, batch_clip: bool) -> list[torch.Tensor]:
-        """The accumulators ranks merge like the scores: a mean over the ranks that touched a sample since
-        the last merge.  Exact because the pruner's shards give each sample to one rank an epoch (the pad
-        rule's repeats score the same sample the same way on both ranks)."""
-        return [self.state.margin_sum, self.state.margin_count] + ([self.clip_margin] if batch_clip else [])
-
-    def merge_classes(self, touched: torch.Tensor, group, batch_clip: bool) -> int:
-        """Class columns of touched samples (the model's prediction, the label; CLIP's class with per-batch
-        embeddings): the largest over the touching ranks, since a mean of classes means nothing.  Returns
-        the bytes handed to the all-reduce."""
-        cols = (self.pred, self.label) + ((self.clip_pred,) if batch_clip else ())
-        buf = torch.stack([torch.where(touched, c, -1) for c in cols])
-        group.all_max(buf)
-        for k, c in enumerate(cols):
-            c.copy_(torch.where(buf[k] >= 0, buf[k], c))
-        return buf.numel() * buf.element_size()
+    def merge_columns(self, batch_clip: bool) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+        """What ranks merge (``distributed.merge``): float columns (the margin sum; CLIP's margin with
+        per-batch embeddings), counters of the visits (the margin count) and class columns (the model's
+        prediction, the label; CLIP's class with per-batch embeddings)."""
+        floats = [self.state.margin_sum] + ([self.clip_margin] if batch_clip else [])
+        classes = [self.pred, self.label] + ([self.clip_pred] if batch_clip else [])
+        return floats, [self.state.margin_count], classes
 
     # ------------------------------------------------------------------ persistence
 

@@ -108,33 +108,38 @@ def mixture_belief(x: torch.Tensor, cls: torch.Tensor, valid: torch.Tensor, num_
     return torch.where(valid & enough & (x < 0) & outlier, r.to(torch.float32), 0.0)
 
 
-def decide(label: torch.Tensor, model_margin: torch.Tensor | None, model_pred: torch.Tensor | None,
-           clip_margin: torch.Tensor | None, clip_pred: torch.Tensor | None, num_classes: int,
-           max_fraction: float = 1.0, exclude_above: float = 0.9, relabel: bool = False,
-           settled: torch.Tensor | None = None) -> NoiseDecision:
-    """Belief, action, class and weight for every sample from the evidence given (None: not used).
-
-    ``label`` is the class each sample trains with (-1: never scored, no decision).  ``relabel``: give
-    the agreed class to sure suspects instead of leaving them out.  ``settled`` (bool N) marks samples whose
-    decision stands (relabeled ones): they are neither judged nor part of a class's mixture, because their
-    evidence restarted against the new class and is younger than everyone else's (a few late, confident
-    visits beside margins averaged since the first epoch): mixed in, they become the class's upper
-    component and hide the remaining wrong labels.
-    """
-    n, dev = label.numel(), label.device
+def _seen(label: torch.Tensor, settled: torch.Tensor | None) -> torch.Tensor:
     seen = label >= 0
-    if settled is not None:
-        seen = seen & ~settled
-    belief, pull = None, torch.zeros(n, dtype=torch.float64, device=dev)
+    return seen if settled is None else seen & ~settled
+
+
+def beliefs(label: torch.Tensor, model_margin: torch.Tensor | None, clip_margin: torch.Tensor | None,
+            num_classes: int, settled: torch.Tensor | None = None) -> torch.Tensor:
+    """Per sample, the belief that its label is wrong from the evidence given (None: not used): each
+    source's per-class mixture belief, and with both the smaller (every source must point away).
+
+    The only part of a decision whose per-class sums may differ in their last bits between devices that
+    sum in different orders (atomics); ``act`` is elementwise and exact, so ranks share only this.
+    """
+    seen, belief = _seen(label, settled), None
     for margin in (model_margin, clip_margin):
-        if margin is None:
-            continue
-        valid = seen & torch.isfinite(margin)
-        b = mixture_belief(margin, label, valid, num_classes)
-        belief = b if belief is None else torch.minimum(belief, b)  # every source must point away
-        pull -= torch.where(valid, margin, 0.0).to(torch.float64)  # how far the margins point away
-    if belief is None:
-        belief = torch.zeros(n, dtype=torch.float32, device=dev)
+        if margin is not None:
+            b = mixture_belief(margin, label, seen & torch.isfinite(margin), num_classes)
+            belief = b if belief is None else torch.minimum(belief, b)
+    return belief if belief is not None else torch.zeros(label.numel(), dtype=torch.float32, device=label.device)
+
+
+def act(belief: torch.Tensor, label: torch.Tensor, model_margin: torch.Tensor | None,
+        model_pred: torch.Tensor | None, clip_margin: torch.Tensor | None, clip_pred: torch.Tensor | None,
+        max_fraction: float = 1.0, exclude_above: float = 0.9, relabel: bool = False,
+        settled: torch.Tensor | None = None) -> NoiseDecision:
+    """Action and class for every sample from its ``belief`` (see ``decide``)."""
+    n, dev = label.numel(), label.device
+    seen = _seen(label, settled)
+    pull = torch.zeros(n, dtype=torch.float64, device=dev)
+    for margin in (model_margin, clip_margin):
+        if margin is not None:  # how far the margins point away
+            pull -= torch.where(seen & torch.isfinite(margin), margin, 0.0).to(torch.float64)
     suspect = belief > 0.5
     cap = int(math.floor(max_fraction * n))
     if cap < n:  # the most suspected first; equal beliefs (saturated at 1) by how far the margins point away
@@ -157,3 +162,22 @@ def decide(label: torch.Tensor, model_margin: torch.Tensor | None, model_pred: t
     action = torch.where(exclude, EXCLUDE, action).to(torch.int8)
     action = torch.where(relabel, RELABEL, action).to(torch.int8)
     return NoiseDecision(belief=belief, action=action, new_label=new_label)
+
+
+def decide(label: torch.Tensor, model_margin: torch.Tensor | None, model_pred: torch.Tensor | None,
+           clip_margin: torch.Tensor | None, clip_pred: torch.Tensor | None, num_classes: int,
+           max_fraction: float = 1.0, exclude_above: float = 0.9, relabel: bool = False,
+           settled: torch.Tensor | None = None) -> NoiseDecision:
+    """Belief, action, class and weight for every sample from the evidence given (None: not used):
+    ``act(beliefs(...), ...)``.
+
+    ``label`` is the class each sample trains with (-1: never scored, no decision).  ``relabel``: give
+    the agreed class to sure suspects instead of leaving them out.  ``settled`` (bool N) marks samples whose
+    decision stands (relabeled ones): they are neither judged nor part of a class's mixture, because their
+    evidence restarted against the new class and is younger than everyone else's (a few late, confident
+    visits beside margins averaged since the first epoch): mixed in, they become the class's upper
+    component and hide the remaining wrong labels.
+    """
+    belief = beliefs(label, model_margin, clip_margin, num_classes, settled)
+    return act(belief, label, model_margin, model_pred, clip_margin, clip_pred, max_fraction, exclude_above,
+               relabel, settled)

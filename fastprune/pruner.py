@@ -129,8 +129,9 @@ class DynamicPruner:
             ``"none"`` checks only at ``next_epoch()``.
         process_group: under ``torch.distributed`` the pruner works on the default group when one
             is initialised (or on this group).  Each rank scores only the samples it trains, with no
-            communication on the step; ``next_epoch()`` merges the ranks' updates with one all-reduce,
-            every rank computes the same global selection, and ``epoch_indices`` is this rank's shard
+            communication on the step; ``next_epoch()`` merges the ranks' updates with one all-reduce
+            (and shares rank 0's noise beliefs with another in an epoch that decides), every rank
+            computes the same global selection, and ``epoch_indices`` is this rank's shard
             (see ``fastprune.distributed`` for the pad rule).  Building the pruner, ``next_epoch()``,
             ``sync()`` and ``load_state_dict()`` are then collective: call them on every rank.
             ``False`` keeps the pruner local to this process.
@@ -458,21 +459,23 @@ class DynamicPruner:
         clip_known = self.image_emb is not None or self._has_batch_consistency
         use_clip = self.noise_evidence in ("clip", "both") or (self.noise_evidence == "auto" and clip_known)
         use_model = self.noise_evidence != "clip"  # a CLIP table was completed by next_epoch() on every rank
-        decision = _noise.decide(ev.label, ev.model_margin() if use_model else None, ev.pred if use_model else None,
-                                 ev.clip_margin if use_clip else None, ev.clip_pred if use_clip else None,
-                                 self.num_classes, max_fraction=self.noise_ratio, relabel=self.noise_relabel,
-                                 settled=self._relabel >= 0 if self._any_relabel else None)
-        if self._group is not None:  # per-class sums use atomics on a GPU: every rank takes rank 0's decision
-            decision = self._from_rank0(decision)
-        return decision
+        model_margin = ev.model_margin() if use_model else None
+        clip_margin = ev.clip_margin if use_clip else None
+        settled = self._relabel >= 0 if self._any_relabel else None
+        belief = _noise.beliefs(ev.label, model_margin, clip_margin, self.num_classes, settled)
+        if self._group is not None:  # per-class sums use atomics on a GPU: every rank takes rank 0's beliefs
+            belief = self._from_rank0(belief)
+        return _noise.act(belief, ev.label, model_margin, ev.pred if use_model else None, clip_margin,
+                          ev.clip_pred if use_clip else None, max_fraction=self.noise_ratio,
+                          relabel=self.noise_relabel, settled=settled)
 
-    def _from_rank0(self, d: _noise.NoiseDecision) -> _noise.NoiseDecision:
-        buf = torch.stack([d.belief, d.action.float(), d.new_label.float()])
-        if self.rank != 0:
-            buf.fill_(float("-inf"))
+    def _from_rank0(self, belief: torch.Tensor) -> torch.Tensor:
+        """Rank 0's beliefs on every rank (counted in ``last_sync``); the actions follow exactly from them."""
+        buf = belief.clone() if self.rank == 0 else torch.full_like(belief, float("-inf"))
         self._group.all_max(buf)
-        return _noise.NoiseDecision(belief=buf[0].clone(), action=buf[1].to(torch.int8),
-                                    new_label=buf[2].to(torch.int32))
+        self.last_sync["bytes"] += buf.numel() * buf.element_size()
+        self.last_sync["decision_bytes"] = buf.numel() * buf.element_size()
+        return buf
 
     def _select(self, epoch: int, policy: str, decision: _noise.NoiseDecision | None = None) -> _k.Selection:
         use_cons = self.image_emb is not None or self._has_batch_consistency
@@ -600,10 +603,10 @@ class DynamicPruner:
         self._has_batch_consistency = bool(head[4])
         touched = self._state.stamp >= self._merged_step
         st = self._state
-        rows = [st.scores, st.visits] + ([st.consistency] if self.text_emb is not None else [])
-        rows += self._evidence.merge_rows(batch_clip=self._has_batch_consistency)
-        sent += _dist.merge(rows, touched, g)
-        sent += self._evidence.merge_classes(touched, g, batch_clip=self._has_batch_consistency)
+        floats, counters, classes = self._evidence.merge_columns(batch_clip=self._has_batch_consistency)
+        if self.image_emb is not None or self._has_batch_consistency:
+            floats = [st.consistency] + floats
+        sent += _dist.merge([st.scores] + floats, st.visits, counters, classes, self.num_classes, touched, g)
         self._step_count = head[5]
         self._merged_step = self._step_count
         self.last_sync = {"bytes": sent, "header_bytes": head_bytes, "seconds": time.perf_counter() - t0}

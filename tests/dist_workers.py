@@ -48,23 +48,31 @@ def logits_for(indices: torch.Tensor, epoch: int) -> torch.Tensor:
     return torch.stack(rows)
 
 
-def make_pruner(epochs=5, keep_ratio=0.6, **kw):
+CLIP_MODES = ("table", "batch", "none")  # a fixed image table, per-batch image embeddings, no CLIP
+
+
+def make_pruner(epochs=5, keep_ratio=0.6, clip="table", **kw):
     from fastprune import DynamicPruner
 
     dev = device()
     image, text = (t.to(dev) for t in embeddings())
-    args = dict(epochs=epochs, keep_ratio=keep_ratio, warmup=1, anneal=0.2, noise_ratio=0.1, image_emb=image,
-                text_emb=text, seed=3, device=dev)
+    args = dict(epochs=epochs, keep_ratio=keep_ratio, warmup=1, anneal=0.2, noise_ratio=0.1,
+                image_emb=image if clip == "table" else None, text_emb=None if clip == "none" else text,
+                seed=3, device=dev)
     args.update(kw)
     return DynamicPruner(N, C, **args)
 
 
 def train_epoch(pruner, order: torch.Tensor, batch: int = 4):
+    """Steps over ``order``; a pruner with CLIP text but no image table gets each batch's image embeddings."""
     y_all, dev = labels(), pruner.device
+    per_batch = pruner.image_emb is None and pruner.text_emb is not None
+    image = embeddings()[0]
     for lo in range(0, order.numel(), batch):
         idx = order[lo:lo + batch]
         with torch.no_grad():
-            pruner.step(logits_for(idx, pruner.epoch).to(dev), y_all[idx].to(dev), idx.to(dev))
+            pruner.step(logits_for(idx, pruner.epoch).to(dev), y_all[idx].to(dev), idx.to(dev),
+                        image_emb=image[idx].to(dev) if per_batch else None)
 
 
 def snapshot(pruner) -> dict:
@@ -82,9 +90,9 @@ def _to_cpu(value):
     return value.to("cpu", copy=True) if isinstance(value, torch.Tensor) else value
 
 
-def run_epochs(rank, world, epochs=5, state=None, stop_after=None, save=None):
+def run_epochs(rank, world, epochs=5, state=None, stop_after=None, save=None, clip="table", relabel=False):
     """Train ``epochs`` (or until ``stop_after``) on this rank's shards; snapshot after each selection."""
-    pruner = make_pruner(epochs=epochs)
+    pruner = make_pruner(epochs=epochs, clip=clip, noise_relabel=relabel)
     if state is not None:
         pruner.load_state_dict(torch.load(state, weights_only=False))
     snaps = [snapshot(pruner)]
@@ -177,9 +185,9 @@ def resume_rest(rank, world, save):
 
 
 def sync_bytes_without_embeddings(rank, world):
-    """Without CLIP consistency the merge carries scores, visits, the margin accumulators, the touched row
-    and the class columns (prediction, label)."""
-    pruner = make_pruner(image_emb=None, text_emb=None, noise_ratio=0.0)
+    """Without CLIP consistency the merge carries scores, the margin sum, visits and one word of classes
+    (prediction, label)."""
+    pruner = make_pruner(clip="none", noise_ratio=0.0)
     train_epoch(pruner, pruner.epoch_indices[:8])
     return pruner.sync()
 
@@ -267,3 +275,48 @@ def train_config(data, out, resume=False):
     return T.TrainConfig(data=data, out=out, arch="smallcnn", epochs=2, batch_size=4, image_size=16, workers=0,
                          loader="torch", device="cpu", checkpoint_every=1, keep_ratio=0.5, warmup=1, anneal=0.0,
                          resume=resume)
+
+
+# ----------------------------------------------------------------- relabels
+
+RN = 140  # 20 samples a class: enough for the per-class mixtures
+
+
+def relabel_data():
+    """Labels, the samples whose label is wrong (every tenth), their true class, image and text embeddings:
+    a wrong-labelled sample's image embedding lies near its true class's text."""
+    g = torch.Generator().manual_seed(7)
+    y = torch.arange(RN) % C
+    wrong = torch.arange(RN) % 10 == 3
+    true = torch.where(wrong, (y + 1) % C, y)
+    text = torch.randn(C, D, generator=g)
+    image = text[true] + 0.3 * torch.randn(RN, D, generator=g)
+    return y, wrong, true, image, text
+
+
+def relabel_epochs(rank, world, local=False, epochs=6):
+    """Per-batch embeddings and logits that favour each sample's true class: the noise decisions relabel."""
+    from fastprune import DynamicPruner
+
+    dev = device()
+    y, _, true, image, text = relabel_data()
+    pruner = DynamicPruner(RN, C, epochs=epochs, keep_ratio=0.6, warmup=1, anneal=0.2, noise_ratio=0.2,
+                           noise_relabel=True, noise_start=2, text_emb=text.to(dev), seed=3, device=dev,
+                           process_group=False if local else None)
+    snaps = [snapshot(pruner)]
+    while pruner.epoch < epochs:
+        order = pruner.epoch_indices
+        for lo in range(0, order.numel(), 4):
+            idx = order[lo:lo + 4]
+            rows = []
+            for i in idx.tolist():
+                g = torch.Generator().manual_seed(1000 * i + pruner.epoch)
+                z = 0.5 * torch.randn(C, generator=g)
+                z[true[i]] += 4.0
+                rows.append(z)
+            with torch.no_grad():
+                pruner.step(torch.stack(rows).to(dev), y[idx].to(dev), idx.to(dev), image_emb=image[idx].to(dev))
+        pruner.next_epoch()
+        snaps.append(snapshot(pruner))
+    return {"snaps": snaps, "history": pruner.history, "relabeled": pruner.relabeled.cpu(),
+            "margin_count": pruner._state.margin_count.cpu()}

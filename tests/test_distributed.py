@@ -44,9 +44,9 @@ def _ok(results):
     return results
 
 
-def _single(epochs=5, state=None, stop_after=None):
+def _single(epochs=5, state=None, stop_after=None, clip="table", relabel=False):
     """The same training in one process, without a process group."""
-    pruner = W.make_pruner(epochs=epochs, process_group=False)
+    pruner = W.make_pruner(epochs=epochs, process_group=False, clip=clip, noise_relabel=relabel)
     if state is not None:
         pruner.load_state_dict(state)
     snaps = [W.snapshot(pruner)]
@@ -82,6 +82,99 @@ def test_shard_rule_pads_from_the_start_and_covers(n, world):
         assert torch.equal(shards[r], padded[r::world])
     if n % world == 0:
         assert union.numel() == len(set(union.tolist())), "no padding: the shards are disjoint"
+
+
+def test_float_keys_order_like_the_floats_and_invert_bit_for_bit():
+    x = torch.tensor([float("-inf"), -3.0e38, -2.0, -1.0, -1e-40, -0.0, 0.0, 1e-40, 1.0, 2.0, 3.0e38, float("inf")])
+    keys = D.float_key(x)
+    assert (keys[1:] > keys[:-1]).all()
+    assert torch.equal(D.key_float(keys).view(torch.int32), x.view(torch.int32))
+    assert (keys > -(1 << 31)).all(), "every float beats what an untouching rank sends"
+    nan = torch.tensor([float("nan")])
+    assert torch.isnan(D.key_float(D.float_key(nan))).all()
+
+
+class _ThreadGroup:
+    """``world`` threads in one process, each with its own buffers: ``all_max`` as a process group does it."""
+
+    def __init__(self, world):
+        import threading
+
+        self.world_size, self.bufs = world, [None] * world
+        self.barrier = threading.Barrier(world)
+
+    def member(self, rank):
+        group = self
+
+        class Member:
+            def all_max(self, values):
+                group.bufs[rank] = values
+                group.barrier.wait()
+                if rank == 0:
+                    top = torch.stack(group.bufs).amax(0)
+                    for b in group.bufs:
+                        b.copy_(top)
+                group.barrier.wait()
+                return values
+
+        return Member()
+
+
+@pytest.mark.parametrize("num_classes,class_cols,words", [(7, 3, 1), (1000, 3, 1), (1024, 3, 2), (70000, 2, 2)])
+def test_merge_takes_the_touching_ranks_values(num_classes, class_cols, words):
+    """Floats and visits from the rank that touched a sample (the larger where both did), counters advanced
+    by the merged visits' increase, class columns through their packed words; untouched samples unchanged."""
+    import threading
+
+    n, group = 9, _ThreadGroup(2)
+    g = torch.Generator().manual_seed(0)
+    base_f = torch.randn(2, n, generator=g)
+    base_v = torch.randint(0, 5, (n,), generator=g, dtype=torch.int32)
+    base_c = torch.randint(-1, num_classes, (class_cols, n), generator=g, dtype=torch.int32)
+    offset = torch.randint(0, 3, (n,), generator=g, dtype=torch.int32)
+    touched = [torch.tensor([1, 1, 0, 0, 1, 0, 0, 0, 1], dtype=torch.bool),
+               torch.tensor([0, 0, 1, 1, 1, 0, 0, 0, 0], dtype=torch.bool)]
+    steps = [torch.tensor([1, 2, 0, 0, 1, 0, 0, 0, 3]), torch.tensor([0, 0, 1, 1, 2, 0, 0, 0, 0])]
+    states, sent = [], [0, 0]
+    for r in range(2):
+        f = base_f.clone()
+        f[:, touched[r]] = torch.randn(2, int(touched[r].sum()), generator=g) * 1e3
+        v = (base_v + steps[r]).to(torch.int32)
+        cnt = (v - offset).to(torch.int32)
+        cls = base_c.clone()
+        cls[:, touched[r]] = torch.randint(0, num_classes, (class_cols, int(touched[r].sum())), generator=g,
+                                           dtype=torch.int32)
+        states.append((f, v, cnt, cls))
+    before = [tuple(t.clone() for t in st) for st in states]
+
+    def rank(r):
+        f, v, cnt, cls = states[r]
+        sent[r] = D.merge(list(f), v, [cnt], list(cls), num_classes, touched[r], group.member(r))
+
+    threads = [threading.Thread(target=rank, args=(r,)) for r in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sent == [4 * (2 + 1 + words) * n] * 2 == [4 * D.merge_words(2, num_classes, class_cols) * n] * 2
+    for r in range(2):
+        for other in range(2):  # every rank ends with the same state
+            for a, b in zip(states[r], states[other]):
+                assert torch.equal(a.view(torch.int32) if a.is_floating_point() else a,
+                                   b.view(torch.int32) if b.is_floating_point() else b)
+    f, v, cnt, cls = states[0]
+    for i in range(n):
+        by = [r for r in range(2) if touched[r][i]]
+        if not by:
+            assert torch.equal(f[:, i], base_f[:, i]) and v[i] == base_v[i] and torch.equal(cls[:, i], base_c[:, i])
+            assert cnt[i] == base_v[i] - offset[i]
+            continue
+        want_v = max(int(before[r][1][i]) for r in by)
+        assert v[i] == want_v and cnt[i] == want_v - offset[i]
+        for k in range(2):
+            assert f[k, i] == max(float(before[r][0][k, i]) for r in by)
+        if len(by) == 1:
+            assert torch.equal(cls[:, i], before[by[0]][3][:, i])
 
 
 class _StubPruner:
@@ -123,10 +216,10 @@ def test_process_group_given_without_torch_distributed_is_an_error():
 
 # ------------------------------------------------------------------ 2 and 3 ranks
 
-@pytest.mark.parametrize("world", [2, 3])
-def test_ranks_agree_and_equal_a_single_process_run(world):
-    results = _ok(W.launch(W.run_epochs, world))
-    single = _single()
+@pytest.mark.parametrize("world,clip", [(2, "table"), (3, "table"), (3, "batch"), (2, "none")])
+def test_ranks_agree_and_equal_a_single_process_run(world, clip):
+    results = _ok(W.launch(W.run_epochs, world, 5, None, None, None, clip))
+    single = _single(clip=clip)
     for r, res in enumerate(results):
         assert res["world"] == world
         _assert_same_snapshots(res["snaps"], single)  # same global state as one process, on every rank
@@ -148,12 +241,30 @@ def test_ranks_agree_and_equal_a_single_process_run(world):
             assert torch.cat(shards).numel() == sel.numel(), "disjoint shards"
     pruned = [h for h in results[0]["history"] if h["policy"] == "infobatch"]
     assert pruned and all(h["kept"] < W.N for h in pruned), "the run pruned"
-    # bytes: one float32 row each for scores, visits, consistency, margin sum, margin count and the touched
-    # count; one int32 row each for the model's prediction and the label; the header
+    # bytes, one int32 word a sample each: scores, the margin sum, visits, one word of classes (prediction
+    # and label; with per-batch embeddings CLIP's class too, 3 bits each for 7 classes); the consistency
+    # with CLIP, CLIP's margin with per-batch embeddings; rank 0's beliefs in an epoch that decides; the header
     sync = results[0]["last_sync"]
+    words = {"none": 4, "table": 5, "batch": 6}[clip]
     assert sync["header_bytes"] == 8 * (6 + world)
-    assert sync["bytes"] == 8 * 4 * W.N + sync["header_bytes"]
+    assert sync["decision_bytes"] == 4 * W.N
+    assert sync["bytes"] == 4 * words * W.N + sync["decision_bytes"] + sync["header_bytes"]
     assert results[0]["history"][-1]["sync_bytes"] == sync["bytes"]
+
+
+def test_relabels_merge_like_a_single_process_run():
+    """Relabeled samples restart their evidence: the merged margin count follows the merged visits from the
+    restart on every rank."""
+    results = _ok(W.launch(W.relabel_epochs, 3))
+    single = W.relabel_epochs(0, 1, True)
+    _, wrong, true, _, _ = W.relabel_data()
+    relabeled = single["relabeled"] >= 0
+    assert relabeled.any() and (single["relabeled"][relabeled] == true[relabeled]).all()
+    assert (single["margin_count"][relabeled] < single["snaps"][-1]["visits"][relabeled]).all(), "restarted"
+    for res in results:
+        _assert_same_snapshots(res["snaps"], single["snaps"])
+        assert torch.equal(res["relabeled"], single["relabeled"])
+        assert torch.equal(res["margin_count"], single["margin_count"])
 
 
 def test_resume_with_other_world_sizes(tmp_path):
@@ -214,9 +325,9 @@ def _warn_without_sync(rank, world):
     return any("call pruner.sync() on every rank first" in str(w.message) for w in caught) and not after
 
 
-def test_merge_without_embeddings_sends_seven_rows():
+def test_merge_without_embeddings_sends_sixteen_bytes_a_sample():
     for sent in _ok(W.launch(W.sync_bytes_without_embeddings, 2)):
-        assert sent == 7 * 4 * W.N + 8 * (6 + 2)
+        assert sent == 4 * 4 * W.N + 8 * (6 + 2)
 
 
 # ------------------------------------------------------------------ failures

@@ -266,7 +266,7 @@ def test_each_action_reaches_the_selection_and_the_step(reference_path, monkeypa
         belief=torch.tensor([0.0, 0.7, 0.95, 0.8] + [0.0] * 8),
         action=torch.tensor([fpn.KEEP, fpn.DOWNWEIGHT, fpn.EXCLUDE, fpn.RELABEL] + [fpn.KEEP] * 8, dtype=torch.int8),
         new_label=torch.tensor([-1, -1, -1, 2] + [-1] * 8, dtype=torch.int32))
-    monkeypatch.setattr(fpn, "decide", lambda *a, **k: decision)
+    monkeypatch.setattr(fpn, "act", lambda *a, **k: decision)
     pruner = fp.DynamicPruner(n, c, epochs=4, policy="full", noise_ratio=0.5, noise_start=1, device="cpu")
     labels = torch.zeros(n, dtype=torch.int64)
     pruner.step(torch.zeros(n, c), labels, torch.arange(n))
@@ -316,14 +316,14 @@ def test_noise_ratio_caps_the_decisions(reference_path, monkeypatch):
     pruner = fp.DynamicPruner(n, c, epochs=10, noise_ratio=0.02, noise_start=2, image_emb=image, text_emb=text,
                               warmup=1, device="cpu")
     decisions = []
-    decide = fpn.decide
+    act = fpn.act
 
     def keep_raw(*a, **k):  # the decisions' own beliefs, also of the samples the cap leaves alone
         k_uncapped = dict(k, max_fraction=1.0)
-        decisions.append((decide(*a, **k), decide(*a, **k_uncapped)))
+        decisions.append((act(*a, **k), act(*a, **k_uncapped)))
         return decisions[-1][0]
 
-    monkeypatch.setattr(fpn, "decide", keep_raw)
+    monkeypatch.setattr(fpn, "act", keep_raw)
     train_planted(pruner, true, given, strength, 2, c)
     flagged = pruner.suspected_noisy()
     assert flagged.numel() == int(0.02 * n)
