@@ -20,7 +20,12 @@ Nothing is flagged where the evidence is weak: a class whose evidence has no sep
 (Ashman's D <= 2, or a lower mean >= 0) gives beliefs of zero, and a suspect must also lie three standard
 deviations below the class's upper (clean) component.  ``max_fraction`` caps the suspected count (the most
 suspected first).
-Every step is a device tensor operation over N; no host synchronisation.
+
+Each class's mixture is fitted to a histogram of its evidence (``BINS`` bins over the class's range): a
+few O(N) passes whose results (a minimum, a maximum, integer counts) no device's order of addition changes,
+then the EM on C x ``BINS`` numbers, then each sample's belief at its exact value.  Ranks share the fitted
+mixtures (O(C) numbers), not per-sample beliefs.  Every step is a device tensor operation; no host
+synchronisation.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ KEEP, DOWNWEIGHT, EXCLUDE, RELABEL = 0, 1, 2, 3
 ACTION_NAMES = {KEEP: "keep", DOWNWEIGHT: "down-weight", EXCLUDE: "exclude", RELABEL: "relabel"}
 EVIDENCE = ("auto", "model", "clip", "both")
 EM_ITERATIONS = 40
+BINS = 256  # per class: the mixture is fitted to a histogram of the class's evidence
 MIN_PER_CLASS = 8  # fewer samples with evidence in a class: no mixture, no suspicion
 SEPARATION = 2.0  # Ashman's D above which two Gaussian components form two modes
 OUTLIER_SD = 3.0  # a suspect lies this many of the upper component's standard deviations below its mean
@@ -53,59 +59,93 @@ class NoiseDecision:
         return torch.bincount(self.action.to(torch.int64), minlength=4)
 
 
-def _per_class_sum(values: torch.Tensor, cls: torch.Tensor, num_classes: int) -> torch.Tensor:
-    return torch.zeros(num_classes, dtype=values.dtype, device=values.device).index_add_(0, cls, values)
-
-
 def _log_normal(x, mu, var):
     return -0.5 * ((x - mu) ** 2 / var + torch.log(2 * math.pi * var))
 
 
-def mixture_belief(x: torch.Tensor, cls: torch.Tensor, valid: torch.Tensor, num_classes: int,
-                   iterations: int = EM_ITERATIONS) -> torch.Tensor:
-    """Per-class two-component Gaussian mixture on ``x``: posterior of the lower component, and 0 where
-    ``x >= 0`` (no preference for another class), where ``valid`` is false, in classes with fewer than
-    ``MIN_PER_CLASS`` valid samples or without a separate negative mode, and above ``OUTLIER_SD`` standard
-    deviations under the upper component's mean.  Float64 sums, so the result does not depend on N's size."""
-    xv = torch.where(valid, x, 0.0).to(torch.float64)
+def class_histograms(x: torch.Tensor, cls: torch.Tensor, valid: torch.Tensor, num_classes: int,
+                     bins: int = BINS) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per class, ``bins`` equal-width bins between the class's smallest and largest valid value: the counts
+    (int64, C x bins), the bin centres (float64, C x bins) and each class's valid count.  Two reductions that
+    any order gives exactly (minimum, maximum) and integer counts: the same on every rank."""
+    dev = x.device
     c = torch.where(valid, cls.to(torch.int64), 0)
-    w = valid.to(torch.float64)
-    n = _per_class_sum(w, c, num_classes)
-    n1 = n.clamp_min(1.0)
-    mean = _per_class_sum(xv * w, c, num_classes) / n1
-    var = _per_class_sum((xv - mean[c]) ** 2 * w, c, num_classes) / n1
+    xv = torch.where(valid, x, 0.0).to(torch.float64)
+    inf = torch.full((num_classes,), float("inf"), dtype=torch.float64, device=dev)
+    lo = inf.scatter_reduce(0, c, torch.where(valid, xv, float("inf")), "amin")
+    hi = (-inf).scatter_reduce(0, c, torch.where(valid, xv, float("-inf")), "amax")
+    width = torch.where(hi > lo, (hi - lo) / bins, 1.0)
+    lo = torch.where(torch.isfinite(lo), lo, 0.0)
+    b = ((xv - lo[c]) / width[c]).floor().clamp_(0, bins - 1).to(torch.int64)
+    slot = torch.where(valid, c * bins + b, num_classes * bins)  # invalid samples: one spare bin
+    counts = torch.bincount(slot, minlength=num_classes * bins + 1)[:-1].view(num_classes, bins)
+    centres = lo[:, None] + (torch.arange(bins, dtype=torch.float64, device=dev) + 0.5) * width[:, None]
+    return counts, centres, counts.sum(1)
+
+
+def fit_mixtures(x: torch.Tensor, cls: torch.Tensor, valid: torch.Tensor, num_classes: int,
+                 iterations: int = EM_ITERATIONS) -> torch.Tensor:
+    """Per class, a two-component Gaussian mixture fitted to the histogram of ``x[valid]``
+    (``class_histograms``: ``BINS`` bins span the class's range, a small fraction of a component's spread):
+    float64 rows ``MIXTURE_ROWS`` x C.  O(N) work in a few passes whatever the iterations; ``usable`` is 1
+    where the class has ``MIN_PER_CLASS`` samples and a separate negative mode (bimodal: components apart by
+    more than ``SEPARATION``, Ashman's D, and the lower one below zero), else 0: nothing is suspected there."""
+    counts, centres, n = class_histograms(x, cls, valid, num_classes)
+    w = counts.to(torch.float64)
+    n1 = n.to(torch.float64).clamp_min(1.0)
+    mean = (w * centres).sum(1) / n1
+    var = (w * (centres - mean[:, None]) ** 2).sum(1) / n1
     floor = 1e-4 * var.clamp_min(1e-12) + 1e-8
     sd = var.sqrt()
     mu_lo, mu_hi = mean - sd, mean + sd
     var_lo = var_hi = var + floor
     pi_lo = torch.full_like(mean, 0.5)
-
-    def responsibility():  # of the lower component
-        a = torch.log(pi_lo.clamp_min(1e-12))[c] + _log_normal(xv, mu_lo[c], var_lo[c])
-        b = torch.log((1 - pi_lo).clamp_min(1e-12))[c] + _log_normal(xv, mu_hi[c], var_hi[c])
-        return torch.sigmoid(a - b) * w
-
     for _ in range(iterations):
-        r = responsibility()
-        n_lo = _per_class_sum(r, c, num_classes)
-        n_hi = n - n_lo
-        mu_lo = _per_class_sum(r * xv, c, num_classes) / n_lo.clamp_min(1e-12)
-        mu_hi = _per_class_sum((w - r) * xv, c, num_classes) / n_hi.clamp_min(1e-12)
-        var_lo = _per_class_sum(r * (xv - mu_lo[c]) ** 2, c, num_classes) / n_lo.clamp_min(1e-12) + floor
-        var_hi = _per_class_sum((w - r) * (xv - mu_hi[c]) ** 2, c, num_classes) / n_hi.clamp_min(1e-12) + floor
+        r = _lower_posterior(centres, mu_lo[:, None], mu_hi[:, None], var_lo[:, None], var_hi[:, None],
+                             pi_lo[:, None]) * w
+        n_lo = r.sum(1)
+        n_hi = n1 - n_lo
+        mu_lo = (r * centres).sum(1) / n_lo.clamp_min(1e-12)
+        mu_hi = ((w - r) * centres).sum(1) / n_hi.clamp_min(1e-12)
+        var_lo = (r * (centres - mu_lo[:, None]) ** 2).sum(1) / n_lo.clamp_min(1e-12) + floor
+        var_hi = ((w - r) * (centres - mu_hi[:, None]) ** 2).sum(1) / n_hi.clamp_min(1e-12) + floor
         pi_lo = n_lo / n1
         swap = mu_lo > mu_hi  # keep "lower" the lower one
         mu_lo, mu_hi = torch.where(swap, mu_hi, mu_lo), torch.where(swap, mu_lo, mu_hi)
         var_lo, var_hi = torch.where(swap, var_hi, var_lo), torch.where(swap, var_lo, var_hi)
         pi_lo = torch.where(swap, 1 - pi_lo, pi_lo)
-    r = responsibility()  # from the final, ordered components
-    # A class has a mode of wrong labels only if its mixture is bimodal: components apart by more than
-    # SEPARATION (Ashman's D) and the lower one on the wrong side of zero.  Otherwise nothing is suspected.
     separation = math.sqrt(2.0) * (mu_hi - mu_lo) / (var_lo + var_hi).sqrt()
-    bimodal = (separation > SEPARATION) & (mu_lo < 0)
-    enough = ((n >= MIN_PER_CLASS) & bimodal)[c]
-    outlier = xv < (mu_hi - OUTLIER_SD * var_hi.sqrt())[c]  # far below what the class's clean samples show
-    return torch.where(valid & enough & (x < 0) & outlier, r.to(torch.float32), 0.0)
+    usable = (n >= MIN_PER_CLASS) & (separation > SEPARATION) & (mu_lo < 0)
+    return torch.stack([mu_lo, mu_hi, var_lo, var_hi, pi_lo, usable.to(torch.float64)])
+
+
+MIXTURE_ROWS = 6  # fit_mixtures' rows: mu_lo, mu_hi, var_lo, var_hi, pi_lo, usable
+
+
+def _lower_posterior(v, mu_lo, mu_hi, var_lo, var_hi, pi_lo):
+    a = torch.log(pi_lo.clamp_min(1e-12)) + _log_normal(v, mu_lo, var_lo)
+    b = torch.log((1 - pi_lo).clamp_min(1e-12)) + _log_normal(v, mu_hi, var_hi)
+    return torch.sigmoid(a - b)
+
+
+def mixture_posterior(x: torch.Tensor, cls: torch.Tensor, valid: torch.Tensor, mixtures: torch.Tensor) -> torch.Tensor:
+    """Each sample's belief from its class's mixture (``fit_mixtures``), at its exact value: the posterior of
+    the lower component, and 0 where ``x >= 0`` (no preference for another class), where ``valid`` is false,
+    in unusable classes, and above ``OUTLIER_SD`` standard deviations under the upper component's mean.
+    Elementwise: the same on every rank given the same mixtures."""
+    c = torch.where(valid, cls.to(torch.int64), 0)
+    xv = torch.where(valid, x, 0.0).to(torch.float64)
+    mu_lo, mu_hi, var_lo, var_hi, pi_lo, usable = (row[c] for row in mixtures)
+    outlier = xv < mu_hi - OUTLIER_SD * var_hi.sqrt()  # far below what the class's clean samples show
+    r = _lower_posterior(xv, mu_lo, mu_hi, var_lo, var_hi, pi_lo)
+    return torch.where(valid & (usable > 0) & (x < 0) & outlier, r.to(torch.float32), 0.0)
+
+
+def mixture_belief(x: torch.Tensor, cls: torch.Tensor, valid: torch.Tensor, num_classes: int,
+                   iterations: int = EM_ITERATIONS) -> torch.Tensor:
+    """``mixture_posterior`` of ``fit_mixtures``: per sample, the belief that ``x`` comes from its class's
+    negative mode of wrong labels."""
+    return mixture_posterior(x, cls, valid, fit_mixtures(x, cls, valid, num_classes, iterations))
 
 
 def _seen(label: torch.Tensor, settled: torch.Tensor | None) -> torch.Tensor:
@@ -114,19 +154,26 @@ def _seen(label: torch.Tensor, settled: torch.Tensor | None) -> torch.Tensor:
 
 
 def beliefs(label: torch.Tensor, model_margin: torch.Tensor | None, clip_margin: torch.Tensor | None,
-            num_classes: int, settled: torch.Tensor | None = None) -> torch.Tensor:
+            num_classes: int, settled: torch.Tensor | None = None, share=None) -> torch.Tensor:
     """Per sample, the belief that its label is wrong from the evidence given (None: not used): each
     source's per-class mixture belief, and with both the smaller (every source must point away).
 
-    The only part of a decision whose per-class sums may differ in their last bits between devices that
-    sum in different orders (atomics); ``act`` is elementwise and exact, so ranks share only this.
+    ``share`` (optional) maps the stacked mixtures (sources x ``MIXTURE_ROWS`` x C, float64) to the ones to
+    use: ranks take rank 0's, so that every rank decides alike from O(C) numbers; the rest is elementwise.
     """
-    seen, belief = _seen(label, settled), None
-    for margin in (model_margin, clip_margin):
-        if margin is not None:
-            b = mixture_belief(margin, label, seen & torch.isfinite(margin), num_classes)
-            belief = b if belief is None else torch.minimum(belief, b)
-    return belief if belief is not None else torch.zeros(label.numel(), dtype=torch.float32, device=label.device)
+    seen = _seen(label, settled)
+    sources = [m for m in (model_margin, clip_margin) if m is not None]
+    if not sources:
+        return torch.zeros(label.numel(), dtype=torch.float32, device=label.device)
+    valid = [seen & torch.isfinite(m) for m in sources]
+    fits = torch.stack([fit_mixtures(m, label, v, num_classes) for m, v in zip(sources, valid)])
+    if share is not None:
+        fits = share(fits)
+    belief = None
+    for m, v, fit in zip(sources, valid, fits):
+        b = mixture_posterior(m, label, v, fit)
+        belief = b if belief is None else torch.minimum(belief, b)
+    return belief
 
 
 def act(belief: torch.Tensor, label: torch.Tensor, model_margin: torch.Tensor | None,

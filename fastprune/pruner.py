@@ -462,16 +462,17 @@ class DynamicPruner:
         model_margin = ev.model_margin() if use_model else None
         clip_margin = ev.clip_margin if use_clip else None
         settled = self._relabel >= 0 if self._any_relabel else None
-        belief = _noise.beliefs(ev.label, model_margin, clip_margin, self.num_classes, settled)
-        if self._group is not None:  # per-class sums use atomics on a GPU: every rank takes rank 0's beliefs
-            belief = self._from_rank0(belief)
+        belief = _noise.beliefs(ev.label, model_margin, clip_margin, self.num_classes, settled,
+                                share=self._from_rank0 if self._group is not None else None)
         return _noise.act(belief, ev.label, model_margin, ev.pred if use_model else None, clip_margin,
                           ev.clip_pred if use_clip else None, max_fraction=self.noise_ratio,
                           relabel=self.noise_relabel, settled=settled)
 
-    def _from_rank0(self, belief: torch.Tensor) -> torch.Tensor:
-        """Rank 0's beliefs on every rank (counted in ``last_sync``); the actions follow exactly from them."""
-        buf = belief.clone() if self.rank == 0 else torch.full_like(belief, float("-inf"))
+    def _from_rank0(self, mixtures: torch.Tensor) -> torch.Tensor:
+        """Rank 0's per-class mixtures on every rank (O(C) bytes, counted in ``last_sync``): fitted the same
+        way on every rank of one kind of device, but sums may differ in their last bits between kinds; every
+        belief and action then follows elementwise from them."""
+        buf = mixtures.clone() if self.rank == 0 else torch.full_like(mixtures, float("-inf"))
         self._group.all_max(buf)
         self.last_sync["bytes"] += buf.numel() * buf.element_size()
         self.last_sync["decision_bytes"] = buf.numel() * buf.element_size()

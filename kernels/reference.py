@@ -49,7 +49,10 @@ def philox(k0: int, k1: int, c0, c1, c2, c3) -> tuple[torch.Tensor, ...]:
     return c0, c1, c2, c3
 
 
-_WORDS_CHUNK = 1 << 22  # samples per Philox pass: bounds its int64 temporaries (~30 live words each)
+# Samples per Philox pass: bounds its int64 temporaries (~30 live words each).  On the CPU a pass that fits
+# in the core's cache is ~5x faster than one that streams through memory (10M words: 1.2 s instead of 7 s).
+_WORDS_CHUNK = {"cpu": 1 << 14}
+_WORDS_CHUNK_DEVICE = 1 << 22
 
 
 def random_words(seed: int, n: int, epoch: int, stream: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -57,8 +60,9 @@ def random_words(seed: int, n: int, epoch: int, stream: int, device) -> tuple[to
     k0, k1 = K.seed_keys(seed)
     r0 = torch.empty(n, dtype=torch.int64, device=device)
     r1 = torch.empty(n, dtype=torch.int64, device=device)
-    for lo in range(0, n, _WORDS_CHUNK):
-        i = torch.arange(lo, min(n, lo + _WORDS_CHUNK), dtype=torch.int64, device=device)
+    chunk = _WORDS_CHUNK.get(r0.device.type, _WORDS_CHUNK_DEVICE)
+    for lo in range(0, n, chunk):
+        i = torch.arange(lo, min(n, lo + chunk), dtype=torch.int64, device=device)
         w0, w1, _, _ = philox(k0, k1, i & _U32, i >> 32, epoch & _U32, stream)
         r0[lo:lo + i.numel()] = w0
         r1[lo:lo + i.numel()] = w1

@@ -243,11 +243,12 @@ def test_ranks_agree_and_equal_a_single_process_run(world, clip):
     assert pruned and all(h["kept"] < W.N for h in pruned), "the run pruned"
     # bytes, one int32 word a sample each: scores, the margin sum, visits, one word of classes (prediction
     # and label; with per-batch embeddings CLIP's class too, 3 bits each for 7 classes); the consistency
-    # with CLIP, CLIP's margin with per-batch embeddings; rank 0's beliefs in an epoch that decides; the header
+    # with CLIP, CLIP's margin with per-batch embeddings; in an epoch that decides, rank 0's per-class
+    # mixtures (6 float64 a class for each source of evidence); the header
     sync = results[0]["last_sync"]
     words = {"none": 4, "table": 5, "batch": 6}[clip]
     assert sync["header_bytes"] == 8 * (6 + world)
-    assert sync["decision_bytes"] == 4 * W.N
+    assert sync["decision_bytes"] == 8 * 6 * W.C * (1 if clip == "none" else 2)
     assert sync["bytes"] == 4 * words * W.N + sync["decision_bytes"] + sync["header_bytes"]
     assert results[0]["history"][-1]["sync_bytes"] == sync["bytes"]
 

@@ -242,6 +242,37 @@ def test_relabeled_samples_stay_out_of_their_new_class_mixture():
     assert (d.belief[settled] == 0).all()
 
 
+def test_mixtures_are_fitted_from_class_histograms():
+    """The fit recovers each class's components (within a bin of the class's range), ignores invalid samples,
+    and depends on the samples only through exact per-class counts: any order gives the same bits."""
+    g = torch.Generator().manual_seed(3)
+    parts, labels = [], []
+    for k, (lo, hi) in enumerate(((-4.0, 3.0), (-2.0, 6.0), (-6.0, 1.0))):
+        parts += [lo + 0.5 * torch.randn(300, generator=g), hi + 0.7 * torch.randn(1200, generator=g)]
+        labels += [torch.full((1500,), k)]
+    x = torch.cat(parts).float()
+    cls = torch.cat(labels)
+    valid = torch.rand(x.numel(), generator=g) < 0.95
+    x = torch.where(valid, x, torch.tensor(float("nan")))  # invalid samples hold anything
+    fit = fpn.fit_mixtures(x, cls, valid, 4)
+    assert fit.shape == (fpn.MIXTURE_ROWS, 4) and fit.dtype == torch.float64
+    mu_lo, mu_hi, var_lo, var_hi, pi_lo, usable = fit
+    for k, (lo, hi) in enumerate(((-4.0, 3.0), (-2.0, 6.0), (-6.0, 1.0))):
+        bin_width = float(x[valid & (cls == k)].max() - x[valid & (cls == k)].min()) / fpn.BINS
+        assert abs(mu_lo[k] - lo) < 0.1 + bin_width and abs(mu_hi[k] - hi) < 0.1 + bin_width
+        assert abs(var_lo[k].sqrt() - 0.5) < 0.1 and abs(var_hi[k].sqrt() - 0.7) < 0.1
+        assert abs(pi_lo[k] - 0.2) < 0.03 and usable[k] == 1
+    assert usable[3] == 0  # no samples
+    perm = torch.randperm(x.numel(), generator=g)
+    again = fpn.fit_mixtures(x[perm], cls[perm], valid[perm], 4)
+    assert torch.equal(again, fit)
+    belief = fpn.mixture_posterior(x, cls, valid, fit)
+    assert torch.equal(fpn.mixture_posterior(x[perm], cls[perm], valid[perm], again), belief[perm])
+    assert (belief[~valid] == 0).all() and (belief[valid & (x >= 0)] == 0).all()
+    low = valid & (x < -3.0) & (cls == 0)
+    assert (belief[low] > 0.9).all()
+
+
 def test_noise_decisions_from_the_model_alone_never_relabel(reference_path):
     n, c = 2000, 10
     g, text, true, noisy, given, image, strength = planted_noise(n, c, seed=1)

@@ -111,7 +111,7 @@ def test_select_hypothesis(n, keep, policy, noise, seed, epoch):
 
 def test_random_words_do_not_depend_on_the_chunking(monkeypatch):
     whole = R.random_words(12345, 50, 3, K.STREAM_SHUFFLE, "cpu")
-    monkeypatch.setattr(R, "_WORDS_CHUNK", 7)  # 50 = 7 * 7 + 1: a masked tail
+    monkeypatch.setattr(R, "_WORDS_CHUNK", {"cpu": 7})  # 50 = 7 * 7 + 1: a masked tail
     chunked = R.random_words(12345, 50, 3, K.STREAM_SHUFFLE, "cpu")
     assert all(torch.equal(a, b) for a, b in zip(whole, chunked))
     assert whole[0].unique().numel() > 45  # words, not a constant
