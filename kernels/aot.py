@@ -113,11 +113,9 @@ def select_specs() -> list[Spec]:
         specs.append(Spec("priority_kernel", sig, {"USE_CONS": use_cons, "BLOCK": BLOCK}, 4,
                           f"priority[use_consistency={use_cons}]", aligned=tuple(k for k in sig if k.endswith("_ptr"))))
     for policy in (0, 1, 2):
-        sig = {"cls_ptr": "*i8", "prio_ptr": "*fp32", "rank_ptr": "*i64", "budget_ptr": "*i64", "mean_ptr": "*fp32",
+        sig = {"cls_ptr": "*i8", "prio_ptr": "*fp32", "chosen_ptr": "*i8", "mean_ptr": "*fp32",
                "drop_ptr": "*fp32", "upw_ptr": "*fp32", "keep_ptr": "*i8", "w_ptr": "*fp32", "key_ptr": "*i64",
                "N": "i32", "k0": "i32", "k1": "i32", "epoch": "i32", "POLICY": "constexpr", "BLOCK": "constexpr"}
-        if policy != 2:
-            sig["rank_ptr"] = "*i8"  # the launcher passes cls as a placeholder
         specs.append(Spec("finalize_kernel", sig, {"POLICY": policy, "BLOCK": BLOCK}, 4, f"finalize[policy={policy}]",
                           aligned=tuple(k for k in sig if k.endswith("_ptr"))))
     return specs

@@ -253,22 +253,59 @@ class Selection:
     drop_prob: torch.Tensor  # 0-d float32: infobatch drop probability (0 for other policies)
 
 
+_SELECT_CHUNK = {"cpu": 1 << 16}  # samples per pass of the radix selection: the CPU's elementwise work in cache
+_SELECT_CHUNK_DEVICE = 1 << 26  # elsewhere: bounds the temporaries (a few bytes a sample)
+
+
+def order_keys(values: torch.Tensor, descending: bool = False) -> torch.Tensor:
+    """int64 keys in [0, 2**32) whose ascending order is ``values``' order (descending with ``descending``):
+    float32 bits made monotonic (-0.0 counts as 0.0, as in a sort), or uint32 words held in int64."""
+    if values.is_floating_point():
+        b = (values.to(torch.float32) + 0.0).view(torch.int32).to(torch.int64)
+        key = torch.where(b < 0, b ^ 0x7FFFFFFF, b) + (1 << 31)
+    else:
+        key = values.to(torch.int64)
+    return (_U32 - key) if descending else key
+
+
+def smallest(values: torch.Tensor, mask: torch.Tensor, k, descending: bool = False) -> torch.Tensor:
+    """The ``k`` (int or 0-d tensor) first of ``values[mask]`` in ascending order (descending with
+    ``descending``), ties broken by index: the same set as the first ``k`` of a stable sort, found without
+    sorting.  Radix selection: four passes over N, each an 8-bit histogram of the keys still in question
+    (exact integer counts, the same on every device), then a scan over the ties.  Returns a bool mask."""
+    n, dev = values.numel(), values.device
+    chunk = _SELECT_CHUNK.get(dev.type, _SELECT_CHUNK_DEVICE)
+    chosen = torch.zeros(n, dtype=torch.bool, device=dev)
+    cand = mask.clone()
+    remaining = torch.as_tensor(k, dtype=torch.int64, device=dev).clamp(0).minimum(mask.sum())
+    for shift in (24, 16, 8, 0):
+        hist = torch.zeros(257, dtype=torch.int64, device=dev)
+        for lo in range(0, n, chunk):
+            digit = (order_keys(values[lo:lo + chunk], descending) >> shift) & 255
+            hist += torch.bincount(torch.where(cand[lo:lo + chunk], digit, 256), minlength=257)
+        cum = hist[:256].cumsum(0)
+        pick = (cum < remaining).sum()  # the bin that holds the k-th key
+        remaining = remaining - torch.where(pick > 0, cum[(pick - 1).clamp_min(0)], 0)
+        for lo in range(0, n, chunk):
+            digit = (order_keys(values[lo:lo + chunk], descending) >> shift) & 255
+            c = cand[lo:lo + chunk]
+            chosen[lo:lo + chunk] |= c & (digit < pick)
+            c &= digit == pick
+    taken = torch.zeros((), dtype=torch.int64, device=dev)  # ties (equal to the k-th key): lowest indices first
+    for lo in range(0, n, chunk):
+        c = cand[lo:lo + chunk]
+        order = torch.cumsum(c, 0) + taken
+        chosen[lo:lo + chunk] |= c & (order <= remaining)
+        taken = order[-1] if order.numel() else taken
+    return chosen
+
+
 def masked_median(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Lower median of ``values[mask]`` as a 0-d tensor, without a host sync (NaN if empty)."""
-    return torch.where(mask, values, torch.full_like(values, float("nan"))).nanmedian()
-
-
-def rank_among(values: torch.Tensor, mask: torch.Tensor, descending: bool) -> torch.Tensor:
-    """Rank (0 = first) of each masked element by value, ties by index; unmasked get N."""
-    n = values.numel()
-    fill = float("-inf") if descending else float("inf")
-    if not values.is_floating_point():
-        fill = torch.iinfo(values.dtype).min if descending else torch.iinfo(values.dtype).max
-    v = torch.where(mask, values, torch.full_like(values, fill))
-    order = torch.sort(v, descending=descending, stable=True).indices
-    rank = torch.empty_like(order)
-    rank[order] = torch.arange(n, device=values.device)
-    return torch.where(mask, rank, torch.full_like(rank, n))
+    count = mask.sum()
+    below = smallest(values, mask, (count - 1) // 2 + 1)
+    top = torch.where(below, values, torch.full_like(values, float("-inf"))).max()
+    return torch.where(count > 0, top, torch.full_like(top, float("nan")))
 
 
 def fraction_of(count: torch.Tensor, ratio: float) -> torch.Tensor:
@@ -288,8 +325,7 @@ def noise_mask(scores, consistency, seen, noise_ratio: float) -> torch.Tensor:
     """The floor(noise_ratio * n_seen) least consistent samples among those with above-median loss."""
     med = masked_median(scores, seen)
     high = seen & (scores > med)
-    k = fraction_of(seen.sum(), noise_ratio)
-    return high & (rank_among(consistency, high, descending=False) < k)
+    return smallest(consistency, high, fraction_of(seen.sum(), noise_ratio))
 
 
 def consistency_stats(consistency, mask) -> tuple[torch.Tensor, torch.Tensor]:
@@ -348,8 +384,8 @@ def shuffle_key(keep: torch.Tensor, r0: torch.Tensor, r1: torch.Tensor) -> torch
     return torch.where(keep, rnd, base, out=base)
 
 
-def finalize_reference(cls, prio, rank, stats: PolicyStats, policy: int, seed: int, epoch: int):
-    """Keep mask, weights and shuffle keys for every sample."""
+def finalize_reference(cls, prio, chosen, stats: PolicyStats, policy: int, seed: int, epoch: int):
+    """Keep mask, weights and shuffle keys for every sample (``chosen``: the ranked policies' choice)."""
     n = cls.numel()
     dev = cls.device
     active = cls != K.CLS_NOISY
@@ -362,7 +398,7 @@ def finalize_reference(cls, prio, rank, stats: PolicyStats, policy: int, seed: i
         keep = active & ~drop
         w = torch.where(low & keep, stats.up_weight.expand(n), ones)
     elif policy == K.POLICY_RANKED:
-        keep = (cls == K.CLS_UNSEEN) | ((cls == K.CLS_ELIGIBLE) & (rank < stats.budget))
+        keep = (cls == K.CLS_UNSEEN) | ((cls == K.CLS_ELIGIBLE) & chosen)
         w = ones
     else:
         raise ValueError(f"unknown policy code {policy}")
@@ -373,14 +409,15 @@ POLICY_CODES = {"full": K.POLICY_FULL, "infobatch": K.POLICY_INFOBATCH, "topk": 
                 "random": K.POLICY_RANKED}
 
 
-def selection_ranks(policy: str, cls, prio, seed: int, epoch: int):
-    """Rank among eligible samples for the ranked policies (None otherwise)."""
+def ranked_choice(policy: str, cls, prio, budget, seed: int, epoch: int):
+    """The eligible samples the ranked policies keep (None for the others): the ``budget`` of highest
+    priority (topk) or of smallest random word (random), ties by index."""
     elig = cls == K.CLS_ELIGIBLE
     if policy == "topk":
-        return rank_among(prio, elig, descending=True)
+        return smallest(prio, elig, budget, descending=True)
     if policy == "random":
         r0, _ = random_words(seed, cls.numel(), epoch, K.STREAM_RANDOM, cls.device)
-        return rank_among(r0, elig, descending=False)
+        return smallest(r0, elig, budget)
     return None
 
 
@@ -431,8 +468,8 @@ def select_reference(
     cls, prio = priority(scores, visits, consistency, blocked, mu, sd, semantic_weight, use_consistency)
     keep_count = int(round(keep_ratio * population))
     stats = policy_stats(cls, prio, keep_count, max_drop)
-    rank = selection_ranks(policy, cls, prio, seed, epoch)
-    keep, w, key = finalize(cls, prio, rank, stats, POLICY_CODES[policy], seed, epoch)
+    chosen = ranked_choice(policy, cls, prio, stats.budget, seed, epoch)
+    keep, w, key = finalize(cls, prio, chosen, stats, POLICY_CODES[policy], seed, epoch)
     order = torch.sort(key, stable=True).indices
     drop_prob = stats.drop_prob if policy == "infobatch" else torch.zeros((), device=scores.device)
     return Selection(order=order, n_keep=keep.sum(), keep=keep, weights=w, noisy=noisy, priority=prio,

@@ -2,8 +2,8 @@
 
 The per-sample work is two fused elementwise passes over the N scores
 (``priority_kernel``, ``finalize_kernel``).  The order statistics between
-them (median, ranks, the final shuffle) use ``torch.sort``-based helpers from
-``reference.py``.
+them come from ``reference.py``: the ranked policies' choice and the median by radix selection (no sort),
+the final shuffle by ``torch.sort`` of the keys ``finalize_kernel`` writes.
 
 What is the same on every device, from the same state:
 - exactly: every random draw (the counter-based Philox of ``reference.py``, bit
@@ -78,7 +78,7 @@ def priority_kernel(scores_ptr, visits_ptr, cons_ptr, noisy_ptr, mu_ptr, sd_ptr,
 
 
 @triton.jit(do_not_specialize=["N", "k0", "k1", "epoch"])
-def finalize_kernel(cls_ptr, prio_ptr, rank_ptr, budget_ptr, mean_ptr, drop_ptr, upw_ptr,
+def finalize_kernel(cls_ptr, prio_ptr, chosen_ptr, mean_ptr, drop_ptr, upw_ptr,
                     keep_ptr, w_ptr, key_ptr, N, k0, k1, epoch,
                     POLICY: tl.constexpr, BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -96,8 +96,8 @@ def finalize_kernel(cls_ptr, prio_ptr, rank_ptr, budget_ptr, mean_ptr, drop_ptr,
         keep = active & ~(low & (u < tl.load(drop_ptr)))
         w = tl.where(low & keep, tl.load(upw_ptr), w)
     else:  # ranked: topk and random
-        rank = tl.load(rank_ptr + offs, mask=m, other=0)
-        keep = (cls == 0) | ((cls == 1) & (rank < tl.load(budget_ptr)))
+        chosen = tl.load(chosen_ptr + offs, mask=m, other=0) != 0
+        keep = (cls == 0) | ((cls == 1) & chosen)
     s0, s1 = philox_words(k0, k1, offs, epoch, 1)
     rnd = (s0.to(tl.int64) << 30) | (s1 >> 2).to(tl.int64)
     key = tl.where(keep, rnd, (1 << 62) + offs)
@@ -124,7 +124,7 @@ def _as_i32(k: int) -> int:
     return k - (1 << 32) if k >= (1 << 31) else k
 
 
-def finalize_triton(cls, prio, rank, stats: PolicyStats, policy: int, seed: int, epoch: int):
+def finalize_triton(cls, prio, chosen, stats: PolicyStats, policy: int, seed: int, epoch: int):
     """Drop-in for ``reference.finalize_reference``."""
     n = cls.numel()
     dev = cls.device
@@ -132,10 +132,9 @@ def finalize_triton(cls, prio, rank, stats: PolicyStats, policy: int, seed: int,
     w = torch.empty(n, dtype=torch.float32, device=dev)
     key = torch.empty(n, dtype=torch.int64, device=dev)
     k0, k1 = (_as_i32(k) for k in K.seed_keys(seed))
-    rank = cls if rank is None else rank  # placeholder, read only by the ranked policy
-    scal = [torch.as_tensor(v, device=dev).reshape(()) for v in
-            (stats.budget, stats.mean_p, stats.drop_prob, stats.up_weight)]
+    chosen = cls if chosen is None else chosen.view(torch.int8)  # cls: a placeholder, read only when ranked
+    scal = [torch.as_tensor(v, device=dev).reshape(()) for v in (stats.mean_p, stats.drop_prob, stats.up_weight)]
     finalize_kernel[(triton.cdiv(n, BLOCK),)](
-        cls, prio, rank, *scal, keep, w, key, n, k0, k1, _as_i32(epoch & 0xFFFFFFFF),
+        cls, prio, chosen, *scal, keep, w, key, n, k0, k1, _as_i32(epoch & 0xFFFFFFFF),
         POLICY=policy, BLOCK=BLOCK, num_warps=4)
     return keep.view(torch.bool), w, key

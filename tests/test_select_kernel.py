@@ -185,3 +185,48 @@ def test_what_another_device_may_change(policy):
         assert 0 < changed < n // 4  # the samples on the thresholds do move (the test bites); the rest stays
     if noise:
         assert a.noisy.any()
+
+
+def _first_k_by_sort(values, mask, k, descending):
+    """The set the radix selection must find: the first k of a stable sort of the masked values."""
+    fill = float("-inf") if descending else float("inf")
+    if not values.is_floating_point():
+        fill = torch.iinfo(torch.int64).min if descending else torch.iinfo(torch.int64).max
+    order = torch.sort(torch.where(mask, values, torch.full_like(values, fill)), descending=descending,
+                       stable=True).indices
+    out = torch.zeros(values.numel(), dtype=torch.bool)
+    out[order[:max(0, min(int(k), int(mask.sum())))]] = True
+    return out
+
+
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(1, 300), k=st.integers(-2, 320), levels=st.sampled_from([1, 3, 50, 0]),
+       descending=st.booleans(), words=st.booleans(), seed=st.integers(0, 2**31), chunk=st.sampled_from([7, 64, 1 << 16]))
+def test_radix_selection_finds_the_first_k_of_a_stable_sort(n, k, levels, descending, words, seed, chunk):
+    """Ties by index, all-equal values, N = 1, k <= 0, k beyond the masked count, -0.0 beside 0.0, negative
+    values, uint32 words, chunk tails: the same set as a sort."""
+    g = torch.Generator().manual_seed(seed)
+    if words:
+        values = torch.randint(0, 2**32 if not levels else levels, (n,), generator=g, dtype=torch.int64)
+    else:
+        values = torch.randn(n, generator=g) * 3
+        if levels:
+            values = (values * levels).round() / levels  # ties
+        values[torch.rand(n, generator=g) < 0.1] = -0.0
+    mask = torch.rand(n, generator=g) < 0.8
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(R, "_SELECT_CHUNK", {"cpu": chunk})
+        got = R.smallest(values, mask, torch.tensor(k), descending=descending)
+    assert torch.equal(got, _first_k_by_sort(values, mask, k, descending))
+
+
+def test_masked_median_is_the_lower_median():
+    g = torch.Generator().manual_seed(4)
+    for n in (1, 2, 7, 1000):
+        values = (torch.randn(n, generator=g) * 4).round()  # ties
+        mask = torch.rand(n, generator=g) < 0.7
+        got = R.masked_median(values, mask)
+        if mask.any():
+            assert got == values[mask].median()
+        else:
+            assert torch.isnan(got)
