@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import errno
 import gc
 import hashlib
 import json
 import os
+import re
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -160,11 +162,41 @@ def _optimizer(cfg, model):
     raise ValueError(f"optimizer must be 'sgd' or 'adamw', got {cfg.optimizer!r}")
 
 
-def _atomic_save(obj, path: Path):
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+_TMP_PREFIX = ".fastprune-"  # temporaries of atomic writes in a run directory: ".fastprune-XXXXXXXX.tmp"
+
+
+def _atomic_write(path: Path, write) -> None:
+    """``write(tmp)`` then rename over ``path``: readers see the old file or the new one, never a part.  A
+    failed write leaves no temporary behind; a full disk says so."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_TMP_PREFIX, suffix=".tmp")
     os.close(fd)
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException as e:
+        Path(tmp).unlink(missing_ok=True)
+        no_space = isinstance(e, OSError) and e.errno == errno.ENOSPC
+        if no_space or (isinstance(e, RuntimeError) and "unexpected pos" in str(e)):  # torch.save's disk-full
+            raise OSError(errno.ENOSPC, f"no space left on the device writing {path}") from e
+        raise
+
+
+def _atomic_save(obj, path: Path):
+    _atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
+def _write_log(path: Path, history: list[dict]) -> None:
+    """``log.jsonl`` as the checkpoint's history says: one line per finished epoch."""
+    _atomic_write(path, lambda tmp: Path(tmp).write_text("".join(json.dumps(h) + "\n" for h in history)))
+
+
+def _remove_stale_temporaries(out: Path) -> None:
+    """Temporaries a killed run left in its directory (this version's, and the ``tmpXXXXXXXX.tmp`` of older
+    ones)."""
+    for f in out.iterdir():
+        if f.is_file() and f.suffix == ".tmp" and (f.name.startswith(_TMP_PREFIX)
+                                                   or re.fullmatch(r"tmp[a-z0-9_]{8}\.tmp", f.name)):
+            f.unlink(missing_ok=True)
 
 
 @torch.no_grad()
@@ -249,6 +281,7 @@ def _train(cfg, out, ckpt_path, device, log, on_epoch_end, progress) -> dict:
         log, progress = (lambda msg: None), False
     if main:
         out.mkdir(parents=True, exist_ok=True)
+        _remove_stale_temporaries(out)
 
     index = ImageFolderIndex(cfg.data)
     val_index = None
@@ -296,6 +329,8 @@ def _train(cfg, out, ckpt_path, device, log, on_epoch_end, progress) -> dict:
         pruner.load_state_dict(ck["pruner"])
         loader.load_state_dict(ck["loader"])
         history, start_epoch, step = ck["history"], ck["epoch"], ck["step"]
+        if main:  # the checkpoint is the commit point: the log is rewritten from its history, so an epoch
+            _write_log(out / "log.jsonl", history)  # logged after it (killed in between) is not logged twice
         torch.set_rng_state(ck["rng"]["torch"])
         if device.type == "cuda" and ck["rng"].get("cuda") is not None:
             torch.cuda.set_rng_state(ck["rng"]["cuda"])
@@ -373,15 +408,15 @@ def _train(cfg, out, ckpt_path, device, log, on_epoch_end, progress) -> dict:
                   "val_top5": top5, "lr": lr if trained else schedule.lr(), "selection": selection_hash(selected),
                   "step": step, "world_size": world}
         history.append(record)
-        if main:
-            with open(out / "log.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
         acc = f", val top-1 {top1:.2%}" + (f" top-5 {top5:.2%}" if top5 is not None else "") if top1 is not None else ""
         log(f"epoch {epoch}: trained {selected.numel()}/{len(index)} ({record['kept_fraction']:.0%}) "
             f"in {train_s:.1f} s, "
             f"{record['images_per_s']:.0f} img/s, visits saved {pruner.visits_saved:.1%}{acc}")
         pruner.next_epoch()
-        checkpoint(epoch + 1)
+        checkpoint(epoch + 1)  # the commit point of the epoch; the log follows it (rebuilt from it on resume)
+        if main:
+            with open(out / "log.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
         if on_epoch_end is not None:
             on_epoch_end(epoch, record)
 

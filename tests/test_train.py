@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -109,6 +110,67 @@ def test_mid_epoch_checkpoint_resumes_at_the_next_batch(folders, tmp_path, monke
     resumed = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=False)
     for k, v in straight["model"].items():
         assert torch.equal(v, resumed["model"][k]), k
+
+
+@pytest.mark.parametrize("crash", ["before the epoch's checkpoint", "after it, before the log"])
+def test_crash_at_an_epoch_end_neither_repeats_nor_loses_the_epoch(folders, tmp_path, monkeypatch, crash):
+    """The checkpoint is the epoch's commit point and the log follows it: a run stopped on either side of it
+    resumes to the same log (each epoch once), selections and weights as an uninterrupted run, and the
+    temporaries a killed write leaves in the run directory are removed (a user's own files stay)."""
+    import fastprune.train as T
+
+    def cfg(out, resume=False):
+        return T.TrainConfig(data=str(folders / "train"), out=str(out), arch="smallcnn", epochs=3, batch_size=8,
+                             image_size=32, workers=0, loader="torch", keep_ratio=0.6, resume=resume)
+
+    quiet = {"progress": False, "log": lambda *_: None}
+    T.train(cfg(tmp_path / "straight"), **quiet)
+
+    class Interrupted(Exception):
+        pass
+
+    real_save = T._atomic_save
+
+    def stop_at_epoch_two(obj, path):
+        if obj["epoch"] == 2 and crash.startswith("before"):
+            raise Interrupted
+        real_save(obj, path)
+        if obj["epoch"] == 2:
+            raise Interrupted
+
+    monkeypatch.setattr(T, "_atomic_save", stop_at_epoch_two)
+    cut = tmp_path / "cut"
+    with pytest.raises(Interrupted):
+        T.train(cfg(cut), **quiet)
+    monkeypatch.setattr(T, "_atomic_save", real_save)
+    for name in (".fastprune-k1ll3d00.tmp", "tmpab_cd123.tmp", "notes.tmp"):  # two killed writes, a user's file
+        (cut / name).write_bytes(b"x" * 1000)
+    T.train(cfg(cut, resume=True), **quiet)
+    a, b = read_log(tmp_path / "straight"), read_log(cut)
+    assert [r["epoch"] for r in b] == [0, 1, 2]
+    assert [r["selection"] for r in a] == [r["selection"] for r in b]
+    assert [r["step"] for r in a] == [r["step"] for r in b]
+    assert sorted(f.name for f in cut.glob("*.tmp")) == ["notes.tmp"]
+    straight = torch.load(tmp_path / "straight" / "checkpoint.pt", weights_only=False)
+    resumed = torch.load(cut / "checkpoint.pt", weights_only=False)
+    for k, v in straight["model"].items():
+        assert torch.equal(v, resumed["model"][k]), k
+
+
+def test_a_full_disk_is_reported_and_leaves_no_temporary(tmp_path, monkeypatch):
+    import errno
+
+    import fastprune.train as T
+
+    def full(obj, f):
+        Path(f).write_bytes(b"partial")
+        raise RuntimeError("[enforce fail at inline_container.cc:603] . unexpected pos 4096 vs 2048")
+
+    monkeypatch.setattr(T.torch, "save", full)
+    with pytest.raises(OSError, match="no space left on the device writing .*checkpoint.pt") as e:
+        T._atomic_save({"x": 1}, tmp_path / "checkpoint.pt")
+    assert e.value.errno == errno.ENOSPC
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_outputs_exist_and_parse(folders, tmp_path):
