@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import errno
 import gc
 import hashlib
 import json
-import os
-import re
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +19,8 @@ from . import distributed as _dist
 from .data import ImageFolderIndex
 from .pruner import DynamicPruner
 from .report import plot_run, topk_correct, write_suspected_noisy
+from .rundir import RunLock, RunLocked, check_outside, remove_stale_temporaries, write_log
+from .rundir import atomic_save as _atomic_save
 from .schedule import SampleSchedule, expected_total_samples
 
 
@@ -162,43 +161,6 @@ def _optimizer(cfg, model):
     raise ValueError(f"optimizer must be 'sgd' or 'adamw', got {cfg.optimizer!r}")
 
 
-_TMP_PREFIX = ".fastprune-"  # temporaries of atomic writes in a run directory: ".fastprune-XXXXXXXX.tmp"
-
-
-def _atomic_write(path: Path, write) -> None:
-    """``write(tmp)`` then rename over ``path``: readers see the old file or the new one, never a part.  A
-    failed write leaves no temporary behind; a full disk says so."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_TMP_PREFIX, suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException as e:
-        Path(tmp).unlink(missing_ok=True)
-        no_space = isinstance(e, OSError) and e.errno == errno.ENOSPC
-        if no_space or (isinstance(e, RuntimeError) and "unexpected pos" in str(e)):  # torch.save's disk-full
-            raise OSError(errno.ENOSPC, f"no space left on the device writing {path}") from e
-        raise
-
-
-def _atomic_save(obj, path: Path):
-    _atomic_write(path, lambda tmp: torch.save(obj, tmp))
-
-
-def _write_log(path: Path, history: list[dict]) -> None:
-    """``log.jsonl`` as the checkpoint's history says: one line per finished epoch."""
-    _atomic_write(path, lambda tmp: Path(tmp).write_text("".join(json.dumps(h) + "\n" for h in history)))
-
-
-def _remove_stale_temporaries(out: Path) -> None:
-    """Temporaries a killed run left in its directory (this version's, and the ``tmpXXXXXXXX.tmp`` of older
-    ones)."""
-    for f in out.iterdir():
-        if f.is_file() and f.suffix == ".tmp" and (f.name.startswith(_TMP_PREFIX)
-                                                   or re.fullmatch(r"tmp[a-z0-9_]{8}\.tmp", f.name)):
-            f.unlink(missing_ok=True)
-
-
 @torch.no_grad()
 def evaluate(model, loader, device) -> tuple[float, float | None]:
     """Top-1 and top-5 accuracy (top-5 is None with fewer than 5 classes).
@@ -243,6 +205,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print,
     """
     out = Path(cfg.out)
     ckpt_path = out / "checkpoint.pt"
+    check_outside(out, data=cfg.data, val=cfg.val)
     if not cfg.resume and (out / "log.jsonl").exists():
         raise FileExistsError(f"{str(out)!r} already holds a run; pass --resume to continue it or choose --out")
     if cfg.resume and not ckpt_path.exists():
@@ -250,12 +213,40 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print,
     own_group, device = _dist.init_from_env(cfg.device)
     finished = False
     try:
-        summary = _train(cfg, out, ckpt_path, device, log, on_epoch_end, progress)
+        with _run_lock(out, log):
+            summary = _train(cfg, out, ckpt_path, device, log, on_epoch_end, progress)
         finished = True
         return summary
     finally:
         if own_group:
             _leave_group(finished)
+
+
+@contextlib.contextmanager
+def _run_lock(out: Path, log):
+    """Rank 0 holds the run directory's lock for the run; every rank learns whether it got it."""
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    main = not distributed or torch.distributed.get_rank() == 0
+    lock, error = None, None
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        try:
+            lock = RunLock(out).__enter__()
+        except FileExistsError as e:
+            error = str(e)
+    if distributed:
+        shared = [error]
+        torch.distributed.broadcast_object_list(shared, src=0)
+        error = shared[0]
+    if error is not None:
+        raise RunLocked(error)
+    if lock is not None and lock.stale:
+        log(f"note: replaced the stale lock of process {lock.stale.get('pid')} (no longer running) in {out}")
+    try:
+        yield
+    finally:
+        if lock is not None:
+            lock.__exit__(None, None, None)
 
 
 def _leave_group(finished: bool) -> None:
@@ -281,7 +272,7 @@ def _train(cfg, out, ckpt_path, device, log, on_epoch_end, progress) -> dict:
         log, progress = (lambda msg: None), False
     if main:
         out.mkdir(parents=True, exist_ok=True)
-        _remove_stale_temporaries(out)
+        remove_stale_temporaries(out)
 
     index = ImageFolderIndex(cfg.data)
     val_index = None
@@ -330,7 +321,7 @@ def _train(cfg, out, ckpt_path, device, log, on_epoch_end, progress) -> dict:
         loader.load_state_dict(ck["loader"])
         history, start_epoch, step = ck["history"], ck["epoch"], ck["step"]
         if main:  # the checkpoint is the commit point: the log is rewritten from its history, so an epoch
-            _write_log(out / "log.jsonl", history)  # logged after it (killed in between) is not logged twice
+            write_log(out / "log.jsonl", history)  # logged after it (killed in between) is not logged twice
         torch.set_rng_state(ck["rng"]["torch"])
         if device.type == "cuda" and ck["rng"].get("cuda") is not None:
             torch.cuda.set_rng_state(ck["rng"]["cuda"])

@@ -173,6 +173,44 @@ def test_a_full_disk_is_reported_and_leaves_no_temporary(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_out_inside_the_data_is_refused(folders, tmp_path, capsys):
+    for out in (folders / "train" / "runs" / "r1", folders / "val", folders / "train"):
+        rc, err = run_cli(["train", *train_args(folders, out)], capsys)
+        assert rc == 2
+        err = err.strip()
+        assert "is inside the" in err and "would become training data" in err and "\n" not in err
+        assert not (out / "log.jsonl").exists()
+    assert not (folders / "train" / "runs").exists()
+
+
+def _lock(out, pid, host=None):
+    import socket
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / ".fastprune.lock").write_text(json.dumps({"pid": pid, "host": host or socket.gethostname()}))
+
+
+def test_a_run_directory_in_use_is_refused(folders, tmp_path, capsys):
+    """A live holder (this very process) or one on another host: a one-line error naming it; the lock stays."""
+    for out, host in ((tmp_path / "live", None), (tmp_path / "remote", "gpu-node-7")):
+        _lock(out, os.getpid(), host)
+        rc, err = run_cli(["train", *train_args(folders, out)], capsys)
+        assert rc == 2
+        err = err.strip()
+        assert f"is in use by process {os.getpid()} on {host or ''}" in err and "\n" not in err
+        assert (out / ".fastprune.lock").exists() and not (out / "log.jsonl").exists()
+
+
+def test_a_stale_lock_is_replaced_and_said(folders, tmp_path, capsys):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    out = tmp_path / "run"
+    _lock(out, int(dead.stdout))
+    rc = cli.main(["train", *train_args(folders, out, "--epochs", "1")])
+    assert rc == 0
+    assert f"replaced the stale lock of process {int(dead.stdout)}" in capsys.readouterr().out
+    assert not (out / ".fastprune.lock").exists() and len(read_log(out)) == 1
+
+
 def test_outputs_exist_and_parse(folders, tmp_path):
     out = tmp_path / "run"
     assert cli.main(["train", *train_args(folders, out)]) == 0
