@@ -1,4 +1,4 @@
-"""Run every benchmark: ``python -m benchmarks [--smoke] [--out DIR] [--no-write]`` (or ``fastprune bench``).
+"""Run every benchmark: ``python -m benchmarks [--smoke] [--out DIR] [--write]`` (or ``fastprune bench``).
 
 Writes ``DIR/<device>-<date>.json`` (one record per configuration and method: bench, device, versions, dtype,
 sizes, median and IQR in microseconds, and each benchmark's own figures) after every benchmark, and
@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 
 from . import bench_distributed, bench_epoch, bench_loader, bench_noise, bench_select, bench_step
-from .report import add_max_seconds, machine, results_file, write_section
+from .report import add_max_seconds, add_write_flags, machine, publishing, results_file, write_section
 
 BENCHES = {"step": bench_step, "select": bench_select, "loader": bench_loader, "epoch": bench_epoch,
            "distributed": bench_distributed, "noise": bench_noise}
@@ -25,7 +25,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="fastprune bench", description=__doc__.split("\n\n")[0])
     ap.add_argument("--smoke", action="store_true", help="tiny sizes (CPU machines, CI): checks that all run")
     ap.add_argument("--out", default="results", help="directory for the JSON results (default results/)")
-    ap.add_argument("--no-write", action="store_true", help="do not update BENCHMARKS.md")
+    add_write_flags(ap)
     ap.add_argument("--only", nargs="+", choices=sorted(BENCHES), help="run only these")
     ap.add_argument("--cpu", action="store_true", help="measure on the CPU even with a GPU")
     add_max_seconds(ap)  # per benchmark
@@ -37,11 +37,12 @@ def bench_flags(args: argparse.Namespace) -> list[str]:
     flags = (["--smoke"] if args.smoke else []) + (["--cpu"] if args.cpu else [])
     if args.max_seconds is not None:
         flags += ["--max-seconds", f"{args.max_seconds:g}"]
-    return flags + ["--no-write"]  # this command writes the sections itself
+    return flags  # this command writes the sections itself (with --write)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    write = publishing(args)
     info = machine()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -60,7 +61,7 @@ def main(argv=None) -> int:
             r["smoke"] = args.smoke
             r["measured_at"] = measured_at  # tells this run's records from older ones in the same file
         records += recs
-        if not args.no_write:
+        if write:
             write_section(section, text)
         _write_json(path, info, records)  # after every benchmark: an interrupted run keeps what it measured
     print(f"wrote {path} ({len(records)} records)")

@@ -1,6 +1,6 @@
 """The pruner under torch.distributed: bytes exchanged per epoch and ``next_epoch()`` time, K processes.
 
-    python -m benchmarks.bench_distributed [--smoke] [--ranks 2] [--no-write] [--max-seconds S]
+    python -m benchmarks.bench_distributed [--smoke] [--ranks 2] [--write] [--max-seconds S]
 
 Spawns ``--ranks`` processes joined by a gloo group on the CPU (NCCL on GPUs when there are as many
 GPUs as ranks).  Each rank owns a pruner over N samples; an "epoch" marks this rank's shard as

@@ -1,6 +1,6 @@
 """End to end: epoch time at keep 1.0, 0.7 and 0.5, with the time split by where it goes.
 
-    python -m benchmarks.bench_epoch [--smoke] [--repeats 3] [--no-write] [--max-seconds S]
+    python -m benchmarks.bench_epoch [--smoke] [--repeats 3] [--write] [--max-seconds S]
 
 The epoch time is the median of ``--repeats`` pruned epochs after a warm-up epoch on every sample.
 

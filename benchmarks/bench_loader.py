@@ -1,6 +1,6 @@
 """Loader throughput: DaliLoader vs. torchvision ImageFolder + DataLoader (PIL) over the same selection.
 
-    python -m benchmarks.bench_loader [--smoke] [--size N] [--workers W] [--no-write] [--max-seconds S]
+    python -m benchmarks.bench_loader [--smoke] [--size N] [--workers W] [--write] [--max-seconds S]
 
 Generates an ImageNet-like JPEG folder (about 500x375, quality 90) once, then for keep ratios
 1.0, 0.7 and 0.5 measures one training epoch of each loader over the same random selection
@@ -29,7 +29,7 @@ import fastprune as fp
 from fastprune.data import DaliLoader, ImageFileDataset, ImageFolderIndex, IndexedDataset
 
 from .goals import prose
-from .report import TimeBudget, add_max_seconds, describe, machine, table, write_section
+from .report import TimeBudget, add_max_seconds, add_write_flags, describe, machine, publishing, table, write_section
 
 IMAGES_PER_PROCESS = 200  # below this, another process costs more than it saves
 
@@ -176,7 +176,7 @@ def parse_args(argv=None):
     ap.add_argument("--data", default=None, help="where to generate the images")
     ap.add_argument("--cpu", action="store_true", help="measure the CPU pipeline even with a GPU")
     ap.add_argument("--out", default=None, help="write the records as JSON here")
-    ap.add_argument("--no-write", action="store_true", help="do not update BENCHMARKS.md")
+    add_write_flags(ap)
     add_max_seconds(ap)
     args = ap.parse_args(argv)
     args.size = args.size or (120 if args.smoke else 3000)
@@ -198,12 +198,13 @@ def produce(args, info) -> tuple[list[dict], str, str]:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    write = publishing(args)
     info = machine()
     records, text, section = produce(args, info)
     print(text)
     if args.out:
         Path(args.out).write_text(json.dumps({"machine": info, "records": records}, indent=1))
-    if not args.no_write:
+    if write:
         write_section(section, text)
     return 0
 

@@ -1,6 +1,6 @@
 """Epoch selection: ``next_epoch()`` over N scores against torch.topk / torch.sort and a NumPy host version.
 
-    python -m benchmarks.bench_select [--smoke] [--no-write] [--max-seconds S]
+    python -m benchmarks.bench_select [--smoke] [--write] [--max-seconds S]
 
 ``next_epoch`` (infobatch with noise filter and consistency, the most work) includes the hand-over of the
 index list to the host.  Baselines get the same scores: ``torch.topk`` of the kept count, ``torch.sort``

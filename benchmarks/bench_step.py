@@ -1,6 +1,6 @@
 """Score-and-select overhead per training step: fastprune's fused step against what it replaces.
 
-    python -m benchmarks.bench_step [--smoke] [--no-write] [--max-seconds S]
+    python -m benchmarks.bench_step [--smoke] [--write] [--max-seconds S]
 
 Per configuration (B, C, dtype; D = 512 CLIP width), each method computes the batch loss and its gradient
 w.r.t. the logits:

@@ -122,7 +122,7 @@ def build_plan(out: Path, run_dir: Path, write: bool = True, wheels: Path | None
                       why="compiled kernels vs the reference; H100 2026-11-24: 39-46 s, mostly compiling"))
 
     def bench(name: str, limit: float | None, margin: float, why: str, **kw) -> Part:
-        argv = [*py, "-m", "benchmarks", "--only", name, "--out", str(out)] + ([] if write else ["--no-write"])
+        argv = [*py, "-m", "benchmarks", "--only", name, "--out", str(out)] + (["--write"] if write else [])
         return Part(name, argv, limit, margin, why=why, check=check_bench_args, **kw)
 
     dali_absent = "DALI absent: "

@@ -92,9 +92,25 @@ def base_parser(doc: str) -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     ap.add_argument("--smoke", action="store_true", help="tiny sizes: checks that it runs")
     ap.add_argument("--cpu", action="store_true", help="measure on the CPU even with a GPU")
-    ap.add_argument("--no-write", action="store_true", help="do not update BENCHMARKS.md")
+    add_write_flags(ap)
     add_max_seconds(ap)
     return ap
+
+
+def add_write_flags(ap: argparse.ArgumentParser) -> None:
+    """``--write``: publishing a run's tables in BENCHMARKS.md is an explicit choice (never with --smoke)."""
+    ap.add_argument("--write", action="store_true",
+                    help="update this run's sections of BENCHMARKS.md (the published tables); off by default")
+    ap.add_argument("--no-write", action="store_true", help=argparse.SUPPRESS)  # the default; kept for old scripts
+
+
+def publishing(args: argparse.Namespace) -> bool:
+    """Whether to write BENCHMARKS.md; exits with a usage error for ``--write`` with ``--smoke``."""
+    if args.write and getattr(args, "smoke", False):
+        print("error: --write publishes tables in BENCHMARKS.md; smoke figures (--smoke) are never published",
+              file=sys.stderr)
+        raise SystemExit(2)
+    return bool(args.write) and not args.no_write
 
 
 def add_max_seconds(ap: argparse.ArgumentParser) -> None:
@@ -130,11 +146,12 @@ class TimeBudget:
 
 
 def cli_main(parse_args, produce, argv=None) -> int:
-    """Parse, measure, print the table and update its BENCHMARKS.md section."""
+    """Parse, measure, print the table and, with ``--write``, update its BENCHMARKS.md section."""
     args = parse_args(argv)
+    write = publishing(args)
     _records, text, section = produce(args, machine())
     print(text)
-    if not args.no_write:
+    if write:
         write_section(section, text)
     return 0
 

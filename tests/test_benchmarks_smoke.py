@@ -115,6 +115,42 @@ def test_only_runs_add_up_in_one_results_file(tmp_path, monkeypatch):
     assert sorted((r["bench"], r["run"]) for r in records) == [("select", 2), ("step", 3)]
 
 
+def test_publishing_tables_is_an_explicit_choice(tmp_path, monkeypatch, capsys):
+    """BENCHMARKS.md changes only with --write, and never with smoke figures."""
+    import benchmarks.__main__ as M
+    from benchmarks import report
+
+    written = []
+    monkeypatch.setattr(M, "write_section", lambda section, text: written.append(section))
+    monkeypatch.setattr(report, "write_section", lambda section, text: written.append(section))
+
+    class Module:
+        @staticmethod
+        def parse_args(argv):
+            return argv
+
+        @staticmethod
+        def produce(args, info):
+            return [{"bench": "step", "method": "m"}], "table", "step-x"
+
+    monkeypatch.setattr(M, "BENCHES", {"step": Module})
+    monkeypatch.setattr(M, "machine", lambda: {"device": "Dev X", "date": "2026-01-02"})
+    out = str(tmp_path / "res")
+    assert M.main(["--only", "step", "--out", out]) == 0 and written == []
+    assert M.main(["--only", "step", "--out", out, "--smoke"]) == 0 and written == []
+    with pytest.raises(SystemExit) as e:
+        M.main(["--only", "step", "--out", out, "--smoke", "--write"])
+    assert e.value.code == 2 and "smoke figures (--smoke) are never published" in capsys.readouterr().err
+    assert M.main(["--only", "step", "--out", out, "--write"]) == 0 and written == ["step-x"]
+    assert "--write" not in M.bench_flags(M.parse_args(["--write"]))  # the benchmarks themselves do not write
+
+    written.clear()  # one benchmark on its own: the same rule
+    assert report.cli_main(lambda argv: report.base_parser("x").parse_args(argv),
+                           lambda args, info: ([], "table", "sec"), ["--cpu"]) == 0 and written == []
+    assert report.cli_main(lambda argv: report.base_parser("x").parse_args(argv),
+                           lambda args, info: ([], "table", "sec"), ["--cpu", "--write"]) == 0 and written == ["sec"]
+
+
 def test_bench_epoch_rejects_a_bad_repeat_count(capsys):
     from benchmarks import bench_epoch
 
