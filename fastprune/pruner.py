@@ -783,15 +783,84 @@ class DynamicPruner:
             else:
                 col.fill_(f.empty)
 
-    def load_state_dict(self, sd: dict) -> None:
-        """Restore a ``state_dict``; sizes must match this pruner's."""
+    def _check_state(self, sd: dict) -> None:
+        """Raise ``ValueError`` naming the first entry of ``sd`` that this pruner cannot load: everything is
+        checked before anything is applied, so a bad state leaves the pruner as it was."""
+        if not isinstance(sd, dict):
+            raise ValueError(f"state_dict must be a dict, got {type(sd).__name__}")
         for key in ("num_samples", "num_classes"):
             if sd.get(key) != getattr(self, key):
                 raise ValueError(f"state_dict is for {key}={sd.get(key)!r}, but this pruner has "
                                  f"{key}={getattr(self, key)!r}")
-        if sd.get("version") not in range(1, STATE_VERSION + 1):
-            raise ValueError(f"state_dict version {sd.get('version')!r} is not supported (expected 1 to "
-                             f"{STATE_VERSION})")
+        version = sd.get("version")
+        if version not in range(1, STATE_VERSION + 1):
+            raise ValueError(f"state_dict version {version!r} is not supported (expected 1 to {STATE_VERSION})")
+        order_key = "global_indices" if version >= 2 else "epoch_indices"
+        needed = ["seed", "epoch", "step_count", "noisy", order_key, "has_batch_consistency", "history", "scores",
+                  "visits"] + (["noise"] if version >= 3 else []) + (["clip"] if version >= 4 else [])
+        missing = [k for k in needed if k not in sd]
+        if missing:
+            raise ValueError(f"state_dict lacks {', '.join(map(repr, missing))}: not a complete pruner state")
+        n, c = self.num_samples, self.num_classes
+
+        def column(name, value, lo=None, hi=None, finite=False, dtype_kind=None):
+            if not isinstance(value, torch.Tensor) or value.shape != (n,):
+                shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+                raise ValueError(f"state_dict[{name!r}] must be a tensor of shape ({n},), got {shape}")
+            if dtype_kind == "bool" and value.dtype != torch.bool:
+                raise ValueError(f"state_dict[{name!r}] must be a bool tensor, got {value.dtype}")
+            if dtype_kind == "int" and value.dtype.is_floating_point:
+                raise ValueError(f"state_dict[{name!r}] must be an integer tensor, got {value.dtype}")
+            v = value.detach()
+            if finite and not bool(torch.isfinite(v).all()):
+                raise ValueError(f"state_dict[{name!r}] holds non-finite values")
+            if lo is not None and v.numel() and bool((v < lo).any()):
+                raise ValueError(f"state_dict[{name!r}] holds values below {lo} (smallest {v.min().item()})")
+            if hi is not None and v.numel() and bool((v > hi).any()):
+                raise ValueError(f"state_dict[{name!r}] holds values above {hi} (largest {v.max().item()})")
+
+        saved = dict(sd)
+        if version == 3:
+            saved.update({k: v for k, v in (sd.get("evidence") or {}).items() if not k.startswith("clip_")})
+        rules = {"scores": dict(finite=True), "visits": dict(lo=0, dtype_kind="int"),
+                 "consistency": dict(finite=True), "weights": dict(lo=0.0, finite=True),
+                 "margin_sum": dict(finite=True), "margin_count": dict(lo=0, dtype_kind="int"),
+                 "pred": dict(lo=-1, hi=c - 1, dtype_kind="int"), "label": dict(lo=-1, hi=c - 1, dtype_kind="int")}
+        for f in _k.FIELDS:
+            if f.name in saved and f.name not in _UNSAVED:
+                column(f.name, saved[f.name], **rules.get(f.name, {}))
+        column("noisy", sd["noisy"], dtype_kind="bool")
+        for key in ("epoch", "step_count"):
+            if isinstance(sd[key], bool) or not isinstance(sd[key], int) or sd[key] < 0:
+                raise ValueError(f"state_dict[{key!r}] must be an integer >= 0, got {sd[key]!r}")
+        order = sd[order_key]
+        if not isinstance(order, torch.Tensor) or order.dim() != 1 or order.dtype.is_floating_point \
+                or order.numel() > n:
+            raise ValueError(f"state_dict[{order_key!r}] must be a 1-D integer tensor of at most {n} indices")
+        if order.numel() and (int(order.min()) < 0 or int(order.max()) >= n
+                              or torch.unique(order).numel() != order.numel()):
+            raise ValueError(f"state_dict[{order_key!r}] must hold distinct sample indices in [0, {n})")
+        if not isinstance(sd["history"], list) or not all(isinstance(h, dict) for h in sd["history"]):
+            raise ValueError("state_dict['history'] must be a list of dicts")
+        if version >= 3:
+            noise = sd["noise"]
+            if not isinstance(noise, dict) or any(k not in noise for k in ("action", "belief", "relabel")):
+                raise ValueError("state_dict['noise'] must hold 'action', 'belief' and 'relabel'")
+            column("noise.action", noise["action"], lo=0, hi=3, dtype_kind="int")
+            column("noise.belief", noise["belief"], lo=0.0, hi=1.0, finite=True)
+            column("noise.relabel", noise["relabel"], lo=-1, hi=c - 1, dtype_kind="int")
+        clip = sd.get("clip") if version >= 4 else None
+        if clip is not None:
+            if not isinstance(clip, dict) or any(k not in clip for k in ("clip_margin", "clip_pred")):
+                raise ValueError("state_dict['clip'] must hold 'clip_margin' and 'clip_pred'")
+            column("clip.clip_margin", clip["clip_margin"])
+            column("clip.clip_pred", clip["clip_pred"], lo=-1, hi=c - 1, dtype_kind="int")
+
+    def load_state_dict(self, sd: dict) -> None:
+        """Restore a ``state_dict``; sizes must match this pruner's.  Every entry is checked first (shapes,
+        types, ranges, finite values, distinct indices in range): a bad state raises ``ValueError`` and
+        changes nothing."""
+        self._check_state(sd)
         if sd["seed"] != self.seed:
             warnings.warn(f"state_dict was made with seed={sd['seed']}, this pruner has seed={self.seed}; "
                           "selections from here on follow this pruner's seed", RuntimeWarning, stacklevel=2)

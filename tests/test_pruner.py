@@ -467,6 +467,55 @@ def test_state_dict_roundtrip_in_memory():
     assert torch.equal(other.epoch_indices, pruner.epoch_indices)
 
 
+def _break(sd, path, value):
+    """A copy of ``sd`` with the entry at ``path`` (keys joined by '.') replaced, or deleted for ``...``."""
+    import copy
+
+    sd = copy.deepcopy(sd)
+    *parents, last = path.split(".")
+    d = sd
+    for k in parents:
+        d = d[k]
+    if value is ...:
+        del d[last]
+    else:
+        d[last] = value(d[last]) if callable(value) else value
+    return sd
+
+
+@pytest.mark.parametrize("path,value,message", [
+    ("scores", ..., "lacks 'scores'"),
+    ("history", ..., "lacks 'history'"),
+    ("scores", torch.zeros(1), r"state_dict\['scores'\] must be a tensor of shape \(60,\)"),
+    ("scores", lambda t: t.index_fill(0, torch.tensor([3]), float("nan")), "'scores'.*non-finite"),
+    ("weights", lambda t: t.index_fill(0, torch.tensor([5]), -1.0), "'weights'.*below 0"),
+    ("visits", lambda t: t.float(), "'visits'.*integer"),
+    ("label", lambda t: t.index_fill(0, torch.tensor([0]), 9), "'label'.*above 2"),
+    ("epoch", -5, "'epoch'.*integer >= 0"),
+    ("global_indices", lambda t: torch.cat([t[:-1], torch.tensor([-3])]), "distinct sample indices in"),
+    ("global_indices", lambda t: torch.cat([t, t[:1]]), "at most 60|distinct"),
+    ("noise.belief", lambda t: t + 2.0, "'noise.belief'.*above 1"),
+    ("noise.action", lambda t: t.index_fill(0, torch.tensor([1]), 7), "'noise.action'.*above 3"),
+    ("noisy", torch.zeros(60, dtype=torch.int64), "'noisy'.*bool"),
+    ("clip", {"clip_margin": torch.zeros(60)}, r"\['clip'\] must hold"),
+])
+def test_a_bad_state_is_refused_and_changes_nothing(kernel_path, path, value, message):
+    pruner = fp.DynamicPruner(60, 3, epochs=4, keep_ratio=0.5, device="cpu", noise_ratio=0.2)
+    run_epoch(pruner, 3, margins(60), 16)
+    pruner.next_epoch()
+    good = pruner.state_dict()
+    other = fp.DynamicPruner(60, 3, epochs=4, keep_ratio=0.5, device="cpu", noise_ratio=0.2)
+    before = other.state_dict()
+    with pytest.raises(ValueError, match=message):
+        other.load_state_dict(_break(good, path, value))
+    after = other.state_dict()
+    for key, v in before.items():
+        assert (torch.equal(v, after[key]) if isinstance(v, torch.Tensor) else
+                (v == after[key] if not isinstance(v, dict) else v.keys() == after[key].keys())), key
+    other.load_state_dict(good)  # the good state still loads
+    assert torch.equal(other.scores, pruner.scores)
+
+
 def test_no_global_rng_is_touched(kernel_path):
     torch.manual_seed(123)
     before = torch.get_rng_state()
