@@ -186,6 +186,31 @@ def evaluate(model, loader, device) -> tuple[float, float | None]:
     return hits1 / max(n, 1), (hits5 / max(n, 1) if classes >= 5 else None)
 
 
+# Settings a resumed run may change: where and how fast it runs, and how long (the schedule follows the new
+# epoch count).  The data folders may move: the training data is compared by its fingerprint instead.
+RESUME_CHANGEABLE = frozenset({"out", "resume", "epochs", "workers", "device", "compile", "loader",
+                               "checkpoint_every", "extra", "data", "val"})
+
+
+def check_resumable(ck: dict, cfg: TrainConfig, index: ImageFolderIndex) -> None:
+    """Refuse to resume a checkpoint made with other settings (all but ``RESUME_CHANGEABLE``) or on other
+    training data, listing every difference."""
+    saved = ck.get("config")
+    if not isinstance(saved, dict):
+        raise ValueError("the checkpoint has no configuration to compare with; it was not written by fastprune train")
+    now = json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
+    saved = json.loads(json.dumps(saved, default=str))
+    diffs = [f"--{k.replace('_', '-')} {saved.get(k)!r} in the run, {now[k]!r} now"
+             for k in now if k not in RESUME_CHANGEABLE and saved.get(k) != now[k]]
+    if ck.get("dataset") not in (None, index.fingerprint):
+        diffs.append(f"the training data: {cfg.data!r} is not the data the run trained on (its file names, classes "
+                     "or labels differ)")
+    if diffs:
+        raise ValueError("cannot resume: the settings differ from the run's checkpoint: " + "; ".join(diffs)
+                         + ". Pass the run's settings again (only --epochs, --workers, --device, --compile, --loader "
+                         "and --checkpoint-every may change), or start a new run in another --out")
+
+
 def selection_hash(order: torch.Tensor) -> str:
     return hashlib.sha256(order.numpy().tobytes()).hexdigest()[:16]
 
@@ -314,6 +339,7 @@ def _train(cfg, out, ckpt_path, device, log, on_epoch_end, progress) -> dict:
     start_epoch, step = 0, 0
     if cfg.resume:
         ck = torch.load(ckpt_path, map_location=device, weights_only=False)
+        check_resumable(ck, cfg, index)
         model.load_state_dict(ck["model"])
         optimizer.load_state_dict(ck["optimizer"])
         schedule.load_state_dict(ck["schedule"])
@@ -353,7 +379,7 @@ def _train(cfg, out, ckpt_path, device, log, on_epoch_end, progress) -> dict:
         if not main:
             return
         rng = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if device.type == "cuda" else None}
-        _atomic_save({"config": dataclasses.asdict(cfg), "epoch": epoch, "step": step, "model": model.state_dict(),
+        _atomic_save({"config": dataclasses.asdict(cfg), "dataset": index.fingerprint, "epoch": epoch, "step": step, "model": model.state_dict(),
                       "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(), "scaler": None,
                       "pruner": pruner.state_dict(), "loader": loader_sd, "history": history,
                       "rng": rng}, ckpt_path)

@@ -211,6 +211,31 @@ def test_a_stale_lock_is_replaced_and_said(folders, tmp_path, capsys):
     assert not (out / ".fastprune.lock").exists() and len(read_log(out)) == 1
 
 
+def test_resume_refuses_other_settings_or_data_and_lists_them(folders, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run_cli(["train", *train_args(folders, out, "--epochs", "1")], capsys)[0] == 0
+    changed = train_args(folders, out, "--epochs", "1", "--resume", "--keep-ratio", "0.5", "--arch", "resnet18",
+                         "--policy", "topk")
+    rc, err = run_cli(["train", *changed], capsys)
+    assert rc == 2 and "\n" not in err.strip()
+    for what in ("--keep-ratio 0.6 in the run, 0.5 now", "--arch 'smallcnn' in the run, 'resnet18' now",
+                 "--policy 'infobatch' in the run, 'topk' now"):
+        assert what in err, err
+    other = tmp_path / "other"  # the same number of images and classes, other files
+    make_tree(str(other), per_class=(16, 15, 14), seed=5)
+    for i, f in enumerate(sorted(f for f in other.rglob("*") if f.suffix.lower() in (".jpg", ".jpeg", ".png"))):
+        f.rename(f.with_name(f"renamed_{i}{f.suffix}"))
+    args = train_args(folders, out, "--epochs", "1", "--resume")
+    args[0] = str(other)
+    rc, err = run_cli(["train", *args], capsys)
+    assert rc == 2 and "is not the data the run trained on" in err
+    assert len(read_log(out)) == 1
+    # what may change: the epoch count (the run goes on to the new count), workers, device, loader
+    rc, err = run_cli(["train", *train_args(folders, out, "--epochs", "2", "--resume", "--workers", "1")], capsys)
+    assert rc == 0, err
+    assert [r["epoch"] for r in read_log(out)] == [0, 1]
+
+
 def test_outputs_exist_and_parse(folders, tmp_path):
     out = tmp_path / "run"
     assert cli.main(["train", *train_args(folders, out)]) == 0
