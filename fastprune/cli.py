@@ -74,6 +74,13 @@ def _prune_static(args) -> int:
     return 0
 
 
+def _user_errors() -> type:
+    """Errors of a run the user can act on, beside the standard ones (one line, no traceback)."""
+    from .train import NonFiniteLoss
+
+    return NonFiniteLoss
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="fastprune", description="Dynamic dataset pruning with fused Triton kernels.")
     ap.add_argument("--version", action="version", version=f"fastprune {__version__}")
@@ -131,6 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--skip-bad-files", action="store_true",
                    help="DALI loader: log and leave out unreadable images instead of stopping")
     t.add_argument("--checkpoint-every", type=int, default=0, help="also checkpoint every N steps")
+    t.add_argument("--max-nonfinite-steps", type=int, default=100,
+                   help="stop when the loss has been NaN or inf this many steps in a row (0: never; default 100)")
     t.add_argument("--resume", action="store_true", help="continue the run in --out after an interruption")
     t.add_argument("--no-progress", action="store_true", help="no progress bars")
     g = t.add_argument_group("pruning (DynamicPruner arguments)")
@@ -195,7 +204,8 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, IndexError, FileNotFoundError, FileExistsError, ConnectionError, ImportError) as e:
+    except (ValueError, IndexError, FileNotFoundError, FileExistsError, ConnectionError, ImportError,
+            _user_errors()) as e:
         # user errors: one line, no traceback
         print(f"fastprune {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -7,6 +7,7 @@ import dataclasses
 import gc
 import hashlib
 import json
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,7 +66,35 @@ class TrainConfig:
     embeddings: str | None = None
     subset: str | None = None  # subset file from `fastprune prune-static`
     seed: int = 0
+    max_nonfinite_steps: int = 100  # stop after this many consecutive steps with a non-finite loss (0: never)
     extra: dict = field(default_factory=dict)
+
+    def check(self) -> None:
+        """Raise ``ValueError`` for a setting no run can use (the pruner checks its own arguments)."""
+        def number(name, lo, hi=math.inf, lo_open=False, hi_open=False, integer=False):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int if integer else (int, float)) or not math.isfinite(v) \
+                    or v < lo or (lo_open and v == lo) or v > hi or (hi_open and v == hi):
+                kind = "an integer" if integer else "a finite number"
+                rng = f"{'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open or hi == math.inf else ']'}"
+                raise ValueError(f"--{name.replace('_', '-')} must be {kind} in {rng}, got {v!r}")
+
+        number("lr", 0.0, lo_open=True)
+        number("momentum", 0.0, 1.0, hi_open=True)
+        number("weight_decay", 0.0)
+        number("lr_warmup", 0.0, 1.0)
+        number("label_smoothing", 0.0, 1.0, hi_open=True)
+        for name in ("epochs", "batch_size", "image_size"):
+            number(name, 1, integer=True)
+        for name in ("workers", "checkpoint_every", "max_nonfinite_steps"):
+            number(name, 0, integer=True)
+        lo, hi = self.crop_area
+        if not (math.isfinite(lo) and math.isfinite(hi) and 0 < lo <= hi <= 1):
+            raise ValueError(f"--crop-area must be two numbers 0 < MIN <= MAX <= 1, got {self.crop_area!r}")
+
+
+class NonFiniteLoss(RuntimeError):
+    """The training loss stayed non-finite for ``max_nonfinite_steps`` consecutive steps."""
 
 
 class SmallCNN(torch.nn.Module):
@@ -189,7 +218,7 @@ def evaluate(model, loader, device) -> tuple[float, float | None]:
 # Settings a resumed run may change: where and how fast it runs, and how long (the schedule follows the new
 # epoch count).  The data folders may move: the training data is compared by its fingerprint instead.
 RESUME_CHANGEABLE = frozenset({"out", "resume", "epochs", "workers", "device", "compile", "loader",
-                               "checkpoint_every", "extra", "data", "val"})
+                               "checkpoint_every", "max_nonfinite_steps", "extra", "data", "val"})
 
 
 def check_resumable(ck: dict, cfg: TrainConfig, index: ImageFolderIndex) -> None:
@@ -228,6 +257,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print,
     writes the files.  Resuming needs ``cfg.out`` readable by every rank (a shared file system)
     and may use another number of processes.
     """
+    cfg.check()
     out = Path(cfg.out)
     ckpt_path = out / "checkpoint.pt"
     check_outside(out, data=cfg.data, val=cfg.val)
@@ -384,6 +414,15 @@ def _train(cfg, out, ckpt_path, device, log, on_epoch_end, progress) -> dict:
                       "pruner": pruner.state_dict(), "loader": loader_sd, "history": history,
                       "rng": rng}, ckpt_path)
 
+    bad_run = torch.zeros((), dtype=torch.int64, device=device)  # consecutive steps with a non-finite loss
+
+    def check_loss():  # at the loop's existing sync points only
+        if cfg.max_nonfinite_steps and int(bad_run) >= cfg.max_nonfinite_steps:
+            raise NonFiniteLoss(
+                f"the training loss has been non-finite (NaN or inf) for the last {int(bad_run)} steps, up to step "
+                f"{step}; the run stops (its last checkpoint stays in {str(out)!r}). Lower --lr, check the data "
+                "and any embeddings for non-finite values, or raise --max-nonfinite-steps")
+
     t_run = time.perf_counter()
     for epoch in range(start_epoch, cfg.epochs):
         order = pruner.epoch_indices  # this process's part of the selection
@@ -408,11 +447,15 @@ def _train(cfg, out, ckpt_path, device, log, on_epoch_end, progress) -> dict:
             trained += idx.numel()
             step += 1
             bar.update(idx.numel())
+            finite = torch.isfinite(loss.detach())
+            bad_run = torch.where(finite, 0, bad_run + 1)  # on the device: no sync
             if step % 50 == 0:
                 bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.3g}")  # a sync every 50 steps only
+                check_loss()
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
                 checkpoint(epoch, mid_epoch=True)
         bar.close()
+        check_loss()
         if device.type == "cuda":
             torch.cuda.synchronize()
         train_s = time.perf_counter() - t0

@@ -236,6 +236,33 @@ def test_resume_refuses_other_settings_or_data_and_lists_them(folders, tmp_path,
     assert [r["epoch"] for r in read_log(out)] == [0, 1]
 
 
+@pytest.mark.parametrize("flag,value,message", [
+    ("--lr", "nan", "--lr must be a finite number in (0, inf), got nan"),
+    ("--lr", "0", "--lr must be a finite number in (0, inf)"),
+    ("--momentum", "1.5", "--momentum must be a finite number in [0, 1)"),
+    ("--weight-decay", "inf", "--weight-decay must be a finite number"),
+    ("--image-size", "0", "--image-size must be an integer in [1, inf)"),
+    ("--checkpoint-every", "-1", "--checkpoint-every must be an integer in [0, inf)"),
+    ("--label-smoothing", "1", "--label-smoothing must be a finite number in [0, 1)"),
+])
+def test_settings_no_run_can_use_are_refused_at_the_door(folders, tmp_path, capsys, flag, value, message):
+    out = tmp_path / "run"
+    rc, err = run_cli(["train", *train_args(folders, out, flag, value)], capsys)
+    assert rc == 2 and message in err and "\n" not in err.strip()
+    assert not out.exists()
+
+
+def test_a_loss_that_stays_non_finite_stops_the_run(folders, tmp_path, capsys, monkeypatch):
+    import fastprune.pruner as P
+
+    real_step = P.DynamicPruner.step
+    monkeypatch.setattr(P.DynamicPruner, "step", lambda self, *a, **k: real_step(self, *a, **k) * float("nan"))
+    out = tmp_path / "run"
+    rc, err = run_cli(["train", *train_args(folders, out, "--max-nonfinite-steps", "4")], capsys)
+    assert rc == 2 and "non-finite (NaN or inf) for the last 6 steps, up to step 6" in err, err
+    assert "Lower --lr" in err and not (out / "log.jsonl").exists()
+
+
 def test_outputs_exist_and_parse(folders, tmp_path):
     out = tmp_path / "run"
     assert cli.main(["train", *train_args(folders, out)]) == 0
