@@ -252,6 +252,7 @@ def test_settings_no_run_can_use_are_refused_at_the_door(folders, tmp_path, caps
     assert not out.exists()
 
 
+@pytest.mark.filterwarnings("ignore:logits.*non-finite loss:RuntimeWarning")  # the pruner's own warning
 def test_a_loss_that_stays_non_finite_stops_the_run(folders, tmp_path, capsys, monkeypatch):
     import fastprune.pruner as P
 
