@@ -130,7 +130,7 @@ class DynamicPruner:
         process_group: under ``torch.distributed`` the pruner works on the default group when one
             is initialised (or on this group).  Each rank scores only the samples it trains, with no
             communication on the step; ``next_epoch()`` merges the ranks' updates with one all-reduce
-            (and shares rank 0's noise beliefs with another in an epoch that decides), every rank
+            (and rank 0's per-class noise mixtures, O(C) numbers, in an epoch that decides), every rank
             computes the same global selection, and ``epoch_indices`` is this rank's shard
             (see ``fastprune.distributed`` for the pad rule).  Building the pruner, ``next_epoch()``,
             ``sync()`` and ``load_state_dict()`` are then collective: call them on every rank.

@@ -236,8 +236,9 @@ def check_resumable(ck: dict, cfg: TrainConfig, index: ImageFolderIndex) -> None
                      "or labels differ)")
     if diffs:
         raise ValueError("cannot resume: the settings differ from the run's checkpoint: " + "; ".join(diffs)
-                         + ". Pass the run's settings again (only --epochs, --workers, --device, --compile, --loader "
-                         "and --checkpoint-every may change), or start a new run in another --out")
+                         + ". Pass the run's settings again (only --epochs, --workers, --device, --compile, --loader, "
+                         "--checkpoint-every, --max-nonfinite-steps and where --data and --val lie may change), or "
+                         "start a new run in another --out")
 
 
 def selection_hash(order: torch.Tensor) -> str:
@@ -409,7 +410,8 @@ def _train(cfg, out, ckpt_path, device, log, on_epoch_end, progress) -> dict:
         if not main:
             return
         rng = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if device.type == "cuda" else None}
-        _atomic_save({"config": dataclasses.asdict(cfg), "dataset": index.fingerprint, "epoch": epoch, "step": step, "model": model.state_dict(),
+        _atomic_save({"config": dataclasses.asdict(cfg), "dataset": index.fingerprint, "epoch": epoch, "step": step,
+                      "model": model.state_dict(),
                       "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(), "scaler": None,
                       "pruner": pruner.state_dict(), "loader": loader_sd, "history": history,
                       "rng": rng}, ckpt_path)

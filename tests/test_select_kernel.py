@@ -201,7 +201,8 @@ def _first_k_by_sort(values, mask, k, descending):
 
 @settings(max_examples=60, deadline=None)
 @given(n=st.integers(1, 300), k=st.integers(-2, 320), levels=st.sampled_from([1, 3, 50, 0]),
-       descending=st.booleans(), words=st.booleans(), seed=st.integers(0, 2**31), chunk=st.sampled_from([7, 64, 1 << 16]))
+       descending=st.booleans(), words=st.booleans(), seed=st.integers(0, 2**31),
+       chunk=st.sampled_from([7, 64, 1 << 16]))
 def test_radix_selection_finds_the_first_k_of_a_stable_sort(n, k, levels, descending, words, seed, chunk):
     """Ties by index, all-equal values, N = 1, k <= 0, k beyond the masked count, -0.0 beside 0.0, negative
     values, uint32 words, chunk tails: the same set as a sort."""

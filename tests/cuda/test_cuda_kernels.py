@@ -201,7 +201,8 @@ def test_noise_mixtures_on_cuda_do_not_depend_on_sample_order():
     g = torch.Generator().manual_seed(0)
     n, c = 200_000, 1000
     cls = torch.randint(0, c, (n,), generator=g)
-    x = torch.where(torch.rand(n, generator=g) < 0.3, torch.randn(n, generator=g) - 3, 2 * torch.randn(n, generator=g) + 4)
+    wrong = torch.rand(n, generator=g) < 0.3
+    x = torch.where(wrong, torch.randn(n, generator=g) - 3, 2 * torch.randn(n, generator=g) + 4)
     valid = torch.rand(n, generator=g) < 0.97
     perm = torch.randperm(n, generator=g)
     fit = fpn.fit_mixtures(x.to(DEV), cls.to(DEV), valid.to(DEV), c)
