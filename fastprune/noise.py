@@ -141,13 +141,6 @@ def mixture_posterior(x: torch.Tensor, cls: torch.Tensor, valid: torch.Tensor, m
     return torch.where(valid & (usable > 0) & (x < 0) & outlier, r.to(torch.float32), 0.0)
 
 
-def mixture_belief(x: torch.Tensor, cls: torch.Tensor, valid: torch.Tensor, num_classes: int,
-                   iterations: int = EM_ITERATIONS) -> torch.Tensor:
-    """``mixture_posterior`` of ``fit_mixtures``: per sample, the belief that ``x`` comes from its class's
-    negative mode of wrong labels."""
-    return mixture_posterior(x, cls, valid, fit_mixtures(x, cls, valid, num_classes, iterations))
-
-
 def _seen(label: torch.Tensor, settled: torch.Tensor | None) -> torch.Tensor:
     seen = label >= 0
     return seen if settled is None else seen & ~settled

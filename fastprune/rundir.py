@@ -46,12 +46,13 @@ def write_log(path: Path, history: list[dict]) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_text("".join(json.dumps(h) + "\n" for h in history)))
 
 
-def remove_stale_temporaries(out: Path) -> None:
-    """Temporaries a killed run left in its directory (this version's, and the ``tmpXXXXXXXX.tmp`` of older
-    ones); other files stay."""
+def remove_stale_temporaries(out: Path, older: bool = False) -> None:
+    """Temporaries a killed run left in its directory: this version's ``.fastprune-*.tmp``, and with ``older``
+    (a run directory, e.g. when resuming) the ``tmpXXXXXXXX.tmp`` of older versions, a name a user's own file
+    could have; other files stay."""
     for f in out.iterdir():
         if f.is_file() and f.suffix == ".tmp" and (f.name.startswith(TMP_PREFIX)
-                                                   or re.fullmatch(r"tmp[a-z0-9_]{8}\.tmp", f.name)):
+                                                   or (older and re.fullmatch(r"tmp[a-z0-9_]{8}\.tmp", f.name))):
             f.unlink(missing_ok=True)
 
 

@@ -221,9 +221,9 @@ RESUME_CHANGEABLE = frozenset({"out", "resume", "epochs", "workers", "device", "
                                "checkpoint_every", "max_nonfinite_steps", "extra", "data", "val"})
 
 
-def check_resumable(ck: dict, cfg: TrainConfig, index: ImageFolderIndex) -> None:
+def check_resumable(ck: dict, cfg: TrainConfig, dataset: str) -> None:
     """Refuse to resume a checkpoint made with other settings (all but ``RESUME_CHANGEABLE``) or on other
-    training data, listing every difference."""
+    training data (``dataset``: its fingerprint), listing every difference."""
     saved = ck.get("config")
     if not isinstance(saved, dict):
         raise ValueError("the checkpoint has no configuration to compare with; it was not written by fastprune train")
@@ -231,7 +231,7 @@ def check_resumable(ck: dict, cfg: TrainConfig, index: ImageFolderIndex) -> None
     saved = json.loads(json.dumps(saved, default=str))
     diffs = [f"--{k.replace('_', '-')} {saved.get(k)!r} in the run, {now[k]!r} now"
              for k in now if k not in RESUME_CHANGEABLE and saved.get(k) != now[k]]
-    if ck.get("dataset") not in (None, index.fingerprint):
+    if ck.get("dataset") not in (None, dataset):
         diffs.append(f"the training data: {cfg.data!r} is not the data the run trained on (its file names, classes "
                      "or labels differ)")
     if diffs:
@@ -328,9 +328,10 @@ def _train(cfg, out, ckpt_path, device, log, on_epoch_end, progress) -> dict:
         log, progress = (lambda msg: None), False
     if main:
         out.mkdir(parents=True, exist_ok=True)
-        remove_stale_temporaries(out)
+        remove_stale_temporaries(out, older=cfg.resume)  # a fresh --out may be a user's folder
 
     index = ImageFolderIndex(cfg.data)
+    dataset = index.fingerprint  # hashes every file name: once, not at every checkpoint
     val_index = None
     if cfg.val:
         val_index = ImageFolderIndex(cfg.val)
@@ -370,7 +371,7 @@ def _train(cfg, out, ckpt_path, device, log, on_epoch_end, progress) -> dict:
     start_epoch, step = 0, 0
     if cfg.resume:
         ck = torch.load(ckpt_path, map_location=device, weights_only=False)
-        check_resumable(ck, cfg, index)
+        check_resumable(ck, cfg, dataset)
         model.load_state_dict(ck["model"])
         optimizer.load_state_dict(ck["optimizer"])
         schedule.load_state_dict(ck["schedule"])
@@ -410,7 +411,7 @@ def _train(cfg, out, ckpt_path, device, log, on_epoch_end, progress) -> dict:
         if not main:
             return
         rng = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if device.type == "cuda" else None}
-        _atomic_save({"config": dataclasses.asdict(cfg), "dataset": index.fingerprint, "epoch": epoch, "step": step,
+        _atomic_save({"config": dataclasses.asdict(cfg), "dataset": dataset, "epoch": epoch, "step": step,
                       "model": model.state_dict(),
                       "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(), "scaler": None,
                       "pruner": pruner.state_dict(), "loader": loader_sd, "history": history,

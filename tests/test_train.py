@@ -73,22 +73,29 @@ def test_train_kill_and_resume_continues_exactly(folders, tmp_path):
         assert key in b[-1]
 
 
+QUIET = {"progress": False, "log": lambda *_: None}
+
+
+class Interrupted(Exception):
+    """Stands for a kill at a chosen point of a run."""
+
+
+def _small_config(folders, out, resume=False, **kw):
+    from fastprune.train import TrainConfig
+
+    return TrainConfig(data=str(folders / "train"), out=str(out), arch="smallcnn", epochs=3, batch_size=8,
+                       image_size=32, workers=0, loader="torch", keep_ratio=0.6, resume=resume, **kw)
+
+
 def test_mid_epoch_checkpoint_resumes_at_the_next_batch(folders, tmp_path, monkeypatch):
     """Interrupted right after a mid-epoch checkpoint, the run resumes at the next batch and ends
     exactly where an uninterrupted run ends."""
     import fastprune.train as T
 
     def cfg(out, resume=False):
-        return T.TrainConfig(data=str(folders / "train"), out=str(out), arch="smallcnn", epochs=3, batch_size=8,
-                             image_size=32, workers=0, loader="torch", checkpoint_every=4, keep_ratio=0.6,
-                             resume=resume)
+        return _small_config(folders, out, resume, checkpoint_every=4)
 
-    quiet = {"progress": False, "log": lambda *_: None}
-    T.train(cfg(tmp_path / "straight"), **quiet)
-
-    class Interrupted(Exception):
-        pass
-
+    T.train(cfg(tmp_path / "straight"), **QUIET)
     real_save = T._atomic_save
 
     def save_then_die(obj, path):
@@ -98,11 +105,11 @@ def test_mid_epoch_checkpoint_resumes_at_the_next_batch(folders, tmp_path, monke
 
     monkeypatch.setattr(T, "_atomic_save", save_then_die)
     with pytest.raises(Interrupted):
-        T.train(cfg(tmp_path / "cut"), **quiet)
+        T.train(cfg(tmp_path / "cut"), **QUIET)
     ck = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=False)
     assert ck["epoch"] == 1 and ck["loader"]["epoch"] == 1 and ck["loader"]["position"] == 16
     monkeypatch.setattr(T, "_atomic_save", real_save)
-    T.train(cfg(tmp_path / "cut", resume=True), **quiet)
+    T.train(cfg(tmp_path / "cut", resume=True), **QUIET)
     a, b = read_log(tmp_path / "straight"), read_log(tmp_path / "cut")
     assert [r["selection"] for r in a] == [r["selection"] for r in b]
     assert [r["step"] for r in a] == [r["step"] for r in b]
@@ -120,15 +127,9 @@ def test_crash_at_an_epoch_end_neither_repeats_nor_loses_the_epoch(folders, tmp_
     import fastprune.train as T
 
     def cfg(out, resume=False):
-        return T.TrainConfig(data=str(folders / "train"), out=str(out), arch="smallcnn", epochs=3, batch_size=8,
-                             image_size=32, workers=0, loader="torch", keep_ratio=0.6, resume=resume)
+        return _small_config(folders, out, resume)
 
-    quiet = {"progress": False, "log": lambda *_: None}
-    T.train(cfg(tmp_path / "straight"), **quiet)
-
-    class Interrupted(Exception):
-        pass
-
+    T.train(cfg(tmp_path / "straight"), **QUIET)
     real_save = T._atomic_save
 
     def stop_at_epoch_two(obj, path):
@@ -141,11 +142,11 @@ def test_crash_at_an_epoch_end_neither_repeats_nor_loses_the_epoch(folders, tmp_
     monkeypatch.setattr(T, "_atomic_save", stop_at_epoch_two)
     cut = tmp_path / "cut"
     with pytest.raises(Interrupted):
-        T.train(cfg(cut), **quiet)
+        T.train(cfg(cut), **QUIET)
     monkeypatch.setattr(T, "_atomic_save", real_save)
     for name in (".fastprune-k1ll3d00.tmp", "tmpab_cd123.tmp", "notes.tmp"):  # two killed writes, a user's file
         (cut / name).write_bytes(b"x" * 1000)
-    T.train(cfg(cut, resume=True), **quiet)
+    T.train(cfg(cut, resume=True), **QUIET)
     a, b = read_log(tmp_path / "straight"), read_log(cut)
     assert [r["epoch"] for r in b] == [0, 1, 2]
     assert [r["selection"] for r in a] == [r["selection"] for r in b]
@@ -155,6 +156,17 @@ def test_crash_at_an_epoch_end_neither_repeats_nor_loses_the_epoch(folders, tmp_
     resumed = torch.load(cut / "checkpoint.pt", weights_only=False)
     for k, v in straight["model"].items():
         assert torch.equal(v, resumed["model"][k]), k
+
+
+def test_a_fresh_run_leaves_a_users_tmp_files_alone(folders, tmp_path, capsys):
+    """Only a resumed run directory is known to be fastprune's: a fresh --out keeps files that merely look like
+    an older version's temporaries."""
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "tmpab_cd123.tmp").write_text("my notes")
+    (out / ".fastprune-k1ll3d00.tmp").write_text("x")
+    assert cli.main(["train", *train_args(folders, out, "--epochs", "1")]) == 0
+    assert sorted(f.name for f in out.glob("*.tmp")) == ["tmpab_cd123.tmp"]
 
 
 def test_a_full_disk_is_reported_and_leaves_no_temporary(tmp_path, monkeypatch):
