@@ -105,7 +105,7 @@ def proxy_embeddings(root: Path, out: Path, epochs: int = 40, seed: int = 0, log
     prototypes = torch.stack([held_feats[held.labels == c].mean(0) for c in range(10)])
     emb = Embeddings.from_arrays(embed(train_index), prototypes,
                                  meta={"model": "demo proxy: SmallCNN trained on the clean held-out split",
-                                       "pretrained": None, "fingerprint": train_index.fingerprint,
+                                       "pretrained": None, **train_index.identity(),
                                        "classes": train_index.classes})
     emb.save(out)
     return emb

@@ -16,6 +16,7 @@ import os
 import re
 import socket
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Callable
 from urllib.parse import urlparse
@@ -30,6 +31,18 @@ from .data.index import ImageFolderIndex
 
 _ASSETS = Path(__file__).resolve().parent / "assets"
 IMAGE_FILE, TEXT_FILE, META_FILE, PROGRESS_FILE = "image.npy", "text.npy", "meta.json", "progress.json"
+
+
+def nonfinite_rows(table: torch.Tensor, chunk: int = 1 << 16) -> tuple[int, int | None]:
+    """(how many rows of ``table`` hold a NaN or inf, the first such row or None), in bounded memory."""
+    count, first = 0, None
+    for lo in range(0, table.shape[0], chunk):
+        bad = ~torch.isfinite(table[lo:lo + chunk]).all(dim=1)
+        n = int(bad.sum())
+        if n and first is None:
+            first = lo + int(bad.nonzero()[0])
+        count += n
+    return count, first
 
 
 def imagenet_class_names() -> dict[str, str]:
@@ -249,23 +262,46 @@ class Embeddings:
 
     @classmethod
     def load(cls, path: str | os.PathLike, index: ImageFolderIndex | None = None, device="cpu") -> Embeddings:
-        """Load a saved directory; with ``index``, check that the tables belong to that dataset."""
+        """Load a saved directory; with ``index``, check that the tables belong to that dataset.
+
+        Every file is checked as it is read (shapes, dtype, finite values): a damaged or foreign file is an
+        error that names it, never a silent wrong table.
+        """
         path = Path(path)
-        if not (path / META_FILE).exists():
+        if path.is_file():
+            raise ValueError(f"embeddings are a directory written by `fastprune embed`; {str(path)!r} is a file")
+        meta_path = path / META_FILE
+        if not meta_path.exists():
             raise FileNotFoundError(f"{str(path)!r} holds no embeddings ({META_FILE} is missing)")
-        meta = json.loads((path / META_FILE).read_text())
+        try:
+            meta = json.loads(meta_path.read_text())
+        except (ValueError, UnicodeDecodeError) as e:
+            raise ValueError(f"{meta_path}: not readable JSON ({e}); compute the embeddings again") from None
+        if not isinstance(meta, dict):
+            raise ValueError(f"{meta_path}: not the metadata of fastprune embeddings (a JSON object)")
         if not meta.get("complete"):
             raise ValueError(f"embeddings in {str(path)!r} are incomplete; finish them with "
                              "`fastprune embed ... --resume`")
         if index is not None:
-            fp = meta.get("fingerprint")
-            if fp != index.fingerprint or meta.get("N") != len(index):
-                raise ValueError(
-                    f"embeddings in {str(path)!r} were computed for another dataset (fingerprint {fp}, "
-                    f"N={meta.get('N')}, C={meta.get('C')}) than {index} (fingerprint {index.fingerprint})")
+            why, caution = index.compare(meta)
+            if why is None and meta.get("N") != len(index):
+                why = f"{meta.get('N')} samples there, {len(index)} here"
+            if why is not None:
+                raise ValueError(f"embeddings in {str(path)!r} were computed for another dataset than {index}: {why}")
+            if caution is not None:
+                warnings.warn(f"embeddings in {str(path)!r}: {caution}", RuntimeWarning, stacklevel=2)
         # Memory-mapped: copied once, straight from the page cache to the device.
-        image = torch.from_numpy(np.load(path / IMAGE_FILE, mmap_mode="c"))
-        text = torch.from_numpy(np.load(path / TEXT_FILE))
+        image = _read_table(path / IMAGE_FILE, meta, rows=meta.get("N"), mmap=True)
+        text = _read_table(path / TEXT_FILE, meta, rows=meta.get("C"))
+        if image.shape[1] != text.shape[1]:
+            raise ValueError(f"{path / IMAGE_FILE} has width {image.shape[1]} but {path / TEXT_FILE} has "
+                             f"{text.shape[1]}; compute the embeddings again")
+        image, text = torch.from_numpy(image), torch.from_numpy(text)
+        for name, table in ((IMAGE_FILE, image), (TEXT_FILE, text)):
+            count, first = nonfinite_rows(table)
+            if count:
+                raise ValueError(f"{path / name}: {count} of {table.shape[0]} rows hold NaN or inf (first: row "
+                                 f"{first}); compute the embeddings again")
         device = torch.device(device)
         if device.type != "cpu":
             image, text = image.to(device), text.to(device)
@@ -304,7 +340,7 @@ class Embeddings:
         pcfg = preprocess_cfg(net)
         if loader == "auto":
             loader = "dali" if _has_dali() else "torch"
-        meta = {"model": model, **weights, "fingerprint": index.fingerprint, "classes": index.classes,
+        meta = {"model": model, **weights, **index.identity(), "classes": index.classes,
                 "class_names": names, "templates": temps, "preprocess": pcfg, "loader": loader,
                 "batch_size": batch_size, "fastprune_version": __version__}
 
@@ -434,6 +470,22 @@ class _ImageStore:
                                             "complete": True})
         (self.dir / PROGRESS_FILE).unlink(missing_ok=True)
         del self.array
+
+
+def _read_table(path: Path, meta: dict, rows: int | None, mmap: bool = False) -> np.ndarray:
+    """A saved 2-D float table, or an error naming the file and what is wrong with it."""
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing; compute the embeddings again")
+    try:
+        table = np.load(path, mmap_mode="c" if mmap else None, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise ValueError(f"{path}: not a readable .npy table ({e}); compute the embeddings again") from None
+    if table.ndim != 2 or table.dtype not in (np.float16, np.float32):
+        raise ValueError(f"{path}: expected a 2-D float16 or float32 table, found {table.ndim}-D {table.dtype}")
+    if rows is not None and table.shape[0] != rows:
+        raise ValueError(f"{path} has {table.shape[0]} rows but its {META_FILE} says {rows}; it is damaged or "
+                         "from another run; compute the embeddings again")
+    return table
 
 
 def _atomic_json(path: Path, data: dict):

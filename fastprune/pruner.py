@@ -15,6 +15,7 @@ from . import distributed as _dist
 from . import kernels as _k
 from . import noise as _noise
 from .kernels import common as K
+from .embeddings import nonfinite_rows
 from .evidence import Evidence
 from .policies import POLICIES, Schedule
 
@@ -287,6 +288,12 @@ class DynamicPruner:
             text_emb = text_emb.to(image_emb.dtype)
         if text_emb is not None:
             text_emb = text_emb.contiguous()
+        for name, t in (("image_emb", image_emb), ("text_emb", text_emb)):
+            if t is not None and t.device.type != "meta":
+                count, first = nonfinite_rows(t)
+                if count:  # a NaN cosine would silently switch the noise decisions off
+                    raise ValueError(f"{name}: {count} of {t.shape[0]} rows hold NaN or inf (first: row {first}); "
+                                     "compute the embeddings again")
         return image_emb, text_emb
 
     def _check_batch(self, logits, labels, indices, image_emb):

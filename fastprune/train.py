@@ -221,9 +221,10 @@ RESUME_CHANGEABLE = frozenset({"out", "resume", "epochs", "workers", "device", "
                                "checkpoint_every", "max_nonfinite_steps", "extra", "data", "val"})
 
 
-def check_resumable(ck: dict, cfg: TrainConfig, dataset: str) -> None:
+def check_resumable(ck: dict, cfg: TrainConfig, index: ImageFolderIndex) -> str | None:
     """Refuse to resume a checkpoint made with other settings (all but ``RESUME_CHANGEABLE``) or on other
-    training data (``dataset``: its fingerprint), listing every difference."""
+    training data (``index``, compared by its fingerprint), listing every difference; returns a caution
+    about the data to log (e.g. the files' times changed: a copy), or None."""
     saved = ck.get("config")
     if not isinstance(saved, dict):
         raise ValueError("the checkpoint has no configuration to compare with; it was not written by fastprune train")
@@ -231,14 +232,16 @@ def check_resumable(ck: dict, cfg: TrainConfig, dataset: str) -> None:
     saved = json.loads(json.dumps(saved, default=str))
     diffs = [f"--{k.replace('_', '-')} {saved.get(k)!r} in the run, {now[k]!r} now"
              for k in now if k not in RESUME_CHANGEABLE and saved.get(k) != now[k]]
-    if ck.get("dataset") not in (None, dataset):
-        diffs.append(f"the training data: {cfg.data!r} is not the data the run trained on (its file names, classes "
-                     "or labels differ)")
+    recorded = ck.get("dataset")
+    why, caution = index.compare(recorded if isinstance(recorded, dict) else {"fingerprint": recorded})
+    if why is not None:
+        diffs.append(f"the training data: {cfg.data!r} is not the data the run trained on ({why})")
     if diffs:
         raise ValueError("cannot resume: the settings differ from the run's checkpoint: " + "; ".join(diffs)
                          + ". Pass the run's settings again (only --epochs, --workers, --device, --compile, --loader, "
                          "--checkpoint-every, --max-nonfinite-steps and where --data and --val lie may change), or "
                          "start a new run in another --out")
+    return caution
 
 
 def selection_hash(order: torch.Tensor) -> str:
@@ -331,7 +334,10 @@ def _train(cfg, out, ckpt_path, device, log, on_epoch_end, progress) -> dict:
         remove_stale_temporaries(out, older=cfg.resume)  # a fresh --out may be a user's folder
 
     index = ImageFolderIndex(cfg.data)
-    dataset = index.fingerprint  # hashes every file name: once, not at every checkpoint
+    if index.num_classes < 2:
+        raise ValueError(f"the training data {cfg.data!r} has one class ({index.classes[0]!r}): there is nothing to "
+                         "tell apart (the loss is zero); a classifier needs two classes or more, one folder each")
+    dataset = index.identity()  # one stat per file: once, not at every checkpoint
     val_index = None
     if cfg.val:
         val_index = ImageFolderIndex(cfg.val)
@@ -371,7 +377,9 @@ def _train(cfg, out, ckpt_path, device, log, on_epoch_end, progress) -> dict:
     start_epoch, step = 0, 0
     if cfg.resume:
         ck = torch.load(ckpt_path, map_location=device, weights_only=False)
-        check_resumable(ck, cfg, dataset)
+        caution = check_resumable(ck, cfg, index)
+        if caution is not None:
+            log(f"note: resuming on {cfg.data}: {caution}")
         model.load_state_dict(ck["model"])
         optimizer.load_state_dict(ck["optimizer"])
         schedule.load_state_dict(ck["schedule"])

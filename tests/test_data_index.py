@@ -61,7 +61,8 @@ def test_csv_list_file(tree, tmp_path):
         for p, y in samples[:5]:
             f.write(f"{os.path.relpath(p, root)},{y}\n")
         f.write(f"{samples[-1][0]},2\n")  # absolute path
-    index = ImageFolderIndex(lst)
+    with pytest.warns(RuntimeWarning, match=r"train.csv: the labels run to 2, but 1 of those classes have no rows \(1\)"):
+        index = ImageFolderIndex(lst)
     assert index.files == [p for p, _ in samples[:5]] + [samples[-1][0]]
     assert index.labels.tolist() == [y for _, y in samples[:5]] + [2]
     assert index.classes == ["0", "1", "2"]
@@ -82,10 +83,10 @@ def test_errors_name_the_problem(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"class folder '.*cats' has no JPEG or PNG images"):
         ImageFolderIndex(tmp_path / "flat", cache_dir=False)
     bad = tmp_path / "bad.csv"
-    bad.write_text("a.jpg,1\nb.jpg\n")
+    bad.write_text("a.jpg,0\nb.jpg\n")
     with pytest.raises(ValueError, match=r"bad.csv:2: expected 'path,label', got 'b.jpg'"):
         ImageFolderIndex(bad)
-    bad.write_text("a.gif,1\n")
+    bad.write_text("a.gif,0\n")
     with pytest.raises(ValueError, match=r"bad.csv:1: 'a.gif' is not a JPEG or PNG file"):
         ImageFolderIndex(bad)
     bad.write_text("path,label\n")
@@ -94,3 +95,51 @@ def test_errors_name_the_problem(tmp_path):
     bad.write_text("a.jpg,-4\n")
     with pytest.raises(ValueError, match=r"bad.csv:1: label -4 is negative"):
         ImageFolderIndex(bad)
+
+
+def test_a_link_loop_or_a_second_link_to_a_folder_is_scanned_once(tree, tmp_path):
+    root, samples = tree
+    os.symlink(root / "class_00", root / "class_00" / "again")  # a loop: class_00/again/again/...
+    os.symlink(root / "class_02", root / "class_01" / "theirs")  # class_02's images under class_01's label
+    os.symlink(root / "class_01", root / "alias")  # a class folder that is a link: a class of its own (torchvision)
+    with pytest.warns(RuntimeWarning, match=r"left out 3 linked folders that lead back to a folder already scanned"):
+        index = ImageFolderIndex(root, cache_dir=tmp_path / "cache")
+    by_class = {c: sorted(os.path.basename(f) for f, y in zip(index.files, index.labels.tolist()) if index.classes[y] == c)
+                for c in index.classes}
+    assert len(index) == len(samples) + by_class["alias"].__len__()
+    assert by_class["alias"] == by_class["class_01"]  # the linked class folder is read, once
+    assert not any("again" in f or "theirs" in f for f in index.files)
+    with pytest.warns(RuntimeWarning, match=r"left out 3 linked folders"):  # the cached scan says it again
+        assert ImageFolderIndex(root, cache_dir=tmp_path / "cache").from_cache
+
+
+def test_an_image_or_binary_file_is_not_a_list(tree, tmp_path):
+    root, samples = tree
+    with pytest.raises(ValueError, match=r"dataset '.*' is an image file; give a folder root/<class>/<image> or a"):
+        ImageFolderIndex(samples[0][0])
+    blob = tmp_path / "data.bin"
+    blob.write_bytes(bytes(range(256)) * 4)
+    with pytest.raises(ValueError, match=r"data.bin is not a path,label CSV list \(a text file\) nor a folder"):
+        ImageFolderIndex(blob)
+
+
+def test_fingerprint_covers_sizes_and_times_apart(tree, tmp_path):
+    root, samples = tree
+    a = ImageFolderIndex(root, cache_dir=False)
+    record = a.identity()
+    assert record["fingerprint_version"] == 2 and a.compare(record) == (None, None)
+    copy = tmp_path / "copy"
+    shutil.copytree(root, copy, copy_function=shutil.copy)  # a copy without the times
+    same, caution = ImageFolderIndex(copy, cache_dir=False).compare(record)
+    assert same is None and "other modification times" in caution
+    victim = copy / os.path.relpath(samples[3][0], root)
+    Image.new("RGB", (31, 17), (200, 10, 10)).save(victim)  # overwritten in place: another size
+    assert os.path.getsize(victim) != os.path.getsize(samples[3][0])
+    why, _ = ImageFolderIndex(copy, cache_dir=False).compare(record)
+    assert why == "the file names, classes, labels or file sizes differ"
+    older = {"fingerprint": a.names_fingerprint}  # written by an earlier version: names and labels only
+    assert ImageFolderIndex(copy, cache_dir=False).compare(older)[1].startswith("it was recorded by an older")
+    assert a.compare({}) == (None, None)
+    scanned = ImageFolderIndex(root, cache_dir=False)
+    os.remove(samples[0][0])  # gone after the scan: the fingerprint still computes (the loaders name the file)
+    assert scanned.fingerprint != a.fingerprint

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -106,7 +107,7 @@ def test_save_load_round_trip_and_fingerprint(index, checkpoint, tmp_path):
     assert files == ["image.npy", "meta.json", "text.npy"]
     meta = json.loads((tmp_path / "emb" / "meta.json").read_text())
     for key in ("model", "pretrained", "checkpoint_sha256", "D", "N", "C", "classes", "fingerprint",
-                "fastprune_version", "date"):
+                "fingerprint_version", "file_times", "fastprune_version", "date"):
         assert key in meta, key
     loaded = Embeddings.load(tmp_path / "emb", index=index)
     assert torch.equal(loaded.image, emb.image) and torch.equal(loaded.text, emb.text)
@@ -114,6 +115,7 @@ def test_save_load_round_trip_and_fingerprint(index, checkpoint, tmp_path):
     other = ImageFolderIndex.__new__(ImageFolderIndex)
     other.__dict__.update(index.__dict__)
     other._rel = index._rel[:-1] + ["class_02/renamed.jpg"]
+    other._files = other._fingerprint = other._stat_cache = None
     with pytest.raises(ValueError, match="were computed for another dataset"):
         Embeddings.load(tmp_path / "emb", index=other)
     with pytest.raises(FileExistsError, match="already holds embeddings"):
@@ -205,3 +207,58 @@ def test_embed_cli_end_to_end(index, checkpoint, tmp_path):
     assert emb.image.shape == (len(index), 16)
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert again.returncode == 2 and "already holds embeddings" in again.stderr and "Traceback" not in again.stderr
+
+
+def test_damaged_files_are_errors_that_name_them(tmp_path):
+    good = tmp_path / "good"
+    Embeddings.from_arrays(torch.rand(6, 8), torch.rand(3, 8)).save(good)
+
+    def damaged(name, write):
+        d = tmp_path / name
+        shutil.copytree(good, d)
+        write(d)
+        return d
+
+    cases = [
+        (lambda d: (d / "meta.json").write_text("{not json"), r"meta.json: not readable JSON"),
+        (lambda d: (d / "meta.json").write_text("[1, 2]"), r"meta.json: not the metadata of fastprune embeddings"),
+        (lambda d: (d / "image.npy").write_bytes(b"garbage" * 10), r"image.npy: not a readable .npy table"),
+        (lambda d: (d / "text.npy").write_bytes((d / "text.npy").read_bytes()[:90]),
+         r"text.npy: not a readable .npy table"),
+        (lambda d: np.save(d / "image.npy", np.zeros((5, 8), np.float16)), r"image.npy has 5 rows but its meta.json"),
+        (lambda d: np.save(d / "text.npy", np.zeros((3, 7), np.float16)), r"image.npy has width 8 but .*text.npy"),
+        (lambda d: np.save(d / "text.npy", np.zeros(24, np.float16)), r"text.npy: expected a 2-D float16"),
+        (lambda d: (d / "image.npy").unlink(), r"image.npy is missing"),
+        (lambda d: np.save(d / "image.npy", np.full((6, 8), np.nan, np.float16)),
+         r"image.npy: 6 of 6 rows hold NaN or inf \(first: row 0\)"),
+    ]
+    for k, (write, match) in enumerate(cases):
+        with pytest.raises((ValueError, FileNotFoundError), match=match):
+            Embeddings.load(damaged(f"case{k}", write))
+    with pytest.raises(ValueError, match=r"embeddings are a directory written by `fastprune embed`; '.*meta.json' is a"):
+        Embeddings.load(good / "meta.json")
+    assert Embeddings.load(good).image.shape == (6, 8)
+
+
+def test_the_pruner_refuses_non_finite_tables():
+    image, text = torch.rand(6, 8), torch.rand(3, 8)
+    image[4, 2] = float("nan")
+    with pytest.raises(ValueError, match=r"image_emb: 1 of 6 rows hold NaN or inf \(first: row 4\)"):
+        fp.DynamicPruner(6, 3, epochs=2, image_emb=image, text_emb=text, device="cpu")
+    text[1] = float("inf")
+    with pytest.raises(ValueError, match=r"text_emb: 1 of 3 rows hold NaN or inf \(first: row 1\)"):
+        fp.DynamicPruner(6, 3, epochs=2, text_emb=text, device="cpu")
+
+
+def test_a_copy_of_the_data_still_matches_with_a_caution(index, tmp_path):
+    Embeddings.from_arrays(torch.rand(len(index), 8), torch.rand(index.num_classes, 8),
+                           meta=index.identity()).save(tmp_path / "emb")
+    Embeddings.load(tmp_path / "emb", index=index)  # same data: silent
+    copy = tmp_path / "copy"
+    shutil.copytree(index.root, copy, copy_function=shutil.copy)
+    with pytest.warns(RuntimeWarning, match=r"some files have other modification times"):
+        Embeddings.load(tmp_path / "emb", index=ImageFolderIndex(copy, cache_dir=False))
+    victim = copy / index.relative_files[1]
+    victim.write_bytes(victim.read_bytes() + b"\0" * 7)  # the same name, other content
+    with pytest.raises(ValueError, match=r"computed for another dataset .*: the file names, classes, labels or file"):
+        Embeddings.load(tmp_path / "emb", index=ImageFolderIndex(copy, cache_dir=False))

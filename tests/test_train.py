@@ -248,6 +248,38 @@ def test_resume_refuses_other_settings_or_data_and_lists_them(folders, tmp_path,
     assert [r["epoch"] for r in read_log(out)] == [0, 1]
 
 
+def test_resume_compares_file_sizes_and_notes_a_copy(folders, tmp_path, capsys):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(folders / "train", data)
+    out = tmp_path / "run"
+    args = train_args(folders, out, "--epochs", "1")
+    args[0] = str(data)
+    assert run_cli(["train", *args], capsys)[0] == 0
+    copy = tmp_path / "copy"  # the data copied elsewhere without its times: the run goes on, and says why
+    shutil.copytree(data, copy, copy_function=shutil.copy)
+    resumed = train_args(folders, out, "--epochs", "2", "--resume")
+    resumed[0] = str(copy)
+    rc = cli.main(["train", *resumed])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    assert "note: resuming on" in captured.out and "other modification times" in captured.out
+    victim = sorted(f for f in copy.rglob("*") if f.suffix.lower() in (".jpg", ".png"))[0]  # overwritten
+    Image.new("RGB", (40, 40), (250, 0, 0)).save(victim)
+    resumed[resumed.index("--epochs") + 1] = "3"
+    rc, err = run_cli(["train", *resumed], capsys)
+    assert rc == 2 and "is not the data the run trained on (the file names, classes, labels or file sizes differ)" \
+        in err, err
+    assert [r["epoch"] for r in read_log(out)] == [0, 1]
+
+
+def test_one_class_is_refused(tmp_path, capsys):
+    make_tree(str(tmp_path / "one"), per_class=(5,))
+    rc, err = run_cli(["train", str(tmp_path / "one"), "--out", str(tmp_path / "o"), "--loader", "torch"], capsys)
+    assert rc == 2 and "has one class ('class_00'): there is nothing to tell apart" in err, err
+
+
 @pytest.mark.parametrize("flag,value,message", [
     ("--lr", "nan", "--lr must be a finite number in (0, inf), got nan"),
     ("--lr", "0", "--lr must be a finite number in (0, inf)"),
