@@ -33,10 +33,10 @@ def plot_run(history: list[dict], pruner, out: Path) -> list[Path]:
 
     seen = pruner.visits.cpu() > 0
     fig, ax = plt.subplots(1, 2, figsize=(10, 3.6))
-    ax[0].hist(pruner.scores.cpu()[seen].numpy(), bins=50)
+    _hist(ax[0], pruner.scores.cpu()[seen], "tab:blue")
     ax[0].set(xlabel="EMA cross-entropy", ylabel="samples", title="score")
     if pruner.text_emb is not None:
-        ax[1].hist(pruner.consistency.cpu()[seen].numpy(), bins=50, color="tab:green")
+        _hist(ax[1], pruner.consistency.cpu()[seen], "tab:green")
         ax[1].set(xlabel="cosine(image, label text)", title="consistency")
     else:
         ax[1].text(0.5, 0.5, "no embeddings", ha="center", va="center")
@@ -50,6 +50,17 @@ def plot_run(history: list[dict], pruner, out: Path) -> list[Path]:
     fig.tight_layout()
     paths.append(_save(fig, out / "suspected_noisy.png"))
     return paths
+
+
+def _hist(ax, values: torch.Tensor, color: str) -> None:
+    """A histogram of the finite values; a plot never stops a finished run from writing its outputs."""
+    finite = values[torch.isfinite(values)]
+    if finite.numel():
+        ax.hist(finite.numpy(), bins=50, color=color)
+    left = values.numel() - finite.numel()
+    if left or not finite.numel():
+        ax.text(0.98, 0.95, f"{left} non-finite values left out" if left else "no samples seen",
+                transform=ax.transAxes, ha="right", va="top", fontsize=8)
 
 
 def _save(fig, path: Path) -> Path:

@@ -177,3 +177,14 @@ def test_load_state_dict_from_another_size():
 def test_steps_per_epoch_batch_size():
     with pytest.raises(ValueError, match="batch_size must be an integer >= 1, got 0"):
         make().steps_per_epoch(0)
+
+
+def test_end_of_run_plots_survive_non_finite_values(tmp_path):
+    from fastprune.report import plot_run
+
+    p = make(text_emb=torch.randn(5, 8))
+    p.step(*batch())
+    p.scores[:2] = float("nan")  # whatever went wrong in a run, its outputs are still written
+    p.consistency[:4] = float("inf")
+    paths = plot_run([{"epoch": 0, "kept_fraction": 1.0, "val_top1": None, "suspected_noisy": 0}], p, tmp_path)
+    assert [x.name for x in paths] == ["kept_and_accuracy.png", "score_consistency_hist.png", "suspected_noisy.png"]
