@@ -23,7 +23,8 @@ _LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _EMB_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _VALIDATE = ("async", "sync", "none")
 _SYNC, _NEXT_EPOCH = 1, 2  # which collective sequence the ranks are in (checked to agree)
-STATE_VERSION = 4  # 4: the step state's columns by name (kernels.FIELDS), CLIP's under "clip"
+STATE_VERSION = 5  # 4: the step state's columns by name (kernels.FIELDS), CLIP's under "clip"; 5: the same format, the
+# epochs after it shuffled by the sort-free bijection (a version-4 state resumes the same, later orders differ)
 _UNSAVED = ("stamp",)  # step ids only tell one step's rows apart: cleared on load
 
 

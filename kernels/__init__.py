@@ -40,12 +40,13 @@ def scale_grad(grad: torch.Tensor, grad_output: torch.Tensor) -> torch.Tensor:
 
 
 def select_epoch(scores: torch.Tensor, visits: torch.Tensor, consistency: torch.Tensor, **kw) -> Selection:
-    """Epoch selection (see ``reference.select_reference``) with the device's elementwise passes."""
+    """Epoch selection (see ``reference.select_reference``) with the device's passes (kernels on CUDA)."""
     if uses_triton(scores):
-        from .select import finalize_triton, priority_triton
+        from .select import finalize_triton, priority_triton, shuffle_triton
 
         kw.setdefault("priority", priority_triton)
         kw.setdefault("finalize", finalize_triton)
+        kw.setdefault("shuffle", shuffle_triton)
     return reference.select_reference(scores, visits, consistency, **kw)
 
 

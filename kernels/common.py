@@ -57,7 +57,7 @@ POLICY_RANKED = 2  # topk and random: keep eligible samples whose rank < budget
 
 # --- counter-based random streams: Philox-4x32-10 counter = (i_lo, i_hi, epoch, stream) ---
 STREAM_DROP = 0  # infobatch drop decision
-STREAM_SHUFFLE = 1  # order of the kept samples
+STREAM_SHUFFLE = 1  # the shuffle's round keys
 STREAM_RANDOM = 2  # rank for the random policy
 
 PHILOX_ROUND_A = 0xD2511F53
@@ -66,8 +66,13 @@ PHILOX_KEY_A = 0x9E3779B9
 PHILOX_KEY_B = 0xBB67AE85
 PHILOX_ROUNDS = 10
 
-# Kept samples sort by a 62-bit random key; dropped ones after them by index.
-SHUFFLE_DROPPED_BASE = 1 << 62
+# The shuffle: a keyed bijection of [0, N) (a Feistel network on the bits of N - 1, cycle-walked into range);
+# kept samples come in the order of their images under it, the dropped ones after them in the same order.
+# Keys: Philox word 0 of counter (r, 0, epoch, STREAM_SHUFFLE), r = 0..SHUFFLE_ROUNDS (the last: the swap bit).
+SHUFFLE_ROUNDS = 10  # 6 left small sets visibly non-uniform (tests/test_select_kernel.py)
+SHUFFLE_MIX_A = 0x7FEB352D  # the round function's two odd multipliers (uint32 arithmetic)
+SHUFFLE_MIX_B = 0x5BD1E995
+SHUFFLE_MAX_N = 1 << 32  # positions are uint32
 
 
 def seed_keys(seed: int) -> tuple[int, int]:

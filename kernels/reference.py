@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from . import common as K
@@ -374,18 +375,85 @@ def policy_stats(cls, prio, keep_count: int, max_drop: float) -> PolicyStats:
     return PolicyStats(budget=budget, mean_p=mean_p, drop_prob=drop, up_weight=1.0 / (1.0 - drop))
 
 
-def shuffle_key(keep: torch.Tensor, r0: torch.Tensor, r1: torch.Tensor) -> torch.Tensor:
-    """Sort key: a 62-bit random number for kept samples, 2**62 + index for the rest.
+def shuffle_keys(seed: int, epoch: int) -> list[int]:
+    """The shuffle's keys for (seed, epoch), uint32 Python ints: ``SHUFFLE_ROUNDS`` round keys, then one whose
+    lowest bit says whether the final transposition is applied."""
+    k0, k1 = K.seed_keys(seed)
+    w0, _, _, _ = philox(k0, k1, torch.arange(K.SHUFFLE_ROUNDS + 1), 0, epoch & _U32, K.STREAM_SHUFFLE)
+    return [int(w) for w in w0]
 
-    Overwrites ``r0`` and ``r1`` (in-place steps keep the temporaries at two words a sample).
-    """
-    rnd = r0.bitwise_left_shift_(30).bitwise_or_(r1.bitwise_right_shift_(2))
-    base = torch.arange(keep.numel(), device=keep.device).add_(K.SHUFFLE_DROPPED_BASE)
-    return torch.where(keep, rnd, base, out=base)
+
+def feistel(x: np.ndarray, bits: int, keys: list[int]) -> np.ndarray:
+    """The keyed bijection of [0, 2**bits) on uint32 values, in place: ``SHUFFLE_ROUNDS`` unbalanced Feistel
+    rounds, each replacing the high part by (high xor mix(low xor key)) and rotating the parts, then the swap
+    of 0 and 1 when the last key says so.  (Without that swap every key would give a permutation of the same
+    parity on 8 or more values, half of the orders never drawn.)"""
+    hb, lb = bits - bits // 2, bits // 2
+    a, b = np.uint32(K.SHUFFLE_MIX_A), np.uint32(K.SHUFFLE_MIX_B)
+    s15, s16 = np.uint32(15), np.uint32(16)
+    for k in keys[:K.SHUFFLE_ROUNDS]:
+        lo = x & np.uint32((1 << lb) - 1)
+        h = lo ^ np.uint32(k)
+        h ^= h >> s16
+        h *= a
+        h ^= h >> s15
+        h *= b
+        h ^= h >> s16
+        h &= np.uint32((1 << hb) - 1)
+        x >>= np.uint32(lb)
+        x ^= h
+        lo <<= np.uint32(hb)
+        x |= lo
+        hb, lb = lb, hb
+    if bits and keys[K.SHUFFLE_ROUNDS] & 1:
+        x ^= (x < 2).astype(np.uint32)
+    return x
+
+
+def shuffle_positions(start: int, stop: int, n: int, keys: list[int]) -> np.ndarray:
+    """Images of ``start..stop-1`` under the keyed bijection of [0, n): ``feistel`` on the bits of n - 1,
+    applied again while a value lies outside [0, n) (cycle walking; fewer than 2 passes on average)."""
+    bits = (n - 1).bit_length()
+    x = feistel(np.arange(start, stop, dtype=np.uint32), bits, keys)
+    out = np.flatnonzero(x >= n)
+    while out.size:
+        y = feistel(x[out], bits, keys)
+        x[out] = y
+        out = out[y >= n]
+    return x
+
+
+# Samples per pass of the shuffle on the CPU: its temporaries stay in the core's cache.
+_SHUFFLE_CHUNK = 1 << 14
+
+
+def shuffle_slots(keep: torch.Tensor, seed: int, epoch: int) -> np.ndarray:
+    """``slot[pi(i)] = i`` for kept samples and ``~i`` for the others (int32 or int64, N entries)."""
+    n = keep.numel()
+    if n > K.SHUFFLE_MAX_N:
+        raise ValueError(f"the shuffle handles up to {K.SHUFFLE_MAX_N} samples, got {n}")
+    keys = shuffle_keys(seed, epoch)
+    kept = keep.cpu().numpy()
+    slot = np.empty(n, dtype=np.int32 if n < 2**31 else np.int64)
+    for lo in range(0, n, _SHUFFLE_CHUNK):
+        hi = min(n, lo + _SHUFFLE_CHUNK)
+        i = np.arange(lo, hi, dtype=slot.dtype)
+        slot[shuffle_positions(lo, hi, n, keys)] = np.where(kept[lo:hi], i, ~i)
+    return slot
+
+
+def shuffled_order(keep: torch.Tensor, seed: int, epoch: int) -> torch.Tensor:
+    """Every sample index: the kept ones first, in the order of their images under the keyed bijection of
+    (seed, epoch), then the others in the same order.  No sort, and the order of two kept samples does
+    not depend on which other samples are kept."""
+    slot = shuffle_slots(keep, seed, epoch)
+    flag = slot >= 0
+    order = np.concatenate([slot[flag], ~slot[~flag]]).astype(np.int64, copy=False)
+    return torch.from_numpy(order).to(keep.device)
 
 
 def finalize_reference(cls, prio, chosen, stats: PolicyStats, policy: int, seed: int, epoch: int):
-    """Keep mask, weights and shuffle keys for every sample (``chosen``: the ranked policies' choice)."""
+    """Keep mask and weights for every sample (``chosen``: the ranked policies' choice)."""
     n = cls.numel()
     dev = cls.device
     active = cls != K.CLS_NOISY
@@ -402,7 +470,7 @@ def finalize_reference(cls, prio, chosen, stats: PolicyStats, policy: int, seed:
         w = ones
     else:
         raise ValueError(f"unknown policy code {policy}")
-    return keep, w, shuffle_key(keep, *random_words(seed, n, epoch, K.STREAM_SHUFFLE, dev))
+    return keep, w
 
 
 POLICY_CODES = {"full": K.POLICY_FULL, "infobatch": K.POLICY_INFOBATCH, "topk": K.POLICY_RANKED,
@@ -439,8 +507,9 @@ def select_reference(
     noisy: torch.Tensor | None = None,
     finalize=finalize_reference,
     priority=priority_reference,
+    shuffle=shuffled_order,
 ) -> Selection:
-    """Next epoch's selection (see DESIGN §3).  ``finalize``/``priority`` swap in kernels.
+    """Next epoch's selection (see DESIGN §3).  ``finalize``/``priority``/``shuffle`` swap in kernels.
 
     ``exclude`` (bool N) marks samples outside a static subset: never kept, not counted in the
     statistics, and ``keep_ratio`` applies to the ``population`` that remains (pass it from the host
@@ -469,8 +538,8 @@ def select_reference(
     keep_count = int(round(keep_ratio * population))
     stats = policy_stats(cls, prio, keep_count, max_drop)
     chosen = ranked_choice(policy, cls, prio, stats.budget, seed, epoch)
-    keep, w, key = finalize(cls, prio, chosen, stats, POLICY_CODES[policy], seed, epoch)
-    order = torch.sort(key, stable=True).indices
+    keep, w = finalize(cls, prio, chosen, stats, POLICY_CODES[policy], seed, epoch)
+    order = shuffle(keep, seed, epoch)
     drop_prob = stats.drop_prob if policy == "infobatch" else torch.zeros((), device=scores.device)
     return Selection(order=order, n_keep=keep.sum(), keep=keep, weights=w, noisy=noisy, priority=prio,
                      drop_prob=drop_prob)

@@ -1,9 +1,11 @@
-"""Epoch selection on the device: priority, policy decisions, weights and shuffle keys.
+"""Epoch selection on the device: priority, policy decisions, weights and the shuffle.
 
 The per-sample work is two fused elementwise passes over the N scores
 (``priority_kernel``, ``finalize_kernel``).  The order statistics between
-them come from ``reference.py``: the ranked policies' choice and the median by radix selection (no sort),
-the final shuffle by ``torch.sort`` of the keys ``finalize_kernel`` writes.
+them come from ``reference.py``: the ranked policies' choice and the median by radix selection (no sort).
+The shuffle sorts nothing either: ``shuffle_kernel`` sends each sample to its image under a keyed bijection
+of [0, N) (a Feistel network, cycle-walked into range), and ``compact_kernel`` moves the kept ones to the
+front in that order (a stable partition after one scan).
 
 What is the same on every device, from the same state:
 - exactly: every random draw (the counter-based Philox of ``reference.py``, bit
@@ -27,7 +29,7 @@ import triton
 import triton.language as tl
 
 from . import common as K
-from .reference import PolicyStats
+from .reference import PolicyStats, shuffle_keys
 
 BLOCK = 1024
 
@@ -79,7 +81,7 @@ def priority_kernel(scores_ptr, visits_ptr, cons_ptr, noisy_ptr, mu_ptr, sd_ptr,
 
 @triton.jit(do_not_specialize=["N", "k0", "k1", "epoch"])
 def finalize_kernel(cls_ptr, prio_ptr, chosen_ptr, mean_ptr, drop_ptr, upw_ptr,
-                    keep_ptr, w_ptr, key_ptr, N, k0, k1, epoch,
+                    keep_ptr, w_ptr, N, k0, k1, epoch,
                     POLICY: tl.constexpr, BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     m = offs < N
@@ -98,12 +100,66 @@ def finalize_kernel(cls_ptr, prio_ptr, chosen_ptr, mean_ptr, drop_ptr, upw_ptr,
     else:  # ranked: topk and random
         chosen = tl.load(chosen_ptr + offs, mask=m, other=0) != 0
         keep = (cls == 0) | ((cls == 1) & chosen)
-    s0, s1 = philox_words(k0, k1, offs, epoch, 1)
-    rnd = (s0.to(tl.int64) << 30) | (s1 >> 2).to(tl.int64)
-    key = tl.where(keep, rnd, (1 << 62) + offs)
     tl.store(keep_ptr + offs, keep.to(tl.int8), mask=m)
     tl.store(w_ptr + offs, w, mask=m)
-    tl.store(key_ptr + offs, key, mask=m)
+
+
+_MIX_A = tl.constexpr(K.SHUFFLE_MIX_A)
+_MIX_B = tl.constexpr(K.SHUFFLE_MIX_B)
+
+
+@triton.jit
+def _feistel_round(x, hb, lb, k):
+    """(high, low) -> (low, high xor mix(low xor k)), high of ``hb`` bits, low of ``lb``; see reference.feistel."""
+    lo = x & ((1 << lb) - 1).to(tl.uint32)
+    h = lo ^ k.to(tl.uint32)
+    h ^= h >> 16
+    h = h * _MIX_A
+    h ^= h >> 15
+    h = h * _MIX_B
+    h ^= h >> 16
+    h = h & ((1 << hb) - 1).to(tl.uint32)
+    return (lo << hb.to(tl.uint32)) | ((x >> lb.to(tl.uint32)) ^ h)
+
+
+@triton.jit
+def _feistel(x, hb, lb, keys_ptr, flip, ROUNDS: tl.constexpr):
+    """The keyed bijection of [0, 2**(hb + lb)): ``reference.feistel``."""
+    for r in tl.static_range(ROUNDS):
+        if r % 2 == 0:
+            x = _feistel_round(x, hb, lb, tl.load(keys_ptr + r))
+        else:
+            x = _feistel_round(x, lb, hb, tl.load(keys_ptr + r))
+    return tl.where((x < 2) & (flip != 0), x ^ 1, x)
+
+
+@triton.jit(do_not_specialize=["N", "BITS", "flip"])
+def shuffle_kernel(keep_ptr, keys_ptr, slot_ptr, N, BITS, flip, ROUNDS: tl.constexpr, BLOCK: tl.constexpr):
+    """``slot[pi(i)] = i`` for kept samples, ``~i`` for the others: pi the keyed bijection of [0, N)."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    m = offs < N
+    hb = BITS - BITS // 2
+    lb = BITS // 2
+    x = _feistel(offs.to(tl.uint32), hb, lb, keys_ptr, flip, ROUNDS)
+    walk = m & (x.to(tl.int64) >= N)
+    while tl.max(walk.to(tl.int32), axis=0) > 0:  # cycle walking: fewer than 2 passes on average
+        x = tl.where(walk, _feistel(x, hb, lb, keys_ptr, flip, ROUNDS), x)
+        walk = walk & (x.to(tl.int64) >= N)
+    keep = tl.load(keep_ptr + offs, mask=m, other=0) != 0
+    tl.store(slot_ptr + x.to(tl.int64), tl.where(keep, offs, -1 - offs), mask=m)
+
+
+@triton.jit(do_not_specialize=["N"])
+def compact_kernel(slot_ptr, csum_ptr, order_ptr, N, BLOCK: tl.constexpr):
+    """Kept samples to the front in slot order, the others after them in the same order (a stable partition
+    by the sign of the slot; ``csum``: the inclusive count of kept slots)."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    m = offs < N
+    v = tl.load(slot_ptr + offs, mask=m, other=0)
+    c = tl.load(csum_ptr + offs, mask=m, other=0).to(tl.int64)
+    kept = tl.load(csum_ptr + N - 1).to(tl.int64)
+    at = tl.where(v >= 0, c - 1, kept + offs - c)
+    tl.store(order_ptr + at, tl.where(v >= 0, v, -1 - v), mask=m)
 
 
 def priority_triton(scores, visits, consistency, noisy, mu, sd, semantic_weight: float, use_consistency: bool):
@@ -130,11 +186,28 @@ def finalize_triton(cls, prio, chosen, stats: PolicyStats, policy: int, seed: in
     dev = cls.device
     keep = torch.empty(n, dtype=torch.int8, device=dev)
     w = torch.empty(n, dtype=torch.float32, device=dev)
-    key = torch.empty(n, dtype=torch.int64, device=dev)
     k0, k1 = (_as_i32(k) for k in K.seed_keys(seed))
     chosen = cls if chosen is None else chosen.view(torch.int8)  # cls: a placeholder, read only when ranked
     scal = [torch.as_tensor(v, device=dev).reshape(()) for v in (stats.mean_p, stats.drop_prob, stats.up_weight)]
     finalize_kernel[(triton.cdiv(n, BLOCK),)](
-        cls, prio, chosen, *scal, keep, w, key, n, k0, k1, _as_i32(epoch & 0xFFFFFFFF),
+        cls, prio, chosen, *scal, keep, w, n, k0, k1, _as_i32(epoch & 0xFFFFFFFF),
         POLICY=policy, BLOCK=BLOCK, num_warps=4)
-    return keep.view(torch.bool), w, key
+    return keep.view(torch.bool), w
+
+
+def shuffle_triton(keep, seed: int, epoch: int):
+    """Drop-in for ``reference.shuffled_order``: three passes over N on the device, no sort, no sync."""
+    n = keep.numel()
+    if n > K.SHUFFLE_MAX_N:
+        raise ValueError(f"the shuffle handles up to {K.SHUFFLE_MAX_N} samples, got {n}")
+    slot = torch.empty(n, dtype=torch.int64, device=keep.device)
+    *keys, last = shuffle_keys(seed, epoch)
+    keys = torch.tensor([_as_i32(k) for k in keys], dtype=torch.int32).to(keep.device, non_blocking=True)
+    bits = (n - 1).bit_length()
+    grid = (triton.cdiv(n, BLOCK),)
+    shuffle_kernel[grid](keep.view(torch.int8), keys, slot, n, bits, int(bits > 0 and last & 1),
+                         ROUNDS=K.SHUFFLE_ROUNDS, BLOCK=BLOCK, num_warps=4)
+    csum = torch.cumsum(slot >= 0, 0, dtype=torch.int32 if n < 2**31 else torch.int64)
+    order = torch.empty(n, dtype=torch.int64, device=keep.device)
+    compact_kernel[grid](slot, csum, order, n, BLOCK=BLOCK, num_warps=4)
+    return order

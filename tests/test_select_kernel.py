@@ -2,6 +2,7 @@
 
 import os
 
+import numpy as np
 import pytest
 import torch
 import triton
@@ -11,7 +12,7 @@ from hypothesis import strategies as st
 
 from fastprune.kernels import common as K
 from fastprune.kernels import reference as R
-from fastprune.kernels.select import finalize_triton, philox_words, priority_triton
+from fastprune.kernels.select import finalize_triton, philox_words, priority_triton, shuffle_triton
 
 
 
@@ -25,7 +26,8 @@ def random_state(n, seed=0, unseen=0.2):
 
 
 def select_both(scores, visits, cons, **kw):
-    kernel = R.select_reference(scores, visits, cons, priority=priority_triton, finalize=finalize_triton, **kw)
+    kernel = R.select_reference(scores, visits, cons, priority=priority_triton, finalize=finalize_triton,
+                                shuffle=shuffle_triton, **kw)
     ref = R.select_reference(scores, visits, cons, **kw)
     return kernel, ref
 
@@ -231,3 +233,81 @@ def test_masked_median_is_the_lower_median():
             assert got == values[mask].median()
         else:
             assert torch.isnan(got)
+
+
+# --------------------------------------------------------------------------- the shuffle
+
+
+def _order(n, seed, epoch, keep=None, shuffle=R.shuffled_order):
+    keep = torch.ones(n, dtype=torch.bool) if keep is None else keep
+    return shuffle(keep, seed, epoch)
+
+
+@pytest.mark.parametrize("bits", range(0, 21))
+def test_feistel_is_a_bijection_of_every_power_of_two(bits):
+    keys = R.shuffle_keys(bits * 7919, 3)
+    x = R.feistel(np.arange(1 << bits, dtype=np.uint32), bits, keys)
+    assert np.array_equal(np.sort(x), np.arange(1 << bits, dtype=np.uint32))
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 5, 1000, 1023, 1024, 1025, 3001])
+def test_shuffle_kernel_matches_the_reference(n):
+    g = torch.Generator().manual_seed(n)
+    for keep in (torch.ones(n, dtype=torch.bool), torch.zeros(n, dtype=torch.bool), torch.rand(n, generator=g) < 0.3):
+        for seed, epoch in ((0, 0), (2**63 + 5, 2**31 + 3)):
+            ref = _order(n, seed, epoch, keep)
+            assert torch.equal(_order(n, seed, epoch, keep, shuffle=shuffle_triton), ref)
+            k = int(keep.sum())
+            assert torch.equal(ref.sort().values, torch.arange(n))  # a permutation of every sample
+            assert keep[ref[:k]].all() and not keep[ref[k:]].any()  # the kept ones first
+
+
+def test_shuffle_does_not_depend_on_the_chunking(monkeypatch):
+    keep = torch.rand(5000, generator=torch.Generator().manual_seed(1)) < 0.5
+    whole = R.shuffled_order(keep, 11, 4)
+    monkeypatch.setattr(R, "_SHUFFLE_CHUNK", 999)
+    assert torch.equal(R.shuffled_order(keep, 11, 4), whole)
+
+
+def test_kept_samples_keep_their_order_when_others_come_and_go():
+    """What lets two devices that differ on a threshold sample still agree on everyone else's order."""
+    g = torch.Generator().manual_seed(3)
+    keep = torch.rand(777, generator=g) < 0.6
+    fewer = keep & (torch.rand(777, generator=g) < 0.9)
+    a, b = R.shuffled_order(keep, 5, 9), R.shuffled_order(fewer, 5, 9)
+    assert torch.equal(a[fewer[a]], b[: int(fewer.sum())])
+    assert not torch.equal(R.shuffled_order(keep, 5, 10), a)  # another epoch, another order
+
+
+def _worst_z(counts: torch.Tensor, p: float, draws: int) -> float:
+    """The largest |z| of cell counts that are each Binomial(draws, p) under a uniform shuffle."""
+    return float(((counts - draws * p).abs() / (draws * p * (1 - p)) ** 0.5).max())
+
+
+def _draws(n, draws, ours: bool) -> torch.Tensor:
+    if ours:
+        return torch.stack([_order(n, 1234, e) for e in range(draws)])
+    g = torch.Generator().manual_seed(1234)
+    return torch.stack([torch.randperm(n, generator=g) for _ in range(draws)])
+
+
+@pytest.mark.parametrize("n", [2, 3, 5, 8, 13, 64])
+def test_shuffle_looks_as_uniform_as_randperm(n):
+    """Positions of every sample, neighbours, ascending runs and parity, over 3,000 epochs, judged by the same
+    bounds as torch.randperm's (5 standard deviations of each statistic)."""
+    draws = 3000
+    for ours in (True, False):
+        perms = _draws(n, draws, ours)
+        who = "ours" if ours else "randperm"
+        pos = torch.zeros(n, n)  # sample a at position b: probability 1/n per draw
+        pos.index_put_((perms.flatten(), torch.arange(n).repeat(draws)), torch.ones(n * draws), accumulate=True)
+        assert _worst_z(pos, 1 / n, draws) < 5, (who, "positions")
+        pairs = torch.zeros(n, n)  # sample a directly followed by sample b: probability 1/n per draw
+        pairs.index_put_((perms[:, :-1].flatten(), perms[:, 1:].flatten()), torch.ones(draws * (n - 1)),
+                         accumulate=True)
+        assert _worst_z(pairs[~torch.eye(n, dtype=torch.bool)], 1 / n, draws) < 5, (who, "pairs")
+        runs = 1 + (perms[:, 1:] < perms[:, :-1]).sum(1).double()  # ascending runs: mean (n+1)/2, var (n+1)/12
+        assert abs(runs.mean() - (n + 1) / 2) < 5 * ((n + 1) / 12 / draws) ** 0.5, (who, "runs")
+        inversions = (perms[:, :, None] > perms[:, None, :]).triu(1).sum((1, 2))
+        odd = (inversions % 2).double().mean()
+        assert abs(odd - 0.5) < 5 * (0.25 / draws) ** 0.5, (who, "parity")
