@@ -93,6 +93,25 @@ def fit_mixtures(x: torch.Tensor, cls: torch.Tensor, valid: torch.Tensor, num_cl
     counts, centres, n = class_histograms(x, cls, valid, num_classes)
     w = counts.to(torch.float64)
     n1 = n.to(torch.float64).clamp_min(1.0)
+    rows = _EM_ROWS.get(x.device.type, num_classes)
+    fitted = [_em(centres[lo:lo + rows], w[lo:lo + rows], n1[lo:lo + rows], iterations)
+              for lo in range(0, num_classes, rows)]
+    mu_lo, mu_hi, var_lo, var_hi, pi_lo = (torch.cat(part) for part in zip(*fitted, strict=True))
+    separation = math.sqrt(2.0) * (mu_hi - mu_lo) / (var_lo + var_hi).sqrt()
+    usable = (n >= MIN_PER_CLASS) & (separation > SEPARATION) & (mu_lo < 0)
+    return torch.stack([mu_lo, mu_hi, var_lo, var_hi, pi_lo, usable.to(torch.float64)])
+
+
+MIXTURE_ROWS = 6  # fit_mixtures' rows: mu_lo, mu_hi, var_lo, var_hi, pi_lo, usable
+
+# Classes per EM block: on the CPU a block's C x BINS temporaries stay in the core's cache for all the
+# iterations (each row's arithmetic is the same whatever the block); elsewhere all classes at once.
+_EM_ROWS = {"cpu": 64}
+
+
+def _em(centres, w, n1, iterations: int):
+    """EM for the two-component mixtures of histogram rows ``w`` at bin ``centres``; (mu_lo, mu_hi, var_lo,
+    var_hi, pi_lo) per row, the lower component kept the lower."""
     mean = (w * centres).sum(1) / n1
     var = (w * (centres - mean[:, None]) ** 2).sum(1) / n1
     floor = 1e-4 * var.clamp_min(1e-12) + 1e-8
@@ -114,12 +133,7 @@ def fit_mixtures(x: torch.Tensor, cls: torch.Tensor, valid: torch.Tensor, num_cl
         mu_lo, mu_hi = torch.where(swap, mu_hi, mu_lo), torch.where(swap, mu_lo, mu_hi)
         var_lo, var_hi = torch.where(swap, var_hi, var_lo), torch.where(swap, var_lo, var_hi)
         pi_lo = torch.where(swap, 1 - pi_lo, pi_lo)
-    separation = math.sqrt(2.0) * (mu_hi - mu_lo) / (var_lo + var_hi).sqrt()
-    usable = (n >= MIN_PER_CLASS) & (separation > SEPARATION) & (mu_lo < 0)
-    return torch.stack([mu_lo, mu_hi, var_lo, var_hi, pi_lo, usable.to(torch.float64)])
-
-
-MIXTURE_ROWS = 6  # fit_mixtures' rows: mu_lo, mu_hi, var_lo, var_hi, pi_lo, usable
+    return mu_lo, mu_hi, var_lo, var_hi, pi_lo
 
 
 def _lower_posterior(v, mu_lo, mu_hi, var_lo, var_hi, pi_lo):

@@ -50,5 +50,14 @@ def select_epoch(scores: torch.Tensor, visits: torch.Tensor, consistency: torch.
     return reference.select_reference(scores, visits, consistency, **kw)
 
 
+def shuffle(keep: torch.Tensor, seed: int, epoch: int) -> torch.Tensor:
+    """The epoch's order: kept samples first, shuffled without sorting (``reference.shuffled_order``)."""
+    if uses_triton(keep):
+        from .select import shuffle_triton
+
+        return shuffle_triton(keep, seed, epoch)
+    return reference.shuffled_order(keep, seed, epoch)
+
+
 __all__ = ["FIELDS", "SampleState", "Selection", "StepOutput", "common", "fused_step", "reference", "scale_grad",
-           "select_epoch", "uses_triton"]
+           "select_epoch", "shuffle", "uses_triton"]

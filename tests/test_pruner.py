@@ -266,6 +266,10 @@ def test_mixtures_are_fitted_from_class_histograms():
     perm = torch.randperm(x.numel(), generator=g)
     again = fpn.fit_mixtures(x[perm], cls[perm], valid[perm], 4)
     assert torch.equal(again, fit)
+    for rows in (1, 3):  # the EM in blocks of classes (the CPU's cache-sized blocks): the same bits
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setitem(fpn._EM_ROWS, "cpu", rows)
+            assert torch.equal(fpn.fit_mixtures(x, cls, valid, 4), fit)
     belief = fpn.mixture_posterior(x, cls, valid, fit)
     assert torch.equal(fpn.mixture_posterior(x[perm], cls[perm], valid[perm], again), belief[perm])
     assert (belief[~valid] == 0).all() and (belief[valid & (x >= 0)] == 0).all()
