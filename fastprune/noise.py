@@ -23,7 +23,8 @@ suspected first).
 
 Each class's mixture is fitted to a histogram of its evidence (``BINS`` bins over the class's range): a
 few O(N) passes whose results (a minimum, a maximum, integer counts) no device's order of addition changes,
-then the EM on C x ``BINS`` numbers, then each sample's belief at its exact value.  Ranks share the fitted
+then the EM on C x ``BINS`` numbers (one kernel launch on a GPU: ``kernels/mixture.py``), then each sample's
+belief at its exact value.  Ranks share the fitted
 mixtures (O(C) numbers), not per-sample beliefs.  Every step is a device tensor operation; no host
 synchronisation.
 """
@@ -93,10 +94,15 @@ def fit_mixtures(x: torch.Tensor, cls: torch.Tensor, valid: torch.Tensor, num_cl
     counts, centres, n = class_histograms(x, cls, valid, num_classes)
     w = counts.to(torch.float64)
     n1 = n.to(torch.float64).clamp_min(1.0)
-    rows = _EM_ROWS.get(x.device.type, num_classes)
-    fitted = [_em(centres[lo:lo + rows], w[lo:lo + rows], n1[lo:lo + rows], iterations)
-              for lo in range(0, num_classes, rows)]
-    mu_lo, mu_hi, var_lo, var_hi, pi_lo = (torch.cat(part) for part in zip(*fitted, strict=True))
+    if x.is_cuda:  # one launch for every class and iteration
+        from .kernels.mixture import em_triton
+
+        mu_lo, mu_hi, var_lo, var_hi, pi_lo = em_triton(centres, w, n1, iterations)
+    else:
+        rows = _EM_ROWS.get(x.device.type, num_classes)
+        fitted = [_em(centres[lo:lo + rows], w[lo:lo + rows], n1[lo:lo + rows], iterations)
+                  for lo in range(0, num_classes, rows)]
+        mu_lo, mu_hi, var_lo, var_hi, pi_lo = (torch.cat(part) for part in zip(*fitted, strict=True))
     separation = math.sqrt(2.0) * (mu_hi - mu_lo) / (var_lo + var_hi).sqrt()
     usable = (n >= MIN_PER_CLASS) & (separation > SEPARATION) & (mu_lo < 0)
     return torch.stack([mu_lo, mu_hi, var_lo, var_hi, pi_lo, usable.to(torch.float64)])

@@ -133,14 +133,23 @@ def select_specs() -> list[Spec]:
     return specs
 
 
+def mixture_specs() -> list[Spec]:
+    """The noise decisions' EM kernel (the histograms' ``BINS``)."""
+    from fastprune.noise import BINS
+
+    sig = {"centres_ptr": "*fp64", "w_ptr": "*fp64", "n1_ptr": "*fp64", "out_ptr": "*fp64", "ROWS": "i32",
+           "ITERATIONS": "i32", "BINS": "constexpr"}
+    return [Spec("em_kernel", sig, {"BINS": BINS}, 4, f"em[bins={BINS}]", aligned=("centres_ptr", "w_ptr"))]
+
+
 def all_specs() -> list[Spec]:
-    return step_specs() + select_specs()
+    return step_specs() + select_specs() + mixture_specs()
 
 
 def _kernel(name: str):
-    from . import select, step
+    from . import mixture, select, step
 
-    return getattr(step, name, None) or getattr(select, name)
+    return getattr(step, name, None) or getattr(select, name, None) or getattr(mixture, name)
 
 
 def _ptxas_stats(ptx: str, arch: int) -> dict:

@@ -22,7 +22,8 @@ def test_every_specialisation_compiles_for_sm80_and_sm90(tmp_path):
     assert len(rows) == 2 * len(aot.all_specs())
     assert {r["arch"] for r in rows} == {80, 90}
     assert {r["kernel"] for r in rows} == {"fused_step_kernel", "settle_kernel", "scale_grad_kernel",
-                                           "priority_kernel", "finalize_kernel", "shuffle_kernel", "compact_kernel"}
+                                           "priority_kernel", "finalize_kernel", "shuffle_kernel", "compact_kernel",
+                                           "em_kernel"}
     for r in rows:
         assert r["cubin_bytes"] > 0, r["label"]
         assert r["spill_bytes"] == 0, f"{r['label']} sm_{r['arch']} spills {r['spill_bytes']} bytes"

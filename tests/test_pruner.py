@@ -553,3 +553,22 @@ def test_a_step_id_that_wrapped_around_never_meets_a_stale_stamp(kernel_path):
         pruner.step(torch.randn(2, 3), torch.tensor([0, 1]), torch.tensor([1, 2]))
     assert not [w for w in caught if "duplicate" in str(w.message)]
     assert pruner.state_dict()["visits"].tolist() == [0, 2, 1, 0]
+
+
+def test_the_mixture_kernel_matches_the_reference_em():
+    """kernels/mixture.py (a GPU's one-launch EM, here under the interpreter) against noise._em."""
+    from fastprune.kernels.mixture import em_triton
+
+    g = torch.Generator().manual_seed(5)
+    rows = 7
+    centres = (torch.linspace(-3, 4, fpn.BINS, dtype=torch.float64)[None, :] * (1 + torch.rand(rows, 1, generator=g,
+               dtype=torch.float64)))
+    w = torch.poisson(50 * torch.exp(-(centres - 2.5) ** 2) + 15 * torch.exp(-(centres + 2) ** 2 * 2), generator=g)
+    w[5] = 0  # an empty class
+    n1 = w.sum(1).clamp_min(1.0)
+    ref = fpn._em(centres, w, n1, fpn.EM_ITERATIONS)
+    got = em_triton(centres, w, n1, fpn.EM_ITERATIONS)
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+    full = torch.arange(rows) != 5
+    assert (ref[0][full] < -1.5).all() and (ref[1][full] > 2).all()  # the two bumps are found

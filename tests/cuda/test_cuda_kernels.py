@@ -209,3 +209,22 @@ def test_noise_mixtures_on_cuda_do_not_depend_on_sample_order():
     again = fpn.fit_mixtures(x[perm].to(DEV), cls[perm].to(DEV), valid[perm].to(DEV), c)
     assert torch.equal(fit, again)
     torch.testing.assert_close(fit.cpu(), fpn.fit_mixtures(x, cls, valid, c), rtol=1e-6, atol=1e-9)
+
+
+def test_compiled_shuffle_and_mixture_kernels_match_the_cpu():
+    """The sort-free shuffle (bit for bit) and the one-launch EM (to float64 rounding) against the CPU."""
+    import fastprune.noise as fpn
+    from fastprune.kernels.mixture import em_triton
+    from fastprune.kernels.select import shuffle_triton
+
+    for n in (1, 1000, 1 << 20, 3_000_017):
+        keep = torch.rand(n, device=DEV) < 0.7
+        assert torch.equal(shuffle_triton(keep, 42, 7).cpu(), R.shuffled_order(keep.cpu(), 42, 7))
+    g = torch.Generator().manual_seed(0)
+    centres = torch.linspace(-3, 4, fpn.BINS, dtype=torch.float64)[None, :].repeat(1000, 1)
+    w = torch.poisson(40 * torch.exp(-(centres - 2.5) ** 2) + 10 * torch.exp(-(centres + 2) ** 2), generator=g)
+    n1 = w.sum(1).clamp_min(1.0)
+    ref = fpn._em(centres, w, n1, fpn.EM_ITERATIONS)
+    got = em_triton(centres.to(DEV), w.to(DEV), n1.to(DEV), fpn.EM_ITERATIONS)
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a.cpu(), b, rtol=1e-9, atol=1e-12)
