@@ -61,7 +61,8 @@ def test_csv_list_file(tree, tmp_path):
         for p, y in samples[:5]:
             f.write(f"{os.path.relpath(p, root)},{y}\n")
         f.write(f"{samples[-1][0]},2\n")  # absolute path
-    with pytest.warns(RuntimeWarning, match=r"train.csv: the labels run to 2, but 1 of those classes have no rows \(1\)"):
+    gap = r"train.csv: the labels run to 2, but 1 of those classes have no rows \(1\)"
+    with pytest.warns(RuntimeWarning, match=gap):
         index = ImageFolderIndex(lst)
     assert index.files == [p for p, _ in samples[:5]] + [samples[-1][0]]
     assert index.labels.tolist() == [y for _, y in samples[:5]] + [2]
@@ -104,9 +105,9 @@ def test_a_link_loop_or_a_second_link_to_a_folder_is_scanned_once(tree, tmp_path
     os.symlink(root / "class_01", root / "alias")  # a class folder that is a link: a class of its own (torchvision)
     with pytest.warns(RuntimeWarning, match=r"left out 3 linked folders that lead back to a folder already scanned"):
         index = ImageFolderIndex(root, cache_dir=tmp_path / "cache")
-    by_class = {c: sorted(os.path.basename(f) for f, y in zip(index.files, index.labels.tolist()) if index.classes[y] == c)
-                for c in index.classes}
-    assert len(index) == len(samples) + by_class["alias"].__len__()
+    names = [os.path.basename(f) for f in index.files]
+    by_class = {c: sorted(n for n, y in zip(names, index.labels.tolist()) if index.classes[y] == c) for c in index.classes}
+    assert len(index) == len(samples) + len(by_class["alias"])
     assert by_class["alias"] == by_class["class_01"]  # the linked class folder is read, once
     assert not any("again" in f or "theirs" in f for f in index.files)
     with pytest.warns(RuntimeWarning, match=r"left out 3 linked folders"):  # the cached scan says it again

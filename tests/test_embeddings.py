@@ -235,7 +235,7 @@ def test_damaged_files_are_errors_that_name_them(tmp_path):
     for k, (write, match) in enumerate(cases):
         with pytest.raises((ValueError, FileNotFoundError), match=match):
             Embeddings.load(damaged(f"case{k}", write))
-    with pytest.raises(ValueError, match=r"embeddings are a directory written by `fastprune embed`; '.*meta.json' is a"):
+    with pytest.raises(ValueError, match=r"a directory written by `fastprune embed`; '.*meta.json' is a file"):
         Embeddings.load(good / "meta.json")
     assert Embeddings.load(good).image.shape == (6, 8)
 

@@ -130,7 +130,7 @@ class ImageFolderIndex:
 
     @property
     def names_fingerprint(self) -> str:
-        """The older fingerprint (class names, file names and labels only), as earlier versions of fastprune recorded it."""
+        """The older fingerprint (class names, file names and labels only) that earlier versions recorded."""
         return self._names_hash().hexdigest()[:32]
 
     @property
@@ -145,7 +145,7 @@ class ImageFolderIndex:
                 "file_times": self.file_times}
 
     def compare(self, recorded: dict) -> tuple[str | None, str | None]:
-        """(why ``recorded`` — an ``identity()`` or an older record — is of other data, or None; a caution, or None).
+        """(why ``recorded``, an ``identity()`` or an older record, is of other data, or None; a caution, or None).
 
         A record without a fingerprint matches anything; one of the older kind (names only) matches on the
         names and says that the contents were not compared.
