@@ -106,7 +106,8 @@ def test_a_link_loop_or_a_second_link_to_a_folder_is_scanned_once(tree, tmp_path
     with pytest.warns(RuntimeWarning, match=r"left out 3 linked folders that lead back to a folder already scanned"):
         index = ImageFolderIndex(root, cache_dir=tmp_path / "cache")
     names = [os.path.basename(f) for f in index.files]
-    by_class = {c: sorted(n for n, y in zip(names, index.labels.tolist()) if index.classes[y] == c) for c in index.classes}
+    labels = [index.classes[y] for y in index.labels.tolist()]
+    by_class = {c: sorted(n for n, label in zip(names, labels) if label == c) for c in index.classes}
     assert len(index) == len(samples) + len(by_class["alias"])
     assert by_class["alias"] == by_class["class_01"]  # the linked class folder is read, once
     assert not any("again" in f or "theirs" in f for f in index.files)
