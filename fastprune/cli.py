@@ -136,7 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--no-channels-last", dest="channels_last", action="store_false")
     t.add_argument("--loader", default="auto", choices=["auto", "dali", "torch"])
     t.add_argument("--skip-bad-files", action="store_true",
-                   help="DALI loader: log and leave out unreadable images instead of stopping")
+                   help="log and leave out missing, empty or corrupt images instead of stopping at the first "
+                        "(either loader; the run's checkpoint lists them)")
     t.add_argument("--checkpoint-every", type=int, default=0, help="also checkpoint every N steps")
     t.add_argument("--max-nonfinite-steps", type=int, default=100,
                    help="stop when the loss has been NaN or inf this many steps in a row (0: never; default 100)")

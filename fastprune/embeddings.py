@@ -404,8 +404,13 @@ def _text_table(net, model: str, names: list[str], templates: list[str], device)
     return torch.stack(rows).half()
 
 
+_NO_SKIP = "every image needs an embedding: replace the file or take it out of the dataset"  # the error's hint
+
+
 def _batches(index, loader, preprocess, pcfg, batch_size, start, device, num_workers):
-    """(images, idx) in index order from sample ``start`` on."""
+    """(images, idx) in index order from sample ``start`` on; an unusable image is a one-line error naming it."""
+    if start >= len(index):
+        return
     if loader == "dali":
         from .data import DaliLoader
 
@@ -413,16 +418,14 @@ def _batches(index, loader, preprocess, pcfg, batch_size, start, device, num_wor
                         num_threads=num_workers, image_size=pcfg["size"], mean=pcfg["mean"], std=pcfg["std"],
                         resize_size=pcfg["size"], interpolation="cubic" if pcfg["interpolation"] == "bicubic"
                         else "linear", resize_mode="squash" if pcfg["resize_mode"] == "squash" else "shorter")
-        dl.load_state_dict({"epoch": 0, "position": start, "passes": 0, "bad": {}})
-        for images, _, idx in dl:
-            yield images, idx
-        return
-    from .data import ImageFileDataset, IndexedDataset
+    else:
+        from .data import TorchLoader
 
-    ds = IndexedDataset(ImageFileDataset(index, transform=preprocess))
-    workers = min(8, os.cpu_count() or 1) if num_workers is None else num_workers
-    dl = torch.utils.data.DataLoader(ds, batch_size=batch_size, sampler=range(start, len(index)),
-                                     num_workers=workers, pin_memory=torch.device(device).type == "cuda")
+        workers = min(8, os.cpu_count() or 1) if num_workers is None else num_workers
+        dl = TorchLoader(index, None, batch_size=batch_size, train=False, device=device, num_workers=workers,
+                         transform=preprocess)
+    dl._hint = _NO_SKIP
+    dl.load_state_dict({"epoch": 0, "position": start, "passes": 0, "bad": {}})
     for images, _, idx in dl:
         yield images, idx
 

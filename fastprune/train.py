@@ -52,7 +52,7 @@ class TrainConfig:
     resume: bool = False
     crop_area: tuple = (0.08, 1.0)  # random-resized-crop area fraction
     hflip: bool = True
-    skip_bad_files: bool = False  # DALI loader: leave unreadable images out (logged) instead of stopping
+    skip_bad_files: bool = False  # leave unreadable images out (logged, in the checkpoint) instead of stopping
     # pruning
     keep_ratio: float = 0.7
     policy: str = "infobatch"
@@ -156,10 +156,8 @@ def make_loader(kind, index, pruner, cfg, train, device, shard=(None, None)):
             kind = "dali"
         except ImportError:
             kind = "torch"
-    if cfg.skip_bad_files and kind != "dali":
-        raise ValueError("--skip-bad-files needs the DALI loader (pip install 'fastprune[dali]', --loader dali); "
-                         "the torch loader stops at the first unreadable image, naming it")
     channels_last = _channels_last(cfg, device)
+    on_error = "skip" if cfg.skip_bad_files else "raise"
     if kind == "dali":
         from .data import DaliLoader
 
@@ -167,14 +165,14 @@ def make_loader(kind, index, pruner, cfg, train, device, shard=(None, None)):
                             num_threads=cfg.workers, image_size=cfg.image_size, channels_last=channels_last,
                             seed=cfg.seed + (pruner.rank if pruner is not None else 0),  # ranks draw apart
                             random_area=cfg.crop_area, hflip=cfg.hflip, shard_id=shard[0],
-                            num_shards=shard[1], on_error="skip" if cfg.skip_bad_files else "raise")
+                            num_shards=shard[1], on_error=on_error)
         return loader, "DALI (GPU decode)" if device.type == "cuda" else "DALI (CPU decode)"
     if kind != "torch":
         raise ValueError(f"loader must be 'auto', 'dali' or 'torch', got {kind!r}")
     loader = TorchLoader(index, pruner, batch_size=cfg.batch_size, train=train, device=device,
                          num_workers=cfg.workers, image_size=cfg.image_size, channels_last=channels_last,
                          random_area=cfg.crop_area, hflip=cfg.hflip, seed=cfg.seed, shard_id=shard[0],
-                         num_shards=shard[1])
+                         num_shards=shard[1], on_error=on_error)
     return loader, "torch DataLoader fallback (PIL decode)"
 
 

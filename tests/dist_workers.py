@@ -219,16 +219,20 @@ def dali_epoch_indices(rank, world, root):
     return seen
 
 
-def dali_skip_epoch(rank, world, root):
-    """One epoch of a rank's DaliLoader with on_error="skip": the indices it yields and its shard."""
+def skip_epoch(rank, world, root, kind):
+    """One epoch of a rank's loader (``kind``: dali or torch) with on_error="skip": the indices it yields and
+    its shard."""
     import warnings
 
     from fastprune import DynamicPruner
-    from fastprune.data import DaliLoader, ImageFolderIndex
+    from fastprune.data import DaliLoader, ImageFolderIndex, TorchLoader
 
     index = ImageFolderIndex(root, cache_dir=False)
     pruner = DynamicPruner(len(index), index.num_classes, epochs=3, keep_ratio=0.5, warmup=1, device="cpu")
-    loader = DaliLoader(index, pruner, batch_size=4, device="cpu", num_threads=1, image_size=32, on_error="skip")
+    if kind == "dali":
+        loader = DaliLoader(index, pruner, batch_size=4, device="cpu", num_threads=1, image_size=32, on_error="skip")
+    else:
+        loader = TorchLoader(index, pruner, batch_size=4, num_workers=0, image_size=32, on_error="skip")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         batches = [idx for _, _, idx in loader]
@@ -236,14 +240,14 @@ def dali_skip_epoch(rank, world, root):
             "skipped": [i for i, _, _ in loader.skipped], "position": loader.state_dict()["position"]}
 
 
-def train_skipping(rank, world, data, out):
-    """`fastprune train` with the DALI loader and skip_bad_files on every rank."""
+def train_skipping(rank, world, data, out, kind):
+    """`fastprune train` with the ``kind`` loader (dali or torch) and skip_bad_files on every rank."""
     import warnings
 
     import fastprune.train as T
 
     cfg = train_config(data, out)
-    cfg.loader, cfg.skip_bad_files, cfg.checkpoint_every = "dali", True, 0
+    cfg.loader, cfg.skip_bad_files, cfg.checkpoint_every = kind, True, 0
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return T.train(cfg, progress=False, log=lambda *_: None)

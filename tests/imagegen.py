@@ -38,3 +38,37 @@ def make_tree(root, per_class=(5, 4, 3), seed=0) -> list[tuple[str, int]]:
 
     tv = ImageFolder(root, is_valid_file=lambda p: p.lower().endswith((".jpg", ".jpeg", ".png")))
     return [(p, y) for p, y in tv.samples]
+
+
+def corrupt(path, how: str) -> None:
+    """Damage an image file: ``truncated`` (half of it), ``garbage`` (not an image), ``empty`` or ``deleted``."""
+    raw = open(path, "rb").read()
+    if how == "truncated":
+        open(path, "wb").write(raw[: len(raw) // 2])
+    elif how == "garbage":
+        open(path, "wb").write(b"definitely not an image " * 20)
+    elif how == "empty":
+        open(path, "wb").close()
+    elif how == "deleted":
+        os.remove(path)
+    else:
+        raise ValueError(f"how must be truncated, garbage, empty or deleted, got {how!r}")
+
+
+def write_png16(path, pixels: np.ndarray) -> None:
+    """A 16-bit PNG (PIL writes 16-bit grey only): ``pixels`` uint16, H x W (grey) or H x W x 2/3/4 (grey+alpha,
+    RGB, RGBA)."""
+    import struct
+    import zlib
+
+    colour = {1: 0, 2: 4, 3: 2, 4: 6}[1 if pixels.ndim == 2 else pixels.shape[2]]
+    h, w = pixels.shape[:2]
+    rows = b"".join(b"\0" + pixels[r].astype(">u2").tobytes() for r in range(h))
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", w, h, 16, colour, 0, 0, 0)
+    with open(path, "wb") as f:
+        f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows))
+                + chunk(b"IEND", b""))

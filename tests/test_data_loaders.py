@@ -8,7 +8,7 @@ import sys
 import fileopens
 import pytest
 import torch
-from imagegen import make_tree
+from imagegen import corrupt, make_tree
 
 import fastprune as fp
 from fastprune.data import DaliLoader, ImageFileDataset, ImageFolderIndex, IndexedDataset
@@ -141,16 +141,6 @@ def test_resume_mid_epoch(index):
     assert len(list(loader)) == len(loader)  # a finished epoch iterated again starts over
 
 
-def corrupt(path, how):
-    raw = open(path, "rb").read()
-    if how == "truncated":
-        open(path, "wb").write(raw[: len(raw) // 2])
-    elif how == "garbage":
-        open(path, "wb").write(b"definitely not an image " * 20)
-    elif how == "deleted":
-        os.remove(path)
-
-
 @pytest.mark.parametrize("how,exc", [("truncated", ValueError), ("garbage", ValueError),
                                      ("deleted", FileNotFoundError)])
 def test_bad_file_raises_naming_it(index, how, exc):
@@ -202,7 +192,9 @@ def test_bad_arguments(index):
         DaliLoader(index, pruner, shard_id=1, num_shards=2)
     with pytest.raises(ValueError, match=r"pruner has num_samples=99 but the index has 13 samples"):
         DaliLoader(index, fp.DynamicPruner(99, 3, epochs=2, device="cpu"))
-    with pytest.raises(ValueError, match="index must be a fastprune.data.ImageFolderIndex"):
+    with pytest.raises(ValueError, match="index must be a fastprune.data.ImageFolderIndex or a dataset path"):
+        DaliLoader([index.files[0]])
+    with pytest.raises(FileNotFoundError, match="dataset root '/some/folder' does not exist"):
         DaliLoader("/some/folder")
 
 

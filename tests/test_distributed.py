@@ -385,17 +385,19 @@ def _rank1_victims(root, n_victims):
     return victims, index
 
 
-def test_dali_skip_on_two_ranks_keeps_the_step_counts_equal(tmp_path):
+@pytest.mark.parametrize("kind", ["dali", "torch"])
+def test_skip_on_two_ranks_keeps_the_step_counts_equal(tmp_path, kind):
     """A rank that skips unreadable files fills their places from its shard: DDP sees the same number of
     batches on every rank, and the ranks' positions stay aligned."""
-    pytest.importorskip("nvidia.dali", reason="DALI is not installed")
+    if kind == "dali":
+        pytest.importorskip("nvidia.dali", reason="DALI is not installed")
     from imagegen import make_tree
 
     root = str(tmp_path / "data")
     make_tree(root, per_class=(5, 4, 4))  # 13 samples: shards of 7, the last batch partial
     victims, _ = _rank1_victims(root, 2)
     assert len(victims) == 2
-    r0, r1 = _ok(W.launch(W.dali_skip_epoch, 2, root))
+    r0, r1 = _ok(W.launch(W.skip_epoch, 2, root, kind))
     assert r0["batches"] == r1["batches"] == 2 and r0["position"] == r1["position"] == 7
     assert torch.equal(r0["yielded"], r0["shard"]) and r0["skipped"] == []
     assert sorted(r1["skipped"]) == sorted(victims)
@@ -406,15 +408,17 @@ def test_dali_skip_on_two_ranks_keeps_the_step_counts_equal(tmp_path):
         assert got[pos] == i if i not in victims else got[pos] in usable  # substitutes come from the shard
 
 
-def test_train_skip_bad_files_on_two_ranks(tmp_path):
+@pytest.mark.parametrize("kind", ["dali", "torch"])
+def test_train_skip_bad_files_on_two_ranks(tmp_path, kind):
     """`fastprune train --skip-bad-files` on 2 ranks finishes, and the checkpoint lists every rank's bad files."""
-    pytest.importorskip("nvidia.dali", reason="DALI is not installed")
+    if kind == "dali":
+        pytest.importorskip("nvidia.dali", reason="DALI is not installed")
     from imagegen import make_tree
 
     data, out = str(tmp_path / "data"), str(tmp_path / "run")
     make_tree(data, per_class=(5, 4, 4))
     victims, index = _rank1_victims(data, 1)
-    ranks = _ok(W.launch(W.train_skipping, 2, data, out))
+    ranks = _ok(W.launch(W.train_skipping, 2, data, out, kind))
     assert ranks[0]["epochs"] == 2
     ck = torch.load(Path(out) / "checkpoint.pt", weights_only=False)
     assert sorted(ck["loader"]["bad"]) == victims  # found by rank 1, saved by rank 0

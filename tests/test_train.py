@@ -348,8 +348,6 @@ def test_error_messages_are_one_line(folders, tmp_path, capsys):
     Embeddings.from_arrays(torch.rand(5, 8), torch.rand(3, 8), meta={"fingerprint": "abc", "N": 5}).save(tmp_path / "e")
     cases.append((["train", str(folders / "train"), "--embeddings", str(tmp_path / "e"), "--out", str(tmp_path / "o5")],
                   "were computed for another dataset"))
-    cases.append((["train", str(folders / "train"), "--loader", "torch", "--skip-bad-files", "--out",
-                   str(tmp_path / "o6")], "--skip-bad-files needs the DALI loader"))
     import re
 
     for args, pattern in cases:

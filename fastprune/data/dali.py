@@ -10,20 +10,17 @@ changes and the iterator is reset: no rebuild.
 
 from __future__ import annotations
 
-import logging
 import math
 import os
 import time
-import warnings
 
 import numpy as np
 import torch
 
+from ..devices import resolve_device
 from .cursor import EpochCursor
-from .errors import SkippedFiles, find_bad_files, raise_for_bad_file
-from .index import ImageFolderIndex
-
-log = logging.getLogger("fastprune.data")
+from .errors import SkipsBadFiles, find_bad_files
+from .index import ImageFolderIndex, as_index
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -62,7 +59,7 @@ class _EpochSource:
         return paths, [self.labels[sel[k:k + 1]] for k in range(sel.size)], [sel[k:k + 1] for k in range(sel.size)]
 
 
-class DaliLoader:
+class DaliLoader(SkipsBadFiles):
     """Iterates ``(images, labels, idx)`` over exactly ``pruner.epoch_indices``, in that order.
 
     Under ``torch.distributed`` that is this rank's shard, so each rank reads and decodes only its
@@ -75,6 +72,8 @@ class DaliLoader:
     eval: resize the shorter side to ``resize_size`` (default ``image_size / 0.875``;
     ``resize_mode="squash"`` resizes both sides), centre crop ``image_size``.  Without a ``pruner``
     each iteration is one pass over the index.
+
+    ``index`` is an ``ImageFolderIndex`` or the dataset's path (folder or CSV list).
 
     Iterating again within the same epoch continues where the last iteration stopped (the position
     is part of ``state_dict()``); after ``pruner.next_epoch()`` iteration starts the new epoch.
@@ -95,10 +94,6 @@ class DaliLoader:
                  interpolation: str = "linear", resize_mode: str = "shorter", random_area=(0.08, 1.0),
                  hflip: bool = True):
         require_dali()
-        if not isinstance(index, ImageFolderIndex):
-            raise ValueError(f"index must be a fastprune.data.ImageFolderIndex, got {type(index).__name__}")
-        if pruner is not None and pruner.num_samples != len(index):
-            raise ValueError(f"pruner has num_samples={pruner.num_samples} but the index has {len(index)} samples")
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
         if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 8:
@@ -109,19 +104,21 @@ class DaliLoader:
             raise ValueError(f"interpolation must be one of {', '.join(_INTERP)}, got {interpolation!r}")
         if resize_mode not in ("shorter", "squash"):
             raise ValueError(f"resize_mode must be 'shorter' or 'squash', got {resize_mode!r}")
-        if on_error not in ("raise", "skip"):
-            raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+        self._init_bad_files(on_error)
+        index = as_index(index)  # after the cheap checks: a path is scanned here
+        if pruner is not None and pruner.num_samples != len(index):
+            raise ValueError(f"pruner has num_samples={pruner.num_samples} but the index has {len(index)} samples")
         self.cursor = EpochCursor(len(index), pruner, shard_id, num_shards)
-        if device is None:
-            device = pruner.device if pruner is not None else ("cuda" if torch.cuda.is_available() else "cpu")
-        self.device = torch.device(device)
+        if device is None and pruner is not None:
+            device = pruner.device
+        self.device = resolve_device(device, "device")  # None: CUDA when available
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
         self.index, self.pruner = index, pruner
         self.batch_size, self.train, self.image_size = batch_size, train, image_size
         self.dtype, self.channels_last, self.seed = dtype, channels_last, seed
         self.num_threads = num_threads or max(1, min(8, os.cpu_count() or 1))
-        self.prefetch, self.on_error = prefetch, on_error
+        self.prefetch = prefetch
         self.resize_size = resize_size or math.floor(image_size / 0.875 + 0.5)
         self.interpolation, self.resize_mode = interpolation, resize_mode
         if not (len(random_area) == 2 and 0 < random_area[0] <= random_area[1] <= 1):
@@ -132,8 +129,6 @@ class DaliLoader:
         self._source = _EpochSource(index.files, index._labels, batch_size)
         self._pipe = self._iter = None
         self._clean = False  # the DALI iterator ended its last epoch and can be reset
-        self._bad: dict[int, tuple[str, str]] = {}  # unusable files found so far: index -> (path, reason)
-        self.skipped = SkippedFiles()
         self.epoch_seconds = float("nan")
 
     # ---------------------------------------------------------------- pipeline
@@ -184,23 +179,6 @@ class DaliLoader:
 
     # --------------------------------------------------------------- iteration
 
-    def _order(self, order: np.ndarray) -> np.ndarray:
-        """The order without the files known to be unusable (on several ranks: with substitutes)."""
-        if not self._bad:
-            return order
-        bad = np.isin(order, np.fromiter(self._bad, dtype=np.int64))
-        if not bad.any():
-            return order
-        usable = order[~bad]
-        if self.pruner is None or self.pruner.world_size == 1:
-            return usable
-        if usable.size == 0:
-            raise RuntimeError(f"every file of rank {self.pruner.rank}'s shard ({order.size} samples) is unreadable; "
-                               f"first: {self._bad[int(order[0])][0]}: {self._bad[int(order[0])][1]}")
-        out = order.copy()
-        out[bad] = usable[np.arange(int(bad.sum())) % usable.size]
-        return out
-
     def __len__(self) -> int:
         return -(-self.cursor.current()[1].numel() // self.batch_size)
 
@@ -209,8 +187,7 @@ class DaliLoader:
         epoch, order = cur.begin(lambda o: self._order(o.numpy()).size)
         order = order.numpy()
         if cur.position == 0:  # an epoch starts
-            in_order = set(order.tolist()) & set(self._bad) if self._bad else ()
-            self.skipped = SkippedFiles((i, *self._bad[i]) for i in sorted(in_order))  # known bad: left out again
+            self._epoch_starts(order)
         return self._run(order)
 
     def _start(self, order):
@@ -243,10 +220,7 @@ class DaliLoader:
             yield self._to_device(images), labels.view(-1).to(self.device), idx.view(-1).to(self.device)
         self.epoch_seconds = time.perf_counter() - t0
         self.cursor.end_pass()
-        if self.skipped:
-            warnings.warn(f"DaliLoader skipped {len(self.skipped)} unreadable files this epoch "
-                          f"(first: {self.skipped[0][1]}: {self.skipped[0][2]}); see loader.skipped",
-                          RuntimeWarning, stacklevel=2)
+        self._warn_skipped()
 
     def _to_device(self, images: torch.Tensor) -> torch.Tensor:
         if self.channels_last:
@@ -266,21 +240,16 @@ class DaliLoader:
         if not bad:
             names = ", ".join(self.index.files[i] for i in window[:4].tolist())
             raise RuntimeError(f"DALI failed on a batch starting with {names}: {error}") from error
-        if self.on_error == "raise":
-            raise_for_bad_file(bad[0], len(bad), error)
-        for i, path, reason in bad:
-            log.warning("skipping %s: %s", path, reason)
-            self._bad[i] = (path, reason)
-            self.skipped.append((i, path, reason))
+        self._found(bad, error)
 
     # --------------------------------------------------------------- resume
 
     def state_dict(self) -> dict:
         """Position in the current epoch, for resuming an interrupted epoch at the next unseen batch."""
-        return {**self.cursor.state_dict(), "bad": {i: list(v) for i, v in self._bad.items()}}
+        return {**self.cursor.state_dict(), **self._bad_state()}
 
     def load_state_dict(self, sd: dict) -> None:
         self.cursor.load_state_dict(sd)
-        self._bad = {int(k): tuple(v) for k, v in sd.get("bad", {}).items()}  # none from the torch loader
+        self._load_bad_state(sd)
         self._iter = self._pipe = None
         self._clean = False

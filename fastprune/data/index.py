@@ -193,6 +193,16 @@ class ImageFolderIndex:
         return f"ImageFolderIndex({str(self.source)!r}, samples={len(self)}, classes={self.num_classes})"
 
 
+def as_index(index, what: str = "index") -> ImageFolderIndex:
+    """``index`` itself, or the index of the dataset at that path (str or os.PathLike); else a ValueError."""
+    if isinstance(index, ImageFolderIndex):
+        return index
+    if isinstance(index, (str, os.PathLike)):
+        return ImageFolderIndex(index)
+    raise ValueError(f"{what} must be a fastprune.data.ImageFolderIndex or a dataset path (folder or CSV list), "
+                     f"got {type(index).__name__}")
+
+
 def _stat_many(paths: list[str]) -> list[tuple[int, int]]:
     out = []
     for p in paths:

@@ -157,7 +157,7 @@ def extract_features(index, model: torch.nn.Module, batch_size: int = 256, devic
     are returned in fp32 either way); its train/eval mode is restored afterwards.  Images are decoded by
     ``num_workers`` processes (default: up to 8) with the evaluation transform at ``image_size``.
     """
-    from ..data import ImageFileDataset, ImageFolderIndex
+    from ..data import ImageFolderIndex, TorchLoader
 
     if not isinstance(index, ImageFolderIndex):
         raise ValueError(f"index must be a fastprune.data.ImageFolderIndex, got {type(index).__name__}")
@@ -183,10 +183,10 @@ def extract_features(index, model: torch.nn.Module, batch_size: int = 256, devic
     model.to(device).eval()
     if channels_last:
         model.to(memory_format=torch.channels_last)
-    # every sample once, in index order (no pruner, no sharding): a plain DataLoader over the files
-    dataset = ImageFileDataset(index, train=False, image_size=image_size)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                                         pin_memory=device.type == "cuda")
+    # every sample once, in index order (no pruner, no sharding); a bad file is a one-line error naming it
+    loader = TorchLoader(index, None, batch_size=batch_size, train=False, device=device, num_workers=num_workers,
+                         image_size=image_size, channels_last=channels_last)
+    loader._hint = "every image needs its features: replace the file or take it out of the dataset"
     n = len(index)
     out: torch.Tensor | None = None
     handle = module.register_forward_pre_hook(hook)
@@ -194,10 +194,7 @@ def extract_features(index, model: torch.nn.Module, batch_size: int = 256, devic
     try:
         with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             start = 0
-            for images, _ in loader:
-                images = images.to(device, non_blocking=True)
-                if channels_last:
-                    images = images.contiguous(memory_format=torch.channels_last)
+            for images, _, _ in loader:
                 captured.clear()
                 logits = model(images)
                 if len(captured) != 1:
