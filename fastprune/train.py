@@ -344,6 +344,7 @@ def _train(cfg, out, ckpt_path, device, log, on_epoch_end, progress) -> dict:
             only_v = sorted(set(val_index.classes) - set(index.classes))[:3]
             raise ValueError(f"--val has other classes than the training data ({len(val_index.classes)} vs "
                              f"{len(index.classes)}; only in train: {only_t}, only in val: {only_v})")
+        _check_val_files(val_index, cfg, log, progress, main, distributed)
     image_emb = text_emb = None
     if cfg.embeddings:
         from .embeddings import Embeddings
@@ -502,6 +503,25 @@ def _train(cfg, out, ckpt_path, device, log, on_epoch_end, progress) -> dict:
         (out / "summary.json").write_text(json.dumps(summary, indent=1))
     log(format_summary(summary))
     return summary
+
+
+def _check_val_files(val_index, cfg, log, progress: bool, main: bool, distributed: bool) -> None:
+    """Look at every validation image before the first epoch (rank 0; a quick header check), so that a broken
+    one stops the run now and not after an epoch of training; with --skip-bad-files, say how many are left out."""
+    from .data.errors import scan_headers
+
+    bad = scan_headers(val_index.files, progress, desc="checking --val images") if main else None
+    if distributed:
+        shared = [bad]
+        torch.distributed.broadcast_object_list(shared, src=0)
+        bad = shared[0]
+    if not bad:
+        return
+    first = f"{bad[0].path}: {bad[0].reason}"
+    if not cfg.skip_bad_files:
+        raise ValueError(f"--val has {len(bad)} unreadable image{'s' if len(bad) > 1 else ''} (first: {first}); "
+                         "repair or remove them, or pass --skip-bad-files to evaluate without them")
+    log(f"note: --val: {len(bad)} unreadable images will be left out of evaluation (first: {first})")
 
 
 def _acted_on(record: dict) -> int:

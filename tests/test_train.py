@@ -274,6 +274,26 @@ def test_resume_compares_file_sizes_and_notes_a_copy(folders, tmp_path, capsys):
     assert [r["epoch"] for r in read_log(out)] == [0, 1]
 
 
+def test_a_broken_val_image_stops_the_run_before_training(folders, tmp_path, capsys):
+    import shutil
+
+    val = tmp_path / "val"
+    shutil.copytree(folders / "val", val)
+    victim = sorted(f for f in val.rglob("*") if f.suffix.lower() in (".jpg", ".png"))[1]
+    victim.write_bytes(b"")
+    out = tmp_path / "run"
+    args = train_args(folders, out, "--epochs", "1", "--checkpoint-every", "1")
+    args[args.index("--val") + 1] = str(val)
+    rc = cli.main(["train", *args])
+    captured = capsys.readouterr()
+    assert rc == 2 and "--val has 1 unreadable image (first: " in captured.err and "file is empty" in captured.err
+    assert "\n" not in captured.err.strip() and not (out / "checkpoint.pt").exists()  # no step was trained
+    rc = cli.main(["train", *args, "--skip-bad-files"])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    assert "note: --val: 1 unreadable images will be left out of evaluation" in captured.out
+
+
 def test_one_class_is_refused(tmp_path, capsys):
     make_tree(str(tmp_path / "one"), per_class=(5,))
     rc, err = run_cli(["train", str(tmp_path / "one"), "--out", str(tmp_path / "o"), "--loader", "torch"], capsys)
