@@ -521,7 +521,8 @@ def _check_val_files(val_index, cfg, log, progress: bool, main: bool, distribute
     if not cfg.skip_bad_files:
         raise ValueError(f"--val has {len(bad)} unreadable image{'s' if len(bad) > 1 else ''} (first: {first}); "
                          "repair or remove them, or pass --skip-bad-files to evaluate without them")
-    log(f"note: --val: {len(bad)} unreadable images will be left out of evaluation (first: {first})")
+    log(f"note: --val: {len(bad)} unreadable image{'s' if len(bad) > 1 else ''} will be left out of evaluation "
+        f"(first: {first})")
 
 
 def _acted_on(record: dict) -> int:

@@ -291,7 +291,7 @@ def test_a_broken_val_image_stops_the_run_before_training(folders, tmp_path, cap
     rc = cli.main(["train", *args, "--skip-bad-files"])
     captured = capsys.readouterr()
     assert rc == 0, captured.err
-    assert "note: --val: 1 unreadable images will be left out of evaluation" in captured.out
+    assert "note: --val: 1 unreadable image will be left out of evaluation" in captured.out
 
 
 def test_one_class_is_refused(tmp_path, capsys):
