@@ -12,7 +12,10 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import json
+import sys
 from pathlib import Path
+
+from fastprune.rundir import atomic_write, prepare_dir
 
 from . import bench_distributed, bench_epoch, bench_loader, bench_noise, bench_select, bench_step
 from .report import add_max_seconds, add_write_flags, machine, publishing, results_file, write_section
@@ -24,7 +27,8 @@ BENCHES = {"step": bench_step, "select": bench_select, "loader": bench_loader, "
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="fastprune bench", description=__doc__.split("\n\n")[0])
     ap.add_argument("--smoke", action="store_true", help="tiny sizes (CPU machines, CI): checks that all run")
-    ap.add_argument("--out", default="results", help="directory for the JSON results (default results/)")
+    ap.add_argument("--out", default="results",
+                    help="folder for the JSON results, made if missing (default results/)")
     add_write_flags(ap)
     ap.add_argument("--only", nargs="+", choices=sorted(BENCHES), help="run only these")
     ap.add_argument("--cpu", action="store_true", help="measure on the CPU even with a GPU")
@@ -44,9 +48,15 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     write = publishing(args)
     info = machine()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = results_file(out, info, args.smoke)
+    try:  # before the first measurement: a results folder that cannot be used fails now, not after an hour
+        out = prepare_dir(args.out, "--out")
+        path = results_file(out, info, args.smoke)
+        if path.is_dir():
+            raise IsADirectoryError(f"--out {str(out)!r}: the results file {str(path)!r} is a folder; move it away "
+                                    "or choose another --out")
+    except OSError as e:
+        print(f"fastprune bench: error: {e}", file=sys.stderr)
+        return 2
     names = args.only or list(BENCHES)
     records = _kept_records(path, names)
     for name in names:
@@ -81,9 +91,9 @@ def _kept_records(path: Path, names: list[str]) -> list[dict]:
 
 
 def _write_json(path: Path, info: dict, records: list[dict]) -> None:
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps({"machine": info, "records": records}, indent=1, default=str))
-    tmp.replace(path)
+    """The results file, replaced atomically (a failed write leaves the old file and no temporary)."""
+    text = json.dumps({"machine": info, "records": records}, indent=1, default=str)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
 if __name__ == "__main__":

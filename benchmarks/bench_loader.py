@@ -13,7 +13,6 @@ is measured alone and the table says so.
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing
 import os
 import statistics
@@ -29,7 +28,8 @@ import fastprune as fp
 from fastprune.data import DaliLoader, ImageFileDataset, ImageFolderIndex, IndexedDataset
 
 from .goals import prose
-from .report import TimeBudget, add_max_seconds, add_write_flags, describe, machine, publishing, table, write_section
+from .report import (TimeBudget, add_max_seconds, add_write_flags, check_output_file, describe, machine, publishing,
+                     table, write_json, write_section)
 
 IMAGES_PER_PROCESS = 200  # below this, another process costs more than it saves
 
@@ -179,6 +179,7 @@ def parse_args(argv=None):
     add_write_flags(ap)
     add_max_seconds(ap)
     args = ap.parse_args(argv)
+    check_output_file(ap, args.out, "--out", "loader.json")
     args.size = args.size or (120 if args.smoke else 3000)
     args.batch_size = args.batch_size or (16 if args.smoke else 128)
     args.repeats = args.repeats or (1 if args.smoke else 3)
@@ -203,7 +204,7 @@ def main(argv=None) -> int:
     records, text, section = produce(args, info)
     print(text)
     if args.out:
-        Path(args.out).write_text(json.dumps({"machine": info, "records": records}, indent=1))
+        write_json(args.out, {"machine": info, "records": records})
     if write:
         write_section(section, text)
     return 0

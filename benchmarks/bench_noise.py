@@ -16,7 +16,6 @@ cleanlab is installed).
 
 from __future__ import annotations
 
-import json
 import statistics
 import tempfile
 import time
@@ -30,7 +29,7 @@ import fastprune as fp
 from fastprune.demo import proxy_embeddings, render_digits
 from fastprune.train import SmallCNN
 
-from .report import TimeBudget, base_parser, cli_main, describe, table
+from .report import TimeBudget, base_parser, check_output_file, cli_main, describe, table, write_json
 
 SETTINGS = (("0%", 0.0, "symmetric"), ("20% symmetric", 0.2, "symmetric"), ("40% symmetric", 0.4, "symmetric"),
             ("20% pair", 0.2, "pair"))
@@ -209,6 +208,7 @@ def parse_args(argv=None):
     args = ap.parse_args(argv)
     if any(v is not None and v < 1 for v in (args.seeds, args.epochs)):
         ap.error("--seeds and --epochs must be >= 1")
+    check_output_file(ap, args.json, "--json", "noise.json")
     args.seeds = args.seeds or (1 if args.smoke else 3)
     args.epochs = args.epochs or (3 if args.smoke else EPOCHS)
     return args
@@ -309,7 +309,7 @@ def produce(args, info) -> tuple[list[dict], str, str]:
             for seed in range(args.seeds):
                 records += run_seed(setting, seed, args.epochs, arms, Path(tmp), budget)
     if args.json:
-        Path(args.json).write_text(json.dumps(records, indent=1))
+        write_json(args.json, records)
     return records, render(records, info, args, budget.note()), "noise-cpu"
 
 

@@ -113,6 +113,29 @@ def publishing(args: argparse.Namespace) -> bool:
     return bool(args.write) and not args.no_write
 
 
+def check_output_file(ap: argparse.ArgumentParser, path, flag: str, example: str = "records.json") -> None:
+    """A benchmark's JSON output ``path`` is checked (not a folder, its folder made and writable) before the
+    measurements, not when they are done; a bad one is a usage error naming ``flag``."""
+    if path is None:
+        return
+    from fastprune.rundir import prepare_file  # imports torch: only the benchmarks that write files use it
+
+    try:
+        prepare_file(path, flag, example)
+    except OSError as e:
+        ap.error(str(e))
+
+
+def write_json(path, obj) -> None:
+    """``obj`` as indented JSON at ``path``, atomically (no partial file or temporary left on failure)."""
+    import json
+
+    from fastprune.rundir import atomic_write
+
+    text = json.dumps(obj, indent=1, default=str)
+    atomic_write(Path(path), lambda tmp: Path(tmp).write_text(text))
+
+
 def add_max_seconds(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--max-seconds", type=float, default=None,
                     help="start no new configuration after this many seconds; the table names those left out")

@@ -8,6 +8,8 @@ import sys
 
 from . import __version__
 
+TRACEBACK_ENV = "FASTPRUNE_TRACEBACK"  # set to 1: errors the CLI reports in one line raise with their traceback
+
 
 def _demo(args) -> int:
     from .demo import run
@@ -24,8 +26,16 @@ def _demo(args) -> int:
 
 def _embed(args) -> int:
     from .data import ImageFolderIndex
+    from .devices import resolve_device
     from .embeddings import Embeddings
+    from .rundir import prepare_dir
 
+    # checked here, before the data is scanned and the model loaded (the library checks some only later)
+    _at_least("--batch-size", args.batch_size, 1)
+    _at_least("--workers", args.workers, 0)
+    resolve_device(args.device, "--device")
+    if not args.resume:  # resuming needs the folder as it is; the library says what is missing
+        prepare_dir(args.out, "--out")
     if args.model_config:
         import open_clip
 
@@ -59,8 +69,16 @@ def _bench(args) -> int:
 
 def _prune_static(args) -> int:
     from .data import ImageFolderIndex
+    from .devices import resolve_device
+    from .rundir import prepare_file
     from .static.cli import prune_static
 
+    # before the data is scanned (minutes for a large folder); prune_static checks them again for API callers
+    _at_least("--batch-size", args.batch_size, 1)
+    _at_least("--workers", args.workers, 0)
+    _at_least("--image-size", args.image_size, 1)
+    resolve_device(args.device, "--device")
+    prepare_file(args.out, "--out", "subset.json")
     index = ImageFolderIndex(args.data)
     keep, meta = prune_static(index, method=args.method, prune_ratio=args.prune_ratio, epsilon=args.epsilon,
                               features=args.features, l2=args.l2, seed=args.seed, out=args.out, model=args.model,
@@ -74,6 +92,12 @@ def _prune_static(args) -> int:
     return 0
 
 
+def _at_least(flag: str, value, lo: int) -> None:
+    """An integer argument (None: its default) below ``lo`` is a one-line error naming the flag."""
+    if value is not None and value < lo:
+        raise ValueError(f"{flag} must be an integer >= {lo}, got {value}")
+
+
 def _user_errors() -> type:
     """Errors of a run the user can act on, beside the standard ones (one line, no traceback)."""
     from .train import NonFiniteLoss
@@ -82,7 +106,10 @@ def _user_errors() -> type:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="fastprune", description="Dynamic dataset pruning with fused Triton kernels.")
+    ap = argparse.ArgumentParser(prog="fastprune", description="Dynamic dataset pruning with fused Triton kernels.",
+                                 epilog=f"Errors in the input (a missing or damaged file, a bad value, an output "
+                                        f"that cannot be written) are reported in one line with exit status 2; "
+                                        f"set {TRACEBACK_ENV}=1 to get the full traceback instead.")
     ap.add_argument("--version", action="version", version=f"fastprune {__version__}")
     sub = ap.add_subparsers(dest="command", required=True)
     d = sub.add_parser("demo", help="full vs. pruned training on real digits with 20%% planted label noise")
@@ -201,14 +228,19 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["bench"]:  # its own parser: every flag, --help included, goes to the benchmarks
-        return _bench(argparse.Namespace(bench_args=argv[1:]))
-    args = build_parser().parse_args(argv)
+        command, func, args = "bench", _bench, argparse.Namespace(bench_args=argv[1:])
+    else:
+        args = build_parser().parse_args(argv)
+        command, func = args.command, args.func
     try:
-        return args.func(args)
-    except (ValueError, IndexError, FileNotFoundError, FileExistsError, ConnectionError, ImportError,
-            _user_errors()) as e:
-        # user errors: one line, no traceback
-        print(f"fastprune {args.command}: error: {e}", file=sys.stderr)
+        return func(args)
+    except (ValueError, IndexError, OSError, ImportError, _user_errors()) as e:
+        # user errors: one line, no traceback.  OSError covers missing files, folders that cannot be written, names
+        # too long, a full disk: its message holds the reason and the file name.
+        if os.environ.get(TRACEBACK_ENV, "") not in ("", "0"):
+            raise
+        message = " ".join(line.strip() for line in str(e).splitlines() if line.strip()) or type(e).__name__
+        print(f"fastprune {command}: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

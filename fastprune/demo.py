@@ -24,7 +24,9 @@ import torch
 import torch.nn.functional as F
 
 from .data import ImageFolderIndex, TorchLoader
+from .devices import resolve_device
 from .embeddings import Embeddings
+from .rundir import prepare_dir
 from .train import SmallCNN, TrainConfig, train
 
 NOISE = 0.2
@@ -113,9 +115,12 @@ def proxy_embeddings(root: Path, out: Path, epochs: int = 40, seed: int = 0, log
 
 def run(epochs: int = 15, out: str | None = None, clip: str | None = None, device: str | None = None,
         workers: int = 2, noise: float = NOISE, kind: str = "symmetric", seeds: int = 1, log=print) -> list[dict]:
-    """Render the data, build the consistency tables, train twice per seed, print and return the comparison."""
-    if seeds < 1:
-        raise ValueError(f"seeds must be >= 1, got {seeds}")
+    """Render the data, build the consistency tables, train twice per seed, print and return the comparison.
+
+    Every argument and the output folder are checked before the first image is rendered.
+    """
+    if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
+        raise ValueError(f"seeds must be an integer >= 1, got {seeds!r}")
     if clip and seeds > 1:
         raise ValueError("--clip embeds one rendered split; use it with --seeds 1")
     if not 0.0 <= noise < 1.0 or kind not in NOISE_KINDS:
@@ -125,8 +130,9 @@ def run(epochs: int = 15, out: str | None = None, clip: str | None = None, devic
         raise ValueError(f"epochs must be an integer >= 1, got {epochs!r}")
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
         raise ValueError(f"workers must be an integer >= 0, got {workers!r}")
+    resolve_device(device, "device")  # the runs resolve it again; a device this machine lacks fails here
     t_start = time.perf_counter()
-    out = Path(out or tempfile.mkdtemp(prefix="fastprune-demo-"))
+    out = prepare_dir(out, "--out") if out else Path(tempfile.mkdtemp(prefix="fastprune-demo-"))
     homes = [out / f"seed{seed}" if seeds > 1 else out for seed in range(seeds)]
     for home in homes:  # every folder is checked before any is replaced
         for name in _OWNED_FOLDERS:

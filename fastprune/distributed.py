@@ -202,16 +202,18 @@ def init_from_env(device: str | None = None) -> tuple[bool, torch.device]:
     """Initialise the default group from torchrun's environment when there is one.
 
     Returns (whether this call initialised it, this process's device: ``cuda:LOCAL_RANK`` on GPU
-    machines).  A single process (no ``WORLD_SIZE`` > 1) is left alone.
+    machines).  A single process (no ``WORLD_SIZE`` > 1) is left alone.  A device this machine lacks
+    (``cuda`` without a GPU, a misspelt name) is a one-line ``ValueError`` before anything starts.
     """
     import os
 
     import torch.distributed as dist
 
+    from .devices import resolve_device
+
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    want = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(want)
+    dev = resolve_device(device, "device")
     if dev.type == "cuda" and dev.index is None:
         dev = torch.device("cuda", local_rank)
     if dev.type == "cuda":

@@ -330,7 +330,9 @@ class Embeddings:
             raise ValueError(f"loader must be 'auto', 'dali' or 'torch', got {loader!r}")
         if resume and out is None:
             raise ValueError("resume=True needs out= (the directory of the interrupted run)")
-        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        from .devices import resolve_device
+
+        device = resolve_device(device, "device")
         chunk_rows = chunk_rows or batch_size * max(1, 8192 // batch_size)
         if chunk_rows % batch_size:
             raise ValueError(f"chunk_rows={chunk_rows} must be a multiple of batch_size={batch_size}")

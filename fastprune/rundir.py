@@ -1,7 +1,9 @@
 """A run directory's safety: one run at a time, atomic writes, no temporaries left, outputs kept out of the data.
 
 A run writes its files with ``atomic_write`` (a temporary, then a rename), holds ``RunLock`` while it trains,
-and refuses an output folder inside its own data folders (its plots would become training images).
+and refuses an output folder inside its own data folders (its plots would become training images).  Commands
+check where their outputs go (``prepare_dir``, ``prepare_file``) before the work, so that a folder that cannot
+be written fails at once, naming the argument.
 """
 
 from __future__ import annotations
@@ -34,6 +36,80 @@ def atomic_write(path: Path, write) -> None:
         if no_space or (isinstance(e, RuntimeError) and "unexpected pos" in str(e)):  # torch.save's disk-full
             raise OSError(errno.ENOSPC, f"no space left on the device writing {path}") from e
         raise
+
+
+def prepare_dir(folder, what: str = "--out") -> Path:
+    """Create ``folder`` (with its parents) and check that files can be written in it, so that an output
+    location that cannot be used fails at once, naming ``what``, not after a long computation."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise FileExistsError(f"{what} {str(folder)!r} is a file, not a folder") from None
+    except OSError as e:
+        raise _unusable(e, f"{what} {str(folder)!r}: cannot create the folder") from e
+    _probe(folder, f"{what} {str(folder)!r}: cannot write in the folder")
+    return folder
+
+
+def prepare_file(path, what: str = "--out", example: str = "out.json") -> Path:
+    """Check that ``path`` can be written as a file before a long computation: it is not a folder (``example``
+    names a file to suggest in it), its folder exists or is created and is writable, and its name fits."""
+    path = Path(path)
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"{what} {str(path)!r} is a folder; give the path of the file to write, "
+                                f"e.g. {str(path / example)!r}")
+    folder = path.parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise FileExistsError(f"{what} {str(path)!r}: its folder {str(folder)!r} is a file") from None
+    except OSError as e:
+        raise _unusable(e, f"{what} {str(path)!r}: cannot create its folder {str(folder)!r}") from e
+    _probe(folder, f"{what} {str(path)!r}: cannot write in its folder {str(folder)!r}")
+    try:
+        name_max = os.pathconf(folder, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        name_max = 255
+    if len(os.fsencode(path.name)) > name_max:
+        err = OSError(f"{what} {str(path)!r}: the file name is longer than this file system allows "
+                      f"({len(os.fsencode(path.name))} > {name_max} bytes)")
+        err.errno = errno.ENAMETOOLONG
+        raise err
+    return path
+
+
+def _probe(folder: Path, message: str) -> None:
+    """Write (and drop) a nameless temporary in ``folder``: the one sure test that writing there works."""
+    try:
+        with tempfile.TemporaryFile(dir=folder, prefix=TMP_PREFIX):
+            pass
+    except OSError as e:
+        raise _unusable(e, message) from e
+
+
+def _unusable(e: OSError, message: str) -> OSError:
+    """``e`` (same type, so callers can still tell a permission error) with a message naming the argument."""
+    err = type(e)(f"{message}: {e.strerror or e}")
+    err.errno = e.errno
+    return err
+
+
+def describe_load_error(path, e: BaseException) -> str:
+    """Why ``torch.load`` or ``np.load`` could not read ``path``, in a few words on one line."""
+    try:
+        empty = os.path.getsize(path) == 0
+    except OSError:
+        empty = False
+    text = " ".join(str(e).split())
+    if empty:
+        return "the file is empty"
+    if isinstance(e, EOFError):
+        return "the file ends too early (truncated?)"
+    if "zip archive" in text or "central directory" in text:
+        return "the file is truncated or corrupt: its zip archive cannot be read"
+    first = text.split(". ")[0][:120]
+    return f"the file is corrupt or of another kind ({type(e).__name__}{': ' + first if first else ''})"
 
 
 def atomic_save(obj, path: Path) -> None:

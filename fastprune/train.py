@@ -8,6 +8,7 @@ import gc
 import hashlib
 import json
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,9 +19,11 @@ from tqdm.auto import tqdm
 
 from . import distributed as _dist
 from .data import ImageFolderIndex
+from .devices import resolve_device
 from .pruner import DynamicPruner
 from .report import plot_run, topk_correct, write_suspected_noisy
-from .rundir import RunLock, RunLocked, check_outside, remove_stale_temporaries, write_log
+from .rundir import (RunLock, RunLocked, check_outside, describe_load_error, prepare_dir, remove_stale_temporaries,
+                     write_log)
 from .rundir import atomic_save as _atomic_save
 from .schedule import SampleSchedule, expected_total_samples
 
@@ -91,6 +94,7 @@ class TrainConfig:
         lo, hi = self.crop_area
         if not (math.isfinite(lo) and math.isfinite(hi) and 0 < lo <= hi <= 1):
             raise ValueError(f"--crop-area must be two numbers 0 < MIN <= MAX <= 1, got {self.crop_area!r}")
+        resolve_device(self.device, "--device")  # a device this machine lacks fails here, before any work
 
 
 class NonFiniteLoss(RuntimeError):
@@ -213,6 +217,30 @@ def evaluate(model, loader, device) -> tuple[float, float | None]:
     return hits1 / max(n, 1), (hits5 / max(n, 1) if classes >= 5 else None)
 
 
+# What a checkpoint of `fastprune train` holds (besides "dataset", the training data's fingerprint).
+CHECKPOINT_KEYS = ("config", "model", "optimizer", "schedule", "pruner", "loader", "history", "epoch", "step", "rng")
+
+
+def load_run_checkpoint(path: Path, device) -> dict:
+    """The checkpoint of the run to resume.  A damaged file (truncated, garbage) or one that ``fastprune train``
+    did not write is a one-line error naming it: torch's own errors name neither the file nor the cause."""
+    try:
+        ck = torch.load(path, map_location=device, weights_only=False)
+    except OSError:
+        raise  # unreadable (permissions, ...): the error names the file
+    except Exception as e:  # noqa: BLE001 - pickle, zip and EOF errors all mean: damaged
+        raise ValueError(f"cannot resume: the checkpoint {str(path)!r} cannot be read: {describe_load_error(path, e)}; "
+                         "start a new run in another --out") from e
+    if not isinstance(ck, dict):
+        raise ValueError(f"cannot resume: {str(path)!r} is not a checkpoint of fastprune train (it holds a "
+                         f"{type(ck).__name__}, not a dict)")
+    missing = [k for k in CHECKPOINT_KEYS if k not in ck]
+    if missing:
+        raise ValueError(f"cannot resume: {str(path)!r} is not a checkpoint of fastprune train (it lacks "
+                         f"{', '.join(map(repr, missing))})")
+    return ck
+
+
 # Settings a resumed run may change: where and how fast it runs, and how long (the schedule follows the new
 # epoch count).  The data folders may move: the training data is compared by its fingerprint instead.
 RESUME_CHANGEABLE = frozenset({"out", "resume", "epochs", "workers", "device", "compile", "loader",
@@ -263,9 +291,10 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print,
     out = Path(cfg.out)
     ckpt_path = out / "checkpoint.pt"
     check_outside(out, data=cfg.data, val=cfg.val)
-    if not cfg.resume and (out / "log.jsonl").exists():
+    # os.path: a path the system refuses (a name too long, say) is reported by prepare_dir, naming --out
+    if not cfg.resume and os.path.exists(out / "log.jsonl"):
         raise FileExistsError(f"{str(out)!r} already holds a run; pass --resume to continue it or choose --out")
-    if cfg.resume and not ckpt_path.exists():
+    if cfg.resume and not os.path.exists(ckpt_path):
         raise FileNotFoundError(f"nothing to resume: {str(ckpt_path)!r} does not exist")
     own_group, device = _dist.init_from_env(cfg.device)
     finished = False
@@ -286,7 +315,7 @@ def _run_lock(out: Path, log):
     main = not distributed or torch.distributed.get_rank() == 0
     lock, error = None, None
     if main:
-        out.mkdir(parents=True, exist_ok=True)
+        prepare_dir(out, "--out")  # created and writable, or a one-line error, before any long work
         try:
             lock = RunLock(out).__enter__()
         except FileExistsError as e:
@@ -330,6 +359,7 @@ def _train(cfg, out, ckpt_path, device, log, on_epoch_end, progress) -> dict:
     if main:
         out.mkdir(parents=True, exist_ok=True)
         remove_stale_temporaries(out, older=cfg.resume)  # a fresh --out may be a user's folder
+    ck = load_run_checkpoint(ckpt_path, device) if cfg.resume else None  # a damaged one fails before the scan
 
     index = ImageFolderIndex(cfg.data)
     if index.num_classes < 2:
@@ -374,22 +404,27 @@ def _train(cfg, out, ckpt_path, device, log, on_epoch_end, progress) -> dict:
 
     history: list[dict] = []
     start_epoch, step = 0, 0
-    if cfg.resume:
-        ck = torch.load(ckpt_path, map_location=device, weights_only=False)
+    if ck is not None:
         caution = check_resumable(ck, cfg, index)
         if caution is not None:
             log(f"note: resuming on {cfg.data}: {caution}")
-        model.load_state_dict(ck["model"])
-        optimizer.load_state_dict(ck["optimizer"])
-        schedule.load_state_dict(ck["schedule"])
-        pruner.load_state_dict(ck["pruner"])
-        loader.load_state_dict(ck["loader"])
-        history, start_epoch, step = ck["history"], ck["epoch"], ck["step"]
+        try:
+            model.load_state_dict(ck["model"])
+            optimizer.load_state_dict(ck["optimizer"])
+            schedule.load_state_dict(ck["schedule"])
+            pruner.load_state_dict(ck["pruner"])
+            loader.load_state_dict(ck["loader"])
+            history, start_epoch, step = list(ck["history"]), int(ck["epoch"]), int(ck["step"])
+            torch.set_rng_state(ck["rng"]["torch"])
+            if device.type == "cuda" and ck["rng"].get("cuda") is not None:
+                torch.cuda.set_rng_state(ck["rng"]["cuda"])
+        except (KeyError, TypeError, AttributeError, IndexError, RuntimeError) as e:
+            detail = " ".join(str(e).split())[:200]
+            raise ValueError(f"cannot resume: the state saved in {str(ckpt_path)!r} cannot be restored "
+                             f"({type(e).__name__}: {detail}); the file is damaged: start a new run in another "
+                             "--out") from e
         if main:  # the checkpoint is the commit point: the log is rewritten from its history, so an epoch
             write_log(out / "log.jsonl", history)  # logged after it (killed in between) is not logged twice
-        torch.set_rng_state(ck["rng"]["torch"])
-        if device.type == "cuda" and ck["rng"].get("cuda") is not None:
-            torch.cuda.set_rng_state(ck["rng"]["cuda"])
         log(f"resumed {out} at epoch {start_epoch} (step {step})")
     net = model
     if world > 1:

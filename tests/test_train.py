@@ -408,7 +408,7 @@ def test_demo_pair_noise_and_seeds(tmp_path):
 
 @pytest.mark.parametrize("args,pattern", [(["--noise", "lots"], "--noise takes FRACTION"),
                                           (["--noise", "0.2:diagonal"], "its kind one of symmetric, pair"),
-                                          (["--seeds", "0"], "seeds must be >= 1"),
+                                          (["--seeds", "0"], "seeds must be an integer >= 1"),
                                           (["--noise", "1.5"], r"noise must be in \[0, 1\)")])
 def test_demo_bad_noise_arguments(tmp_path, capsys, args, pattern):
     rc, err = run_cli(["demo", "--out", str(tmp_path), *args], capsys)

@@ -8,13 +8,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..devices import resolve_device
+from ..rundir import describe_load_error, prepare_file
 from .baselines import el2n_scores, forgetting_scores, random_subset
 from .influence import influence_prune
 from .subset import save_subset
 
 
 def load_features(source, index) -> torch.Tensor:
-    """N x F features: a ``fastprune embed`` directory (image table, checked against the index) or a file."""
+    """N x F features: a ``fastprune embed`` directory (image table, checked against the index) or a file
+    (``.npy``, else ``torch.save``'s format).  A file that cannot be read, or holds anything but an N x F array
+    of numbers, is a one-line error naming it."""
     path = Path(source)
     if path.is_dir():
         from ..embeddings import Embeddings
@@ -22,9 +26,23 @@ def load_features(source, index) -> torch.Tensor:
         return Embeddings.load(path, index=index).image.float()
     if not path.exists():
         raise FileNotFoundError(f"features {str(path)!r} do not exist")
-    feats = torch.from_numpy(np.load(path)) if path.suffix == ".npy" else torch.load(path, weights_only=True)
+    try:
+        if path.suffix == ".npy":
+            feats = np.load(path, allow_pickle=False)
+        else:
+            feats = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - numpy, pickle, zip and EOF errors all mean: not a features file
+        if isinstance(e, OSError) and e.errno is not None:
+            raise  # unreadable (permissions, ...): the error names the file
+        raise ValueError(f"features {str(path)!r} cannot be read: {describe_load_error(path, e)}") from e
+    if isinstance(feats, np.ndarray):
+        if feats.dtype.kind not in "fiu":
+            raise ValueError(f"features in {str(path)!r} must be numbers, got an array of {feats.dtype}")
+        feats = torch.from_numpy(feats)
     if not isinstance(feats, torch.Tensor) or feats.dim() != 2 or feats.shape[0] != len(index):
         raise ValueError(f"features in {str(path)!r} must be an N x F array with N={len(index)} rows")
+    if feats.dtype == torch.bool or feats.is_complex():
+        raise ValueError(f"features in {str(path)!r} must be real numbers, got {feats.dtype}")
     return feats.float()
 
 
@@ -34,14 +52,20 @@ def model_features(index, model, arch=None, device=None, batch_size: int = 256, 
     """Penultimate features over ``index`` of a ``fastprune train`` checkpoint (run directory or file)."""
     from .features import extract_features, load_checkpoint_model
 
+    device = resolve_device(device, "device")
     net, info = load_checkpoint_model(model, num_classes=index.num_classes, arch=arch)
-    size = image_size or info["image_size"] or 224
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    size = image_size if image_size is not None else (info["image_size"] or 224)
     bf16 = device.type == "cuda" if bf16 is None else bool(bf16)
     feats = extract_features(index, net, batch_size=batch_size, device=device, num_workers=num_workers,
                              image_size=size, layer=layer, progress=progress, bf16=bf16)
     info = {**info, "image_size": size, "layer": layer or info["classifier"], "bf16": bf16}
     return feats, info
+
+
+def _integer(name: str, value, lo: int) -> None:
+    """``value`` is None (the default) or an integer >= ``lo``, else a ``ValueError`` naming the argument."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < lo):
+        raise ValueError(f"{name} must be an integer >= {lo}, got {value!r}")
 
 
 def prune_static(index, method: str = "influence", prune_ratio: float | None = None, epsilon: float | None = None,
@@ -67,6 +91,15 @@ def prune_static(index, method: str = "influence", prune_ratio: float | None = N
         raise ValueError(f"--prune-ratio must be in [0, 1], got {prune_ratio!r}")
     if save_features is not None and Path(save_features).suffix not in (".npy", ".pt"):
         raise ValueError(f"--save-features must end in .npy or .pt, got {str(save_features)!r}")
+    _integer("--batch-size", batch_size, 1)
+    _integer("--workers", num_workers, 0)
+    _integer("--image-size", image_size, 1)
+    device = resolve_device(device, "--device")
+    # where the results go: checked (and their folders made) before the features are read or extracted
+    if out is not None:
+        prepare_file(out, "--out", "subset.json")
+    if save_features is not None and model is not None and method != "random":
+        prepare_file(save_features, "--save-features", "features.npy")
     model_info = None
     if method == "random":
         keep = random_subset(n, 1.0 - prune_ratio, seed)

@@ -19,6 +19,9 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from ..devices import resolve_device
+from ..rundir import describe_load_error
+
 _PREFIXES = ("module.", "_orig_mod.")  # DataParallel/DDP and torch.compile wrappers
 
 
@@ -51,14 +54,16 @@ def read_checkpoint(path) -> tuple[dict, dict, Path]:
     """(state dict of the model, the run's config or {}, checkpoint file) of a ``fastprune train`` checkpoint.
 
     ``path`` is the run directory or its ``checkpoint.pt``; a bare ``state_dict`` file (name -> tensor)
-    is accepted too (it records no architecture, so the caller must supply one).
+    is accepted too (it records no architecture, so the caller must supply one).  A file that cannot be read
+    (truncated, garbage) or holds something else is a one-line ``ValueError`` naming it.
     """
     path = _checkpoint_path(path)
     try:
         ck = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # pickle, zip and weights-only errors all mean: not ours
-        raise ValueError(f"{str(path)!r} is not a fastprune checkpoint (torch.load failed: "
-                         f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
+    except Exception as e:  # noqa: BLE001 - pickle, zip, EOF and weights-only errors all mean: not ours
+        if isinstance(e, OSError) and e.errno is not None:
+            raise  # unreadable (permissions, ...): the error names the file
+        raise ValueError(f"{str(path)!r} is not a fastprune checkpoint: {describe_load_error(path, e)}") from e
     if isinstance(ck, Mapping) and isinstance(ck.get("model"), Mapping):
         sd, cfg = ck["model"], ck.get("config") if isinstance(ck.get("config"), Mapping) else {}
     elif isinstance(ck, Mapping) and ck and all(isinstance(v, torch.Tensor) for v in ck.values()):
@@ -98,6 +103,7 @@ def load_checkpoint_model(checkpoint, num_classes: int | None = None, arch: str 
     """
     from ..train import build_model
 
+    device = resolve_device(device, "device")
     sd, cfg, path = read_checkpoint(checkpoint)
     recorded = cfg.get("arch")
     if arch is not None and recorded is not None and arch != recorded:
@@ -167,7 +173,10 @@ def extract_features(index, model: torch.nn.Module, batch_size: int = 256, devic
         raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
     if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
         raise ValueError(f"image_size must be an integer >= 1, got {image_size!r}")
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if num_workers is not None and (isinstance(num_workers, bool) or not isinstance(num_workers, int)
+                                    or num_workers < 0):
+        raise ValueError(f"num_workers must be an integer >= 0 (or None), got {num_workers!r}")
+    device = resolve_device(device, "device")
     if num_workers is None:
         num_workers = min(8, os.cpu_count() or 1)
     channels_last = device.type == "cuda" if channels_last is None else channels_last

@@ -6,30 +6,27 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import os
-import tempfile
 import warnings
 from pathlib import Path
 
 import torch
 
 from .. import __version__
+from ..rundir import atomic_write, prepare_file
 
 
 def save_subset(path: str | os.PathLike, keep: torch.Tensor, num_samples: int, method: str,
                 params: dict | None = None, fingerprint: str | None = None) -> Path:
-    """Write the kept indices with how they were chosen and the dataset they belong to (JSON, atomic)."""
+    """Write the kept indices with how they were chosen and the dataset they belong to (JSON, atomic: a failed
+    write leaves neither a partial file nor a temporary)."""
     keep = torch.as_tensor(keep).to(torch.int64)
     if keep.dim() != 1 or (keep.numel() and (int(keep.min()) < 0 or int(keep.max()) >= num_samples)):
         raise ValueError(f"keep must be a 1-D tensor of indices in [0, {num_samples})")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path = prepare_file(path, "subset file", "subset.json")  # not a folder; its folder made and writable
     data = {"method": method, "params": params or {}, "num_samples": int(num_samples), "kept": keep.numel(),
             "fingerprint": fingerprint, "fastprune_version": __version__,
             "date": _dt.datetime.now().isoformat(timespec="seconds"), "indices": keep.tolist()}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(data)))
     return path
 
 
