@@ -22,6 +22,15 @@ TMP_PREFIX = ".fastprune-"  # temporaries of atomic writes: ".fastprune-XXXXXXXX
 LOCK_NAME = ".fastprune.lock"
 
 
+def _read_umask() -> int:
+    mask = os.umask(0o022)  # read once, at import: setting it is process-wide
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()
+
+
 def atomic_write(path: Path, write) -> None:
     """``write(tmp)`` then rename over ``path``: readers see the old file or the new one, never a part.  A
     failed write leaves no temporary behind; a full disk says so."""
@@ -29,6 +38,7 @@ def atomic_write(path: Path, write) -> None:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_UMASK)  # a plain file's permissions, not mkstemp's private 0600
         os.replace(tmp, path)
     except BaseException as e:
         Path(tmp).unlink(missing_ok=True)

@@ -166,7 +166,7 @@ def make_loader(kind, index, pruner, cfg, train, device, shard=(None, None)):
         from .data import DaliLoader
 
         loader = DaliLoader(index, pruner, batch_size=cfg.batch_size, train=train, device=device,
-                            num_threads=cfg.workers, image_size=cfg.image_size, channels_last=channels_last,
+                            num_threads=max(1, cfg.workers), image_size=cfg.image_size, channels_last=channels_last,
                             seed=cfg.seed + (pruner.rank if pruner is not None else 0),  # ranks draw apart
                             random_area=cfg.crop_area, hflip=cfg.hflip, shard_id=shard[0],
                             num_shards=shard[1], on_error=on_error)

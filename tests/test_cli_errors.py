@@ -7,6 +7,7 @@ import dataclasses
 import errno
 import json
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -399,3 +400,11 @@ def test_prune_static_refuses_the_same_arguments_from_python(data, tmp_path, kw,
     with pytest.raises(ValueError, match=re.escape(message)):
         prune_static(index, method="random", prune_ratio=0.3, out=tmp_path / "new" / "s.json", **kw)
     assert not (tmp_path / "new").exists()
+
+
+def test_atomic_writes_get_a_plain_files_permissions(tmp_path):
+    from fastprune.rundir import atomic_write
+
+    (tmp_path / "plain").write_text("x")
+    atomic_write(tmp_path / "atomic", lambda tmp: Path(tmp).write_text("y"))
+    assert (tmp_path / "atomic").stat().st_mode & 0o777 == (tmp_path / "plain").stat().st_mode & 0o777

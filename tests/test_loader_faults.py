@@ -354,3 +354,15 @@ def test_device_is_checked(index, kind):
         with pytest.raises(ValueError, match=re.escape("device='cuda' but CUDA is not available here")):
             make(index, device="cuda")
     assert make(index, device="cpu").device == torch.device("cpu")
+
+
+def test_dali_with_no_worker_count_still_decodes(tmp_path):
+    """--workers 0 (no decoding processes for the torch loader) gives DALI one thread, not an error."""
+    pytest.importorskip("nvidia.dali")
+    from fastprune.train import TrainConfig, make_loader
+
+    make_tree(str(tmp_path / "d"), per_class=(3, 3))
+    index = ImageFolderIndex(tmp_path / "d", cache_dir=False)
+    cfg = TrainConfig(data=str(tmp_path / "d"), workers=0, image_size=32, batch_size=4)
+    loader, _ = make_loader("dali", index, None, cfg, False, torch.device("cpu"))
+    assert sum(x.shape[0] for x, _, _ in loader) == len(index)
