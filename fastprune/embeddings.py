@@ -16,7 +16,6 @@ import os
 import re
 import socket
 import tempfile
-import warnings
 from pathlib import Path
 from typing import Callable
 from urllib.parse import urlparse
@@ -283,13 +282,7 @@ class Embeddings:
             raise ValueError(f"embeddings in {str(path)!r} are incomplete; finish them with "
                              "`fastprune embed ... --resume`")
         if index is not None:
-            why, caution = index.compare(meta)
-            if why is None and meta.get("N") != len(index):
-                why = f"{meta.get('N')} samples there, {len(index)} here"
-            if why is not None:
-                raise ValueError(f"embeddings in {str(path)!r} were computed for another dataset than {index}: {why}")
-            if caution is not None:
-                warnings.warn(f"embeddings in {str(path)!r}: {caution}", RuntimeWarning, stacklevel=2)
+            index.check_record(meta, meta.get("N"), f"embeddings in {str(path)!r}", "were computed")
         # Memory-mapped: copied once, straight from the page cache to the device.
         image = _read_table(path / IMAGE_FILE, meta, rows=meta.get("N"), mmap=True)
         text = _read_table(path / TEXT_FILE, meta, rows=meta.get("C"))

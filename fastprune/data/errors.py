@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import warnings
@@ -27,8 +28,10 @@ class SkippedFiles(list):
     """``(index, path, reason)`` of every file a loader left out in the current epoch."""
 
 
-def check_file(path: str) -> str | None:
-    """Why ``path`` cannot be used as an image (None when it decodes fully)."""
+def check_file(path: str, decode: bool = True) -> str | None:
+    """Why ``path`` cannot be used as an image (None when it can).  ``decode``: a full decode, which also
+    catches truncated data; otherwise only what is cheap to learn (it exists, is not empty, PIL recognises
+    its format; for PNG the chunks' checksums too)."""
     from PIL import Image
 
     if not os.path.exists(path):
@@ -37,7 +40,7 @@ def check_file(path: str) -> str | None:
         if os.path.getsize(path) == 0:
             return "file is empty"
         with Image.open(path) as im:
-            im.load()  # full decode: catches truncated and corrupt data
+            im.load() if decode else im.verify()
     except OSError as e:
         return f"corrupt or truncated image ({_one_line(e, path)})"
     except Exception as e:  # noqa: BLE001 - PIL raises many types for bad data
@@ -65,32 +68,15 @@ def find_bad_files(files: list[str], indices: list[int]) -> list[tuple[int, str,
     return bad
 
 
-def check_header(path: str) -> str | None:
-    """Why ``path`` cannot be an image, from what is cheap to learn (None when it looks like one): it exists,
-    is not empty, and PIL recognises its format (headers and, for PNG, the chunks' checksums; a truncated
-    JPEG is only found when it is decoded)."""
-    from PIL import Image
-
-    if not os.path.exists(path):
-        return "file not found"
-    try:
-        if os.path.getsize(path) == 0:
-            return "file is empty"
-        with Image.open(path) as im:
-            im.verify()
-    except Exception as e:  # noqa: BLE001 - PIL raises many types for bad data
-        return f"not a readable image ({type(e).__name__}: {_one_line(e, path)})"
-    return None
-
-
 def scan_headers(files: list[str], progress: bool = True, desc: str = "checking images") -> list[BadFile]:
-    """``check_header`` for every file, in threads (file systems answer in parallel); the unusable ones."""
+    """``check_file`` without decoding, for every file, in threads (file systems answer in parallel); the
+    unusable ones."""
     from concurrent.futures import ThreadPoolExecutor
 
     from tqdm.auto import tqdm
 
     with ThreadPoolExecutor(max_workers=min(32, 4 * (os.cpu_count() or 1))) as pool:
-        reasons = list(tqdm(pool.map(check_header, files, chunksize=64), total=len(files), desc=desc, unit="file",
+        reasons = list(tqdm(pool.map(functools.partial(check_file, decode=False), files, chunksize=64), total=len(files), desc=desc, unit="file",
                             leave=False, delay=2.0, disable=not progress))
     return [BadFile(i, files[i], r) for i, r in enumerate(reasons) if r is not None]
 

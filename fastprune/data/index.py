@@ -162,6 +162,17 @@ class ImageFolderIndex:
                           "not file sizes")
         return "the file names, classes, labels or file sizes differ", None
 
+    def check_record(self, record: dict, count, subject: str, made: str) -> None:
+        """Refuse what ``record`` (with ``count`` samples) was computed from when it is other data than this
+        (``ValueError``: "{subject} {made} for another dataset than ..."); warn when ``compare`` has a caution."""
+        why, caution = self.compare(record)
+        if why is None and count != len(self):
+            why = f"{count} samples there, {len(self)} here"
+        if why is not None:
+            raise ValueError(f"{subject} {made} for another dataset than {self}: {why}")
+        if caution is not None:
+            warnings.warn(f"{subject}: {caution}", RuntimeWarning, stacklevel=3)
+
     def _names_hash(self):
         h = hashlib.sha256()
         h.update(json.dumps(self.classes).encode())

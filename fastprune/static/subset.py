@@ -6,7 +6,6 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import os
-import warnings
 from pathlib import Path
 
 import torch
@@ -41,12 +40,6 @@ def load_subset(path: str | os.PathLike, index=None) -> tuple[torch.Tensor, dict
     except (ValueError, KeyError, TypeError) as e:
         raise ValueError(f"{str(path)!r} is not a fastprune subset file ({e})") from e
     if index is not None:
-        why, caution = index.compare(data)
-        if why is None and data.get("num_samples") != len(index):
-            why = f"{data.get('num_samples')} samples there, {len(index)} here"
-        if why is not None:
-            raise ValueError(f"subset {str(path)!r} was made for another dataset than {index}: {why}")
-        if caution is not None:
-            warnings.warn(f"subset {str(path)!r}: {caution}", RuntimeWarning, stacklevel=2)
+        index.check_record(data, data.get("num_samples"), f"subset {str(path)!r}", "was made")
     meta = {k: v for k, v in data.items() if k != "indices"}
     return keep, meta
