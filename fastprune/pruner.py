@@ -624,6 +624,12 @@ class DynamicPruner:
     # ----------------------------------------------------------------- queries
 
     @property
+    def step_count(self) -> int:
+        """The ``step()`` calls made so far on this rank (kept in ``state_dict()``): the run's progress in batches,
+        which ``fastprune.schedule.ProgressScheduler`` measures against ``total_steps()``."""
+        return self._step_count
+
+    @property
     def epoch_indices(self) -> torch.Tensor:
         """The current epoch's sample order for this rank (CPU LongTensor; all of it in one process)."""
         return self._epoch_indices
