@@ -73,12 +73,13 @@ class ProgressScheduler(torch.optim.lr_scheduler.LRScheduler):
 
     Build the scheduler as usual for ``length = pruner.total_steps(batch_size)`` steps, wrap it, and call
     ``step()`` after every optimizer step.  Each call moves the wrapped scheduler to
-    ``length * done // total`` of its own steps, where ``done = pruner.step_count`` (batches trained, restored
-    with the pruner's state) and ``total`` is ``pruner.total_steps(batch_size)`` re-estimated whenever a new
-    epoch has been selected (exact once the last epoch is).  It never moves back and stops at step
-    ``length - 1``, the learning rate of a plain run's last batch: the run's last batch trains with it, and
-    batches past the plan keep it (``OneCycleLR`` would raise there, a cosine would come back up).
-    When the estimate is exact, every batch gets the plain scheduler's value.  Progress is read from the
+    ``(length - 1) * done // (total - 1)`` of its own steps, where ``done = pruner.step_count`` (batches
+    trained, restored with the pruner's state) and ``total`` is ``pruner.total_steps(batch_size)``
+    re-estimated whenever a new epoch has been selected (exact once the last epoch is): the first batch trains
+    with the schedule's first learning rate and the last batch with its last (step ``length - 1``, as in a
+    plain run).  It never moves back, and batches past the plan keep the last rate (``OneCycleLR`` would raise
+    there, a cosine would come back up).  When the run takes exactly ``length`` batches, every batch gets the
+    plain scheduler's value.  Progress is read from the
     pruner, not counted in calls: calling ``step()`` more often is harmless (Accelerate's prepared scheduler
     steps once per process), and a scheduler rebuilt on resume starts where the pruner is.
 
@@ -117,7 +118,7 @@ class ProgressScheduler(torch.optim.lr_scheduler.LRScheduler):
         return max(1, self._total)
 
     def get_lr(self) -> list:
-        target = min(self.length - 1, self.length * self.pruner.step_count // self.run_steps())
+        target = min(self.length - 1, (self.length - 1) * self.pruner.step_count // max(1, self.run_steps() - 1))
         if self.scheduler.last_epoch < target:
             with warnings.catch_warnings():  # catching up on resume, before the first optimizer step
                 warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before")
