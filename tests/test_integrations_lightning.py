@@ -16,6 +16,8 @@ L = pytest.importorskip("lightning.pytorch")
 
 import lightning_programs as P  # noqa: E402
 
+from fastprune import distributed as D  # noqa: E402
+
 from fastprune.integrations.lightning import METRICS, PruningCallback, ShardSampler  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings(
@@ -117,6 +119,42 @@ def test_resumed_run_equals_an_uninterrupted_one(tmp_path, case):
     for name, value in whole.model.state_dict().items():
         assert torch.equal(value, resumed.model.state_dict()[name]), f"weights {name} differ"
     assert resumed.model.scheduler.scheduler.last_epoch == whole.model.scheduler.scheduler.last_epoch
+
+
+class _StubPruner:
+    """What ShardSampler reads from a pruner on rank ``rank`` of ``world``."""
+
+    def __init__(self, order, rank, world, epoch=1):
+        self.global_indices, self.rank, self.world_size, self.epoch = order, rank, world, epoch
+        self.num_samples = 41
+        self.epoch_indices = self.shard()
+
+    def shard(self, start=0):
+        return D.shard(self.global_indices[start:], self.rank, self.world_size)
+
+
+@pytest.mark.parametrize("old,new", [(2, 2), (2, 3), (3, 1)])
+def test_shard_sampler_finishes_an_epoch_under_another_world_size(old, new):
+    """Resumed inside an epoch, each rank serves its part of what no rank trained, and reports the epoch's
+    length as Lightning counts it: the batches it already ran, plus the rest."""
+    order = torch.randperm(41)
+    served = 6  # samples each of the ``old`` ranks trained before the checkpoint
+    consumed = torch.cat([_StubPruner(order, r, old).shard()[:served] for r in range(old)])
+    rest = []
+    for r in range(new):
+        pruner = _StubPruner(order, r, new)
+        sampler = ShardSampler(pruner)
+        sampler.resume(1, served, old)
+        part = list(sampler)
+        assert len(sampler) == served + len(part)
+        if old == new:
+            assert part == pruner.epoch_indices[served:].tolist(), "the same shard, where it stopped"
+        rest += part
+        pruner.epoch = 2  # the next epoch: the whole shard again
+        assert list(sampler) == pruner.epoch_indices.tolist() and len(sampler) == len(pruner.epoch_indices)
+    assert set(consumed.tolist()) | set(rest) == set(order.tolist()), "the epoch's selection is covered"
+    twice = set(consumed.tolist()) & set(rest)
+    assert not twice if old != new else twice <= set(order[:new].tolist()), "twice: only the shard's pad"
 
 
 # ------------------------------------------------------------------ misuse
