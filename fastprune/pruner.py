@@ -192,6 +192,8 @@ class DynamicPruner:
             device = image_emb.device if image_emb is not None else (
                 text_emb.device if text_emb is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
         self.device = torch.device(device)
+        if self.device.type == "cpu":
+            self.device = torch.device("cpu")  # CPU tensors report no index: "cpu:0" (Accelerate's) is the same place
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"device={str(device)!r} but CUDA is not available here; use device='cpu'")
         if self.device.type == "cuda" and self.device.index is None:
@@ -622,6 +624,12 @@ class DynamicPruner:
         return sent
 
     # ----------------------------------------------------------------- queries
+
+    @property
+    def step_count(self) -> int:
+        """The ``step()`` calls made so far on this rank (kept in ``state_dict()``): the run's progress in batches,
+        which ``fastprune.schedule.ProgressScheduler`` measures against ``total_steps()``."""
+        return self._step_count
 
     @property
     def epoch_indices(self) -> torch.Tensor:
