@@ -36,6 +36,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .kernels.reference import spans
+
 KEEP, DOWNWEIGHT, EXCLUDE, RELABEL = 0, 1, 2, 3
 ACTION_NAMES = {KEEP: "keep", DOWNWEIGHT: "down-weight", EXCLUDE: "exclude", RELABEL: "relabel"}
 EVIDENCE = ("auto", "model", "clip", "both")
@@ -57,29 +59,50 @@ class NoiseDecision:
 
     def counts(self) -> torch.Tensor:
         """Samples per action (int64, indexed by the action codes), on the device."""
-        return torch.bincount(self.action.to(torch.int64), minlength=4)
+        return torch.bincount(self.action, minlength=4)
 
 
 def _log_normal(x, mu, var):
     return -0.5 * ((x - mu) ** 2 / var + torch.log(2 * math.pi * var))
 
 
+# Samples per pass of the per-sample work on the CPU: a pass's float64 temporaries stay in the core's cache and
+# bounded (a few bytes a sample in all); elsewhere one pass over every sample.  (Many small passes are fast on
+# cores of their own; with more torch threads than free cores, as with any torch work, they can be many times
+# slower: keep torch.set_num_threads at the cores the process really has.)
+_CHUNK = {"cpu": 1 << 16}
+
+
+def _spans(n: int, device: torch.device):
+    """(start, stop) of the passes over ``n`` samples on ``device``."""
+    return spans(n, device, _CHUNK, max(n, 1))
+
+
 def class_histograms(x: torch.Tensor, cls: torch.Tensor, valid: torch.Tensor, num_classes: int,
                      bins: int = BINS) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per class, ``bins`` equal-width bins between the class's smallest and largest valid value: the counts
     (int64, C x bins), the bin centres (float64, C x bins) and each class's valid count.  Two reductions that
-    any order gives exactly (minimum, maximum) and integer counts: the same on every rank."""
+    any order gives exactly (minimum, maximum) and integer counts: the same on every rank, and whatever the
+    passes (``_spans``)."""
     dev = x.device
-    c = torch.where(valid, cls.to(torch.int64), 0)
-    xv = torch.where(valid, x, 0.0).to(torch.float64)
-    inf = torch.full((num_classes,), float("inf"), dtype=torch.float64, device=dev)
-    lo = inf.scatter_reduce(0, c, torch.where(valid, xv, float("inf")), "amin")
-    hi = (-inf).scatter_reduce(0, c, torch.where(valid, xv, float("-inf")), "amax")
+    lo = torch.full((num_classes,), float("inf"), dtype=torch.float64, device=dev)
+    hi = torch.full((num_classes,), float("-inf"), dtype=torch.float64, device=dev)
+    for a, b in _spans(x.numel(), dev):
+        v = valid[a:b]
+        c = torch.where(v, cls[a:b].to(torch.int64), 0)
+        xv = x[a:b].to(torch.float64)
+        lo.scatter_reduce_(0, c, torch.where(v, xv, float("inf")), "amin")
+        hi.scatter_reduce_(0, c, torch.where(v, xv, float("-inf")), "amax")
     width = torch.where(hi > lo, (hi - lo) / bins, 1.0)
     lo = torch.where(torch.isfinite(lo), lo, 0.0)
-    b = ((xv - lo[c]) / width[c]).floor().clamp_(0, bins - 1).to(torch.int64)
-    slot = torch.where(valid, c * bins + b, num_classes * bins)  # invalid samples: one spare bin
-    counts = torch.bincount(slot, minlength=num_classes * bins + 1)[:-1].view(num_classes, bins)
+    counts = torch.zeros(num_classes * bins + 1, dtype=torch.int64, device=dev)  # + a spare bin for the invalid
+    for a, b in _spans(x.numel(), dev):
+        v = valid[a:b]
+        c = torch.where(v, cls[a:b].to(torch.int64), 0)
+        xv = torch.where(v, x[a:b], 0.0).to(torch.float64)
+        k = ((xv - lo[c]) / width[c]).floor().clamp_(0, bins - 1).to(torch.int64)
+        counts += torch.bincount(torch.where(v, c * bins + k, num_classes * bins), minlength=counts.numel())
+    counts = counts[:-1].view(num_classes, bins)
     centres = lo[:, None] + (torch.arange(bins, dtype=torch.float64, device=dev) + 0.5) * width[:, None]
     return counts, centres, counts.sum(1)
 
@@ -152,13 +175,17 @@ def mixture_posterior(x: torch.Tensor, cls: torch.Tensor, valid: torch.Tensor, m
     """Each sample's belief from its class's mixture (``fit_mixtures``), at its exact value: the posterior of
     the lower component, and 0 where ``x >= 0`` (no preference for another class), where ``valid`` is false,
     in unusable classes, and above ``OUTLIER_SD`` standard deviations under the upper component's mean.
-    Elementwise: the same on every rank given the same mixtures."""
-    c = torch.where(valid, cls.to(torch.int64), 0)
-    xv = torch.where(valid, x, 0.0).to(torch.float64)
-    mu_lo, mu_hi, var_lo, var_hi, pi_lo, usable = (row[c] for row in mixtures)
-    outlier = xv < mu_hi - OUTLIER_SD * var_hi.sqrt()  # far below what the class's clean samples show
-    r = _lower_posterior(xv, mu_lo, mu_hi, var_lo, var_hi, pi_lo)
-    return torch.where(valid & (usable > 0) & (x < 0) & outlier, r.to(torch.float32), 0.0)
+    Elementwise (float32 N): the same on every rank given the same mixtures, whatever the passes."""
+    out = torch.empty(x.numel(), dtype=torch.float32, device=x.device)
+    for a, b in _spans(x.numel(), x.device):
+        v, xa = valid[a:b], x[a:b]
+        c = torch.where(v, cls[a:b].to(torch.int64), 0)
+        xv = torch.where(v, xa, 0.0).to(torch.float64)
+        mu_lo, mu_hi, var_lo, var_hi, pi_lo, usable = (row[c] for row in mixtures)
+        outlier = xv < mu_hi - OUTLIER_SD * var_hi.sqrt()  # far below what the class's clean samples show
+        r = _lower_posterior(xv, mu_lo, mu_hi, var_lo, var_hi, pi_lo)
+        out[a:b] = torch.where(v & (usable > 0) & (xa < 0) & outlier, r.to(torch.float32), 0.0)
+    return out
 
 
 def _seen(label: torch.Tensor, settled: torch.Tensor | None) -> torch.Tensor:
@@ -185,7 +212,7 @@ def beliefs(label: torch.Tensor, model_margin: torch.Tensor | None, clip_margin:
     belief = None
     for m, v, fit in zip(sources, valid, fits):
         b = mixture_posterior(m, label, v, fit)
-        belief = b if belief is None else torch.minimum(belief, b)
+        belief = b if belief is None else torch.minimum(belief, b, out=belief)
     return belief
 
 
@@ -196,14 +223,20 @@ def act(belief: torch.Tensor, label: torch.Tensor, model_margin: torch.Tensor | 
     """Action and class for every sample from its ``belief`` (see ``decide``)."""
     n, dev = label.numel(), label.device
     seen = _seen(label, settled)
-    pull = torch.zeros(n, dtype=torch.float64, device=dev)
-    for margin in (model_margin, clip_margin):
-        if margin is not None:  # how far the margins point away
-            pull -= torch.where(seen & torch.isfinite(margin), margin, 0.0).to(torch.float64)
     suspect = belief > 0.5
     cap = int(math.floor(max_fraction * n))
-    if cap < n:  # the most suspected first; equal beliefs (saturated at 1) by how far the margins point away
-        key = torch.where(suspect, belief.to(torch.float64) + 1e-6 * torch.sigmoid(pull), -1.0)
+    # Over the cap, the most suspected first; equal beliefs (saturated at 1) by how far the margins point away.
+    # On the CPU, where counting costs no synchronisation, the usual case (within the cap) skips the ranking:
+    # the same result, since every suspect then makes the cut.
+    if cap < n and (dev.type != "cpu" or int(suspect.sum()) > cap):
+        key = torch.empty(n, dtype=torch.float64, device=dev)
+        for a, b in _spans(n, dev):
+            pull = torch.zeros(b - a, dtype=torch.float64, device=dev)
+            for margin in (model_margin, clip_margin):
+                if margin is not None:  # how far the margins point away
+                    m = margin[a:b]
+                    pull -= torch.where(seen[a:b] & torch.isfinite(m), m, 0.0).to(torch.float64)
+            key[a:b] = torch.where(suspect[a:b], belief[a:b].to(torch.float64) + 1e-6 * torch.sigmoid(pull), -1.0)
         top = torch.zeros(n, dtype=torch.bool, device=dev)
         if cap > 0:
             top[torch.topk(key, cap).indices] = True

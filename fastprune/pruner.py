@@ -503,8 +503,7 @@ class DynamicPruner:
         # One small int64 transfer brings the counts, the drop probability's bits and the step error
         # counters (exact: counts and error examples never pass through a float); then the index list.
         drop_bits = sel.drop_prob.to(torch.float64).reshape(1).view(torch.int64)
-        actions = decision.counts() if decision is not None else torch.bincount(
-            self._action.to(torch.int64), minlength=4)
+        actions = decision.counts() if decision is not None else torch.bincount(self._action, minlength=4)
         counts = torch.cat([sel.n_keep.to(torch.int64).reshape(1), sel.noisy.sum().reshape(1), drop_bits,
                             actions, self._state.errors]).tolist()
         self._check_errors(torch.tensor(counts[7:], dtype=torch.int64))
@@ -538,8 +537,8 @@ class DynamicPruner:
             self._relabel.copy_(torch.where(fresh, d.new_label, self._relabel))
             self._evidence.restart(fresh, d.new_label)
             self._any_relabel = True
-        relabeled = torch.where(self._relabel >= 0, _noise.RELABEL, _noise.KEEP)
-        self._action.copy_(torch.where(acted, d.action, relabeled).to(torch.int8))
+        standing = torch.tensor(_noise.RELABEL, dtype=torch.int8, device=self.device)  # int8: no int64 temporary
+        self._action.copy_(torch.where(acted, d.action, torch.where(before, standing, _noise.KEEP)))
 
     def _set_order(self, order: torch.Tensor):
         self._global_indices = order

@@ -271,6 +271,10 @@ def test_mixtures_are_fitted_from_class_histograms():
             mp.setitem(fpn._EM_ROWS, "cpu", rows)
             assert torch.equal(fpn.fit_mixtures(x, cls, valid, 4), fit)
     belief = fpn.mixture_posterior(x, cls, valid, fit)
+    with pytest.MonkeyPatch.context() as mp:  # the per-sample passes in chunks (the CPU's): the same bits
+        mp.setitem(fpn._CHUNK, "cpu", 997)  # a tail shorter than a chunk
+        assert torch.equal(fpn.fit_mixtures(x, cls, valid, 4), fit)
+        assert torch.equal(fpn.mixture_posterior(x, cls, valid, fit), belief)
     assert torch.equal(fpn.mixture_posterior(x[perm], cls[perm], valid[perm], again), belief[perm])
     assert (belief[~valid] == 0).all() and (belief[valid & (x >= 0)] == 0).all()
     low = valid & (x < -3.0) & (cls == 0)

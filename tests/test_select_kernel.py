@@ -111,6 +111,24 @@ def test_select_hypothesis(n, keep, policy, noise, seed, epoch):
     assert os.environ["TRITON_INTERPRET"] == "1"
 
 
+def test_the_cpus_numpy_philox_is_the_reference_philox():
+    """The CPU draws its words with uint64 NumPy products; the torch version (other devices, and the kernels'
+    reference) with 16-bit halves: the same words, counters and keys up to 2**32 - 1."""
+    g = torch.Generator().manual_seed(5)
+    ctr = [torch.randint(0, 2**32, (4096,), generator=g, dtype=torch.int64) for _ in range(4)]
+    for c in ctr:
+        c[:3] = torch.tensor([0, 1, 2**32 - 1])
+    for k0, k1 in ((0, 0), (2**32 - 1, 2**32 - 1), K.seed_keys(2**63 + 11)):
+        want = R.philox(k0, k1, *ctr)
+        got = R.philox_numpy(k0, k1, *(c.numpy().astype(np.uint64) for c in ctr))
+        assert all(torch.equal(w, torch.from_numpy(x.astype(np.int64))) for w, x in zip(want, got))
+    start, stop = 2**32 - 5, 2**32 + 5  # counters whose high word is set
+    w0, w1 = R.words_span(9, start, stop, 2**31 + 1, K.STREAM_DROP, "cpu")
+    i = torch.arange(start, stop)
+    want = R.philox(*K.seed_keys(9), i & R._U32, i >> 32, 2**31 + 1, K.STREAM_DROP)
+    assert torch.equal(w0, want[0]) and torch.equal(w1, want[1])
+
+
 def test_random_words_do_not_depend_on_the_chunking(monkeypatch):
     whole = R.random_words(12345, 50, 3, K.STREAM_SHUFFLE, "cpu")
     monkeypatch.setattr(R, "_WORDS_CHUNK", {"cpu": 7})  # 50 = 7 * 7 + 1: a masked tail
