@@ -104,8 +104,35 @@ def count_host_syncs(fn: Callable[[], object], device: torch.device) -> int | No
     return sum(SYNC_WARNING in str(w.message) for w in caught)
 
 
+def _proc_status(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key):
+                return int(line.split()[1]) * 1024
+    raise KeyError(key)
+
+
+def _host_peak_extra_bytes(fn: Callable[[], object]) -> int | None:
+    """Resident memory ``fn()`` adds at its peak (Linux: the process's high-water mark, reset before the call),
+    after handing the allocator's free pages back so that they are not reused unseen; None where unsupported."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        base = _proc_status("VmRSS:")
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current resident size
+    except (OSError, KeyError, AttributeError):
+        return None
+    fn()
+    return max(0, _proc_status("VmHWM:") - base)
+
+
 def peak_extra_bytes(fn: Callable[[], object], device: torch.device) -> int | None:
-    """Device memory ``fn()`` takes at its peak beyond what was allocated before it (CUDA only; None elsewhere)."""
+    """Memory ``fn()`` takes at its peak beyond what was allocated before it: the device's allocator on CUDA,
+    the process's resident memory on the CPU (Linux; None where it cannot be read)."""
+    if device.type == "cpu":
+        return _host_peak_extra_bytes(fn)
     if device.type != "cuda":
         return None
     torch.cuda.synchronize()
