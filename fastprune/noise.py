@@ -44,6 +44,8 @@ BINS = 256  # per class: the mixture is fitted to a histogram of the class's evi
 MIN_PER_CLASS = 8  # fewer samples with evidence in a class: no mixture, no suspicion
 SEPARATION = 2.0  # Ashman's D above which two Gaussian components form two modes
 OUTLIER_SD = 3.0  # a suspect lies this many of the upper component's standard deviations below its mean
+SUSPECT_ABOVE = 0.5  # a belief above this is suspected
+EXCLUDE_ABOVE = 0.9  # a suspect's belief from which it is left out (or relabeled), not down-weighted
 
 
 @dataclass
@@ -191,7 +193,7 @@ def beliefs(label: torch.Tensor, model_margin: torch.Tensor | None, clip_margin:
 
 def act(belief: torch.Tensor, label: torch.Tensor, model_margin: torch.Tensor | None,
         model_pred: torch.Tensor | None, clip_margin: torch.Tensor | None, clip_pred: torch.Tensor | None,
-        max_fraction: float = 1.0, exclude_above: float = 0.9, relabel: bool = False,
+        max_fraction: float = 1.0, exclude_above: float = EXCLUDE_ABOVE, relabel: bool = False,
         settled: torch.Tensor | None = None) -> NoiseDecision:
     """Action and class for every sample from its ``belief`` (see ``decide``)."""
     n, dev = label.numel(), label.device
@@ -200,7 +202,7 @@ def act(belief: torch.Tensor, label: torch.Tensor, model_margin: torch.Tensor | 
     for margin in (model_margin, clip_margin):
         if margin is not None:  # how far the margins point away
             pull -= torch.where(seen & torch.isfinite(margin), margin, 0.0).to(torch.float64)
-    suspect = belief > 0.5
+    suspect = belief > SUSPECT_ABOVE
     cap = int(math.floor(max_fraction * n))
     if cap < n:  # the most suspected first; equal beliefs (saturated at 1) by how far the margins point away
         key = torch.where(suspect, belief.to(torch.float64) + 1e-6 * torch.sigmoid(pull), -1.0)
@@ -226,7 +228,7 @@ def act(belief: torch.Tensor, label: torch.Tensor, model_margin: torch.Tensor | 
 
 def decide(label: torch.Tensor, model_margin: torch.Tensor | None, model_pred: torch.Tensor | None,
            clip_margin: torch.Tensor | None, clip_pred: torch.Tensor | None, num_classes: int,
-           max_fraction: float = 1.0, exclude_above: float = 0.9, relabel: bool = False,
+           max_fraction: float = 1.0, exclude_above: float = EXCLUDE_ABOVE, relabel: bool = False,
            settled: torch.Tensor | None = None) -> NoiseDecision:
     """Belief, action, class and weight for every sample from the evidence given (None: not used):
     ``act(beliefs(...), ...)``.
