@@ -61,6 +61,21 @@ def _train(args) -> int:
     return 0
 
 
+def _report(args) -> int:
+    from .report import make_report
+
+    paths = make_report(args.run, out=args.out, count=args.count, data_root=args.data)
+    print(f"wrote {', '.join(str(p) for p in paths)}")
+    return 0
+
+
+def _compare(args) -> int:
+    from .compare import compare
+
+    compare(args.runs, out=args.out, names=args.names)
+    return 0
+
+
 def _bench(args) -> int:
     from .benchmarks.__main__ import main as bench_main
 
@@ -217,6 +232,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--l2", type=float, default=1e-3, help="influence: L2 regularisation of the linear head")
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=_prune_static)
+
+    r = sub.add_parser("report",
+                       help="re-make a finished run's report (plots, mislabeled-sample gallery) from its folder")
+    r.add_argument("run", help="a run folder of `fastprune train` (its --out)")
+    r.add_argument("--out", default=None, help="where to write the figures (default: the run folder)")
+    r.add_argument("--count", type=int, default=None, help="samples in the gallery (default 24)")
+    r.add_argument("--data", default=None,
+                   help="the training folder, if it has moved since the run (the gallery shows its images)")
+    r.set_defaults(func=_report)
+
+    c = sub.add_parser("compare", help="compare runs: accuracy against sample visits and time, and a table")
+    c.add_argument("runs", nargs="+", help="run folders of `fastprune train`")
+    c.add_argument("--out", default=".", help="where to write comparison.png, .csv and .md (default: here)")
+    c.add_argument("--names", nargs="+", default=None, help="a name for each run (default: its folder's name)")
+    c.set_defaults(func=_compare)
 
     b = sub.add_parser("bench", help="run the benchmarks (see BENCHMARKS.md); --smoke for a quick check",
                        add_help=False)

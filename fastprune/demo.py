@@ -23,6 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .compare import compare
 from .data import ImageFolderIndex, TorchLoader
 from .devices import resolve_device
 from .embeddings import Embeddings
@@ -159,12 +160,15 @@ def run(epochs: int = 15, out: str | None = None, clip: str | None = None, devic
                      for n in ("full data", FASTPRUNE)])
     verdict = "above" if pruned > full else ("equal to" if pruned == full else "below")
     log(f"\nfastprune is {verdict} full data ({pruned:.2%} vs {full:.2%}).")
-    log(f"plots and suspected_noisy.csv: {runs[1]['out']}; total {time.perf_counter() - t_start:.0f} s")
+    log(f"plots, the mislabeled-sample gallery and suspected_noisy.csv: {runs[1]['out']}")
+    log("the two runs compared (accuracy against sample visits and time; table with speed-up): "
+        + ", ".join(str(home / "comparison" / name) for home in homes for name in ("comparison.png", "comparison.md")))
+    log(f"total {time.perf_counter() - t_start:.0f} s")
     return runs
 
 
 FASTPRUNE = "fastprune (infobatch 0.7 + noise decisions)"
-_OWNED_FOLDERS = ("digits", "proxy-embeddings", "full", "fastprune")  # what the demo writes in its --out
+_OWNED_FOLDERS = ("digits", "proxy-embeddings", "full", "fastprune", "comparison")  # what the demo writes in its --out
 _MARK = ".fastprune-demo"  # in every folder the demo made: the proof that a later demo may replace it
 
 
@@ -218,4 +222,6 @@ def _one_seed(out: Path, seed: int, epochs: int, clip, device, workers, noise: f
         summary.update(name=name, out=cfg.out, precision=len(flagged & planted) / max(len(flagged), 1),
                        recall=len(flagged & planted) / max(len(planted), 1), flagged=len(flagged))
         runs.append(summary)
+    compare([r["out"] for r in runs], out=_fresh(out / "comparison"), names=["full data", "fastprune"],
+            log=lambda *_: None)
     return runs

@@ -46,6 +46,8 @@ BINS = 256  # per class: the mixture is fitted to a histogram of the class's evi
 MIN_PER_CLASS = 8  # fewer samples with evidence in a class: no mixture, no suspicion
 SEPARATION = 2.0  # Ashman's D above which two Gaussian components form two modes
 OUTLIER_SD = 3.0  # a suspect lies this many of the upper component's standard deviations below its mean
+SUSPECT_ABOVE = 0.5  # a belief above this is suspected
+EXCLUDE_ABOVE = 0.9  # a suspect's belief from which it is left out (or relabeled), not down-weighted
 
 
 @dataclass
@@ -218,12 +220,12 @@ def beliefs(label: torch.Tensor, model_margin: torch.Tensor | None, clip_margin:
 
 def act(belief: torch.Tensor, label: torch.Tensor, model_margin: torch.Tensor | None,
         model_pred: torch.Tensor | None, clip_margin: torch.Tensor | None, clip_pred: torch.Tensor | None,
-        max_fraction: float = 1.0, exclude_above: float = 0.9, relabel: bool = False,
+        max_fraction: float = 1.0, exclude_above: float = EXCLUDE_ABOVE, relabel: bool = False,
         settled: torch.Tensor | None = None) -> NoiseDecision:
     """Action and class for every sample from its ``belief`` (see ``decide``)."""
     n, dev = label.numel(), label.device
     seen = _seen(label, settled)
-    suspect = belief > 0.5
+    suspect = belief > SUSPECT_ABOVE
     cap = int(math.floor(max_fraction * n))
     # Over the cap, the most suspected first; equal beliefs (saturated at 1) by how far the margins point away.
     # On the CPU, where counting costs no synchronisation, the usual case (within the cap) skips the ranking:
@@ -259,7 +261,7 @@ def act(belief: torch.Tensor, label: torch.Tensor, model_margin: torch.Tensor | 
 
 def decide(label: torch.Tensor, model_margin: torch.Tensor | None, model_pred: torch.Tensor | None,
            clip_margin: torch.Tensor | None, clip_pred: torch.Tensor | None, num_classes: int,
-           max_fraction: float = 1.0, exclude_above: float = 0.9, relabel: bool = False,
+           max_fraction: float = 1.0, exclude_above: float = EXCLUDE_ABOVE, relabel: bool = False,
            settled: torch.Tensor | None = None) -> NoiseDecision:
     """Belief, action, class and weight for every sample from the evidence given (None: not used):
     ``act(beliefs(...), ...)``.

@@ -220,6 +220,8 @@ class DynamicPruner:
         self._action = torch.zeros(n, dtype=torch.int8, device=dev)  # fastprune.noise action codes
         self._belief = torch.zeros(n, dtype=torch.float32, device=dev)  # P(label wrong)
         self._relabel = torch.full((n,), -1, dtype=torch.int32, device=dev)  # class trained with instead
+        self._selection_priority: torch.Tensor | None = None  # the latest selection's priorities (for reports)
+        self._decision_belief: torch.Tensor | None = None  # the latest noise decision's beliefs, every sample
         self._any_relabel = False
         self._excluded, self._population = self._check_subset(initial_subset)
         self._evidence = Evidence(self._state)
@@ -511,8 +513,10 @@ class DynamicPruner:
         drop = torch.tensor(counts[2], dtype=torch.int64).view(torch.float64).item()
         order = sel.order[:n_keep].cpu()
         self._state.weights.copy_(sel.weights)
+        self._selection_priority = sel.priority
         if decision is not None:
             self._apply(decision, counts[3 + _noise.RELABEL] > 0)
+            self._decision_belief = decision.belief
         self._state.weights.mul_(torch.where(self._action == _noise.DOWNWEIGHT, 1.0 - self._belief, 1.0))
         self._noisy.copy_(sel.noisy)
         self._set_order(order)
@@ -717,6 +721,20 @@ class DynamicPruner:
         return self._belief
 
     @property
+    def selection_priority(self) -> torch.Tensor | None:
+        """Each sample's priority at the latest selection: what ``infobatch`` compares with the mean over the
+        eligible samples and ``topk`` ranks (the score, times the consistency's factor with embeddings).  For
+        reports; None after ``load_state_dict`` until the next selection.  Read-only."""
+        return self._selection_priority
+
+    @property
+    def decision_belief(self) -> torch.Tensor | None:
+        """Every sample's belief that its label is wrong at the latest noise decision (``noise_belief`` keeps
+        it only where an action was taken): above 0.5 is suspected, though ``noise_ratio`` may cap how many are
+        acted on.  For reports; None before the first decision and after ``load_state_dict``.  Read-only."""
+        return self._decision_belief
+
+    @property
     def relabeled(self) -> torch.Tensor:
         """Per sample, the class it trains with instead of its given label (-1: its own). Read-only."""
         return self._relabel
@@ -903,6 +921,7 @@ class DynamicPruner:
             self._relabel.fill_(-1)
         self._any_relabel = bool((self._relabel >= 0).any())
         self.history = [dict(h) for h in sd["history"]]
+        self._selection_priority = self._decision_belief = None  # not saved: known again at the next selection
         if self._group is not None:
             _dist.check_same(self._group, "the loaded pruner state (epoch, step count, selection)",
                              _dist.fingerprint(self.epoch, self._step_count, self._global_indices.numel(),

@@ -21,10 +21,11 @@ from . import distributed as _dist
 from .data import ImageFolderIndex
 from .devices import resolve_device
 from .pruner import DynamicPruner
-from .report import plot_run, topk_correct, write_suspected_noisy
+from .report import topk_correct, write_report, write_suspected_noisy
 from .rundir import (RunLock, RunLocked, check_outside, describe_load_error, prepare_dir, remove_stale_temporaries,
                      write_log)
 from .rundir import atomic_save as _atomic_save
+from .sample_table import SAMPLES_FILE, SELECTION_FILE, SampleTable, SelectionRecord, record_selection
 from .schedule import SampleSchedule, expected_total_samples
 
 
@@ -279,8 +280,9 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print,
     """Train ``cfg.arch`` on ``cfg.data`` with the pruner; returns the run summary.
 
     Writes ``log.jsonl`` (one line per epoch), ``checkpoint.pt`` (atomic; model, optimiser,
-    schedule, pruner, loader state and RNG states), and at the end the plots and
-    ``suspected_noisy.csv`` into ``cfg.out``.
+    schedule, pruner, loader state and RNG states), ``selection.npz`` (the last selection that pruned), and
+    at the end ``samples.npz``, ``suspected_noisy.csv``, ``summary.json`` and the report (plots, the
+    mislabeled-sample gallery) into ``cfg.out``.
 
     Under ``torchrun`` (or with a process group already initialised) every process trains a DDP
     replica on its shard of each epoch's selection (``batch_size`` is per process); rank 0 logs and
@@ -468,6 +470,8 @@ def _train(cfg, out, ckpt_path, device, log, on_epoch_end, progress) -> dict:
                 f"{step}; the run stops (its last checkpoint stays in {str(out)!r}). Lower --lr, check the data "
                 "and any embeddings for non-finite values, or raise --max-nonfinite-steps")
 
+    if main and ck is None:
+        record_selection(pruner, out, cfg.epochs, replace=True)  # a new run: whatever an older one left goes
     t_run = time.perf_counter()
     for epoch in range(start_epoch, cfg.epochs):
         order = pruner.epoch_indices  # this process's part of the selection
@@ -517,7 +521,11 @@ def _train(cfg, out, ckpt_path, device, log, on_epoch_end, progress) -> dict:
         log(f"epoch {epoch}: trained {selected.numel()}/{len(index)} ({record['kept_fraction']:.0%}) "
             f"in {train_s:.1f} s, "
             f"{record['images_per_s']:.0f} img/s, visits saved {pruner.visits_saved:.1%}{acc}")
+        t_select = time.perf_counter()
         pruner.next_epoch()
+        record["select_seconds"] = round(time.perf_counter() - t_select, 3)
+        if main:  # the last selection that pruned, for the report's histograms
+            record_selection(pruner, out, cfg.epochs)
         checkpoint(epoch + 1)  # the commit point of the epoch; the log follows it (rebuilt from it on resume)
         if main:
             with open(out / "log.jsonl", "a") as f:
@@ -531,11 +539,15 @@ def _train(cfg, out, ckpt_path, device, log, on_epoch_end, progress) -> dict:
                "total_seconds": round(total_s, 1),
                "samples_trained": sum(h["samples_trained"] for h in history),
                "visits_saved": 1.0 - sum(h["samples_trained"] for h in history) / max(1, len(history) * len(index)),
-               "loader": loader_name}
+               "loader": loader_name, "final_top5": history[-1]["val_top5"] if history else None,
+               "policy": cfg.policy, "keep_ratio": cfg.keep_ratio, "noise_ratio": cfg.noise_ratio}
     if main:
-        plot_run(history, pruner, out)
+        table = SampleTable.from_pruner(pruner, index)
+        table.save(out / SAMPLES_FILE)  # what `fastprune report` re-makes the report from
         summary["suspected_noisy"] = write_suspected_noisy(pruner, index, out / "suspected_noisy.csv")
         (out / "summary.json").write_text(json.dumps(summary, indent=1))
+        selection = SelectionRecord.load(out / SELECTION_FILE) if (out / SELECTION_FILE).is_file() else None
+        write_report(history, table, selection, out, log=log)
     log(format_summary(summary))
     return summary
 

@@ -387,6 +387,11 @@ def test_demo_fast_mode(tmp_path):
     assert "| full data |" in out and "| fastprune (infobatch 0.7 + noise decisions) |" in out
     assert re.search(r"fastprune is (above|equal to|below) full data", out)
     assert (tmp_path / "fastprune" / "kept_and_accuracy.png").exists()
+    for name in ("comparison.png", "comparison.md", "comparison.csv"):  # the two runs compared
+        assert (tmp_path / "comparison" / name).is_file()
+        assert name == "comparison.csv" or str(tmp_path / "comparison" / name) in out
+    with open(tmp_path / "comparison" / "comparison.csv") as f:
+        assert [r["run"] for r in csv.DictReader(f)] == ["full data", "fastprune"]
     truth = json.loads((tmp_path / "digits" / "truth.json").read_text())
     assert sum(t["true"] != t["given"] for t in truth.values()) == int(0.2 * len(truth))
 
