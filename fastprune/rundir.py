@@ -52,14 +52,22 @@ def prepare_dir(folder, what: str = "--out") -> Path:
     """Create ``folder`` (with its parents) and check that files can be written in it, so that an output
     location that cannot be used fails at once, naming ``what``, not after a long computation."""
     folder = Path(folder)
+    _make_writable(folder, f"{what} {str(folder)!r} is a file, not a folder",
+                   f"{what} {str(folder)!r}: cannot create the folder",
+                   f"{what} {str(folder)!r}: cannot write in the folder")
+    return folder
+
+
+def _make_writable(folder: Path, is_a_file: str, cannot_create: str, cannot_write: str) -> None:
+    """Create ``folder`` with its parents and check that a file can be written in it; each failure is one of
+    the messages given."""
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except FileExistsError:
-        raise FileExistsError(f"{what} {str(folder)!r} is a file, not a folder") from None
+        raise FileExistsError(is_a_file) from None
     except OSError as e:
-        raise _unusable(e, f"{what} {str(folder)!r}: cannot create the folder") from e
-    _probe(folder, f"{what} {str(folder)!r}: cannot write in the folder")
-    return folder
+        raise _unusable(e, cannot_create) from e
+    _probe(folder, cannot_write)
 
 
 def prepare_file(path, what: str = "--out", example: str = "out.json") -> Path:
@@ -70,13 +78,9 @@ def prepare_file(path, what: str = "--out", example: str = "out.json") -> Path:
         raise IsADirectoryError(f"{what} {str(path)!r} is a folder; give the path of the file to write, "
                                 f"e.g. {str(path / example)!r}")
     folder = path.parent
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except FileExistsError:
-        raise FileExistsError(f"{what} {str(path)!r}: its folder {str(folder)!r} is a file") from None
-    except OSError as e:
-        raise _unusable(e, f"{what} {str(path)!r}: cannot create its folder {str(folder)!r}") from e
-    _probe(folder, f"{what} {str(path)!r}: cannot write in its folder {str(folder)!r}")
+    _make_writable(folder, f"{what} {str(path)!r}: its folder {str(folder)!r} is a file",
+                   f"{what} {str(path)!r}: cannot create its folder {str(folder)!r}",
+                   f"{what} {str(path)!r}: cannot write in its folder {str(folder)!r}")
     try:
         name_max = os.pathconf(folder, "PC_NAME_MAX")
     except (OSError, ValueError):

@@ -36,6 +36,29 @@ def reference_path(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
 
 
+@pytest.fixture(scope="module")
+def reference_path_module():
+    """``reference_path`` for a whole module (``pytestmark = pytest.mark.usefixtures(...)``): for tests of the
+    training loop around the pruner, whose kernels have their own tests under the interpreter."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TRITON_INTERPRET", "0")
+        yield
+
+
+def fake_bench(bench: str, calls: dict):
+    """A benchmark module that measures nothing: one record numbered by ``calls``, section ``<bench>-x``."""
+    class Module:
+        @staticmethod
+        def parse_args(argv):
+            return argv
+
+        @staticmethod
+        def produce(args, info):
+            calls["n"] += 1
+            return [{"bench": bench, "method": "m", "run": calls["n"]}], f"table {bench}", f"{bench}-x"
+    return Module
+
+
 @pytest.fixture
 def kernel_path(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+from conftest import fake_bench
 
 pytest.importorskip("nvidia.dali", reason="DALI is not installed")
 
@@ -87,27 +88,13 @@ def test_step_table_reads_device_times_on_a_gpu():
     assert ratio.measure(cpu).value == 300 / 90
 
 
-def _fake_bench(bench: str, calls: dict):
-    """A benchmark module that measures nothing: one record numbered by ``calls``, section ``<bench>-x``."""
-    class Module:
-        @staticmethod
-        def parse_args(argv):
-            return argv
-
-        @staticmethod
-        def produce(args, info):
-            calls["n"] += 1
-            return [{"bench": bench, "method": "m", "run": calls["n"]}], f"table {bench}", f"{bench}-x"
-    return Module
-
-
 def test_only_runs_add_up_in_one_results_file(tmp_path, monkeypatch):
     """`--only` runs on the same day merge into one file; a re-run benchmark replaces its own records."""
     import benchmarks.__main__ as M
 
     calls = {"n": 0}
 
-    monkeypatch.setattr(M, "BENCHES", {"step": _fake_bench("step", calls), "select": _fake_bench("select", calls)})
+    monkeypatch.setattr(M, "BENCHES", {"step": fake_bench("step", calls), "select": fake_bench("select", calls)})
     monkeypatch.setattr(M, "machine", lambda: {"device": "Dev X", "date": "2026-01-02"})
     out = tmp_path / "res"
     assert M.main(["--only", "step", "--out", str(out), "--no-write"]) == 0
@@ -126,7 +113,7 @@ def test_publishing_tables_is_an_explicit_choice(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(M, "write_section", lambda section, text: written.append(section))
     monkeypatch.setattr(report, "write_section", lambda section, text: written.append(section))
 
-    monkeypatch.setattr(M, "BENCHES", {"step": _fake_bench("step", {"n": 0})})
+    monkeypatch.setattr(M, "BENCHES", {"step": fake_bench("step", {"n": 0})})
     monkeypatch.setattr(M, "machine", lambda: {"device": "Dev X", "date": "2026-01-02"})
     out = str(tmp_path / "res")
     assert M.main(["--only", "step", "--out", out]) == 0 and written == []

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import fake_bench
 from imagegen import make_tree
 
 from fastprune import cli
@@ -174,16 +175,24 @@ def test_the_library_refuses_the_same_devices(data, tmp_path, call, device):
 
 # ----------------------------------------------------------------------------- outputs that cannot be written
 
-@pytest.mark.parametrize("command", ["train", "demo", "embed", "prune-static", "bench"])
-def test_an_over_long_out_name_is_one_line(data, tmp_path, capsys, command, monkeypatch):
+OUT_COMMANDS = ["train", "demo", "embed", "prune-static", "bench"]
+
+
+def out_args(command: str, data, out, monkeypatch) -> list:
+    """``command``'s arguments with ``--out`` at ``out`` (prune-static: a file in it); bench measures nothing."""
     if command == "bench":
         _fake_benchmarks(monkeypatch, {"n": 0})
-    out = tmp_path / LONG
-    args = {"train": train_args(data, out), "demo": ["demo", "--out", out, "--epochs", "1"],
+    return {"train": train_args(data, out), "demo": ["demo", "--out", out, "--epochs", "1"],
             "embed": ["embed", data, "--out", out, "--pretrained", "none"],
             "prune-static": ["prune-static", data, "--out", out / "s.json", "--method", "random", "--prune-ratio",
                              "0.3"],
             "bench": ["bench", "--out", out, "--only", "step"]}[command]
+
+
+@pytest.mark.parametrize("command", OUT_COMMANDS)
+def test_an_over_long_out_name_is_one_line(data, tmp_path, capsys, command, monkeypatch):
+    out = tmp_path / LONG
+    args = out_args(command, data, out, monkeypatch)
     rc, err = run_cli(args, capsys)
     assert rc == 2 and f"--out '{out}" in err and "File name too long" in err, err
     if command == "prune-static":  # the file's own name too long
@@ -191,18 +200,11 @@ def test_an_over_long_out_name_is_one_line(data, tmp_path, capsys, command, monk
         assert rc == 2 and "the file name is longer than this file system allows (305 > " in err, err
 
 
-@pytest.mark.parametrize("command", ["train", "demo", "embed", "prune-static", "bench"])
+@pytest.mark.parametrize("command", OUT_COMMANDS)
 def test_an_out_that_is_a_file_is_one_line(data, tmp_path, capsys, command, monkeypatch):
-    if command == "bench":
-        _fake_benchmarks(monkeypatch, {"n": 0})
     taken = tmp_path / "taken"
     taken.write_text("a user's file")
-    args = {"train": train_args(data, taken), "demo": ["demo", "--out", taken, "--epochs", "1"],
-            "embed": ["embed", data, "--out", taken, "--pretrained", "none"],
-            "prune-static": ["prune-static", data, "--out", taken / "s.json", "--method", "random", "--prune-ratio",
-                             "0.3"],
-            "bench": ["bench", "--out", taken, "--only", "step"]}[command]
-    rc, err = run_cli(args, capsys)
+    rc, err = run_cli(out_args(command, data, taken, monkeypatch), capsys)
     assert rc == 2 and f"'{taken}'" in err and " is a file" in err, err
     assert taken.read_text() == "a user's file"
 
@@ -310,17 +312,7 @@ def _fake_benchmarks(monkeypatch, calls: dict):
     """``python -m benchmarks`` with one benchmark that measures nothing (counted in ``calls``)."""
     import fastprune.benchmarks.__main__ as M  # the module `fastprune bench` runs
 
-    class Step:
-        @staticmethod
-        def parse_args(argv):
-            return argv
-
-        @staticmethod
-        def produce(args, info):
-            calls["n"] += 1
-            return [{"bench": "step", "method": "m"}], "table", "step-x"
-
-    monkeypatch.setattr(M, "BENCHES", {"step": Step})
+    monkeypatch.setattr(M, "BENCHES", {"step": fake_bench("step", calls)})
     monkeypatch.setattr(M, "machine", lambda: {"device": "Dev X", "date": "2026-01-02"})
 
 

@@ -20,20 +20,11 @@ from fastprune import distributed as D  # noqa: E402
 
 from fastprune.integrations.lightning import METRICS, PruningCallback, ShardSampler  # noqa: E402
 
-pytestmark = pytest.mark.filterwarnings(
+pytestmark = [pytest.mark.filterwarnings(
     "ignore::lightning.fabric.utilities.warnings.PossibleUserWarning",  # few workers, few batches: tiny on purpose
     "ignore:`isinstance\\(treespec, LeafSpec\\)` is deprecated",  # Lightning's own use of torch's pytree
     "ignore:Checkpoint directory .* exists and is not empty",  # the resumed run saves where the interrupted one did
-)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _reference_kernels():
-    """The pruner's plain-PyTorch path (the kernels' own tests cover the Triton interpreter): these tests
-    are about the training loop around it."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("TRITON_INTERPRET", "0")
-        yield
+), pytest.mark.usefixtures("reference_path_module")]  # the training loop around the pruner is under test
 
 
 def _fit(tmp_path, **kw):

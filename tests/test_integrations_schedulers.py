@@ -12,14 +12,7 @@ from fastprune.schedule import ProgressScheduler
 
 N, C, EPOCHS, BATCH, MAX_LR = 200, 5, 6, 8, 0.5
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _reference_kernels():
-    """The pruner's plain-PyTorch path (the kernels' own tests cover the Triton interpreter): these tests
-    are about the training loop around it."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("TRITON_INTERPRET", "0")
-        yield
+pytestmark = pytest.mark.usefixtures("reference_path_module")  # the training loop around the pruner is under test
 
 
 def one_cycle(opt, length):
