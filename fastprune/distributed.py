@@ -19,7 +19,9 @@ number of steps (what DDP needs), and the shards cover the selection.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -46,6 +48,14 @@ def shard_len(n: int, world_size: int) -> int:
     return -(-n // world_size)
 
 
+class Agreement(NamedTuple):
+    """What ``Group.agree`` found: whether the ranks agree, the maxima asked for, the bytes sent per rank."""
+
+    same: bool
+    maxima: list[int]
+    bytes: int
+
+
 @dataclass
 class Group:
     """The process group the pruner communicates over, with this process's place in it."""
@@ -61,6 +71,15 @@ class Group:
 
         _collective(lambda: dist.all_reduce(values, op=dist.ReduceOp.MAX, group=self.group))
         return values
+
+    def agree(self, same: Sequence[int], maxima: Sequence[int] = (), device: torch.device | None = None) -> Agreement:
+        """One all-reduce (maximum) of int64 words: whether every rank holds the same ``same`` values (each goes as
+        ``v`` and ``-v``: the two maxima are ``v`` and ``-v`` only when no rank holds another value), and the
+        maxima over ranks of ``maxima``.  Words in order: ``v1, -v1, v2, -v2, ..., maxima``."""
+        words = [w for v in same for w in (int(v), -int(v))] + [int(v) for v in maxima]
+        out = self.all_max(torch.tensor(words, dtype=torch.int64, device=device)).tolist()
+        agreed = all(out[2 * i] == -out[2 * i + 1] for i in range(len(same)))
+        return Agreement(agreed, out[2 * len(same):], 8 * len(words))
 
     def all_sum(self, values: torch.Tensor) -> torch.Tensor:
         """Element-wise sum over ranks (in place)."""
@@ -117,10 +136,7 @@ def fingerprint(*values) -> int:
 
 def check_same(group: Group, what: str, value: int, device: torch.device) -> None:
     """Raise on every rank when ``value`` differs between ranks (one small collective)."""
-    t = torch.tensor([value, -value], dtype=torch.int64, device=device)
-    group.all_max(t)
-    hi, neg_lo = t.tolist()
-    if hi != -neg_lo:
+    if not group.agree([value], device=device).same:
         raise ValueError(f"fastprune: {what} differs between ranks; every rank must build the pruner "
                          "with the same arguments (and the same data)")
 

@@ -18,6 +18,7 @@ from .kernels import common as K
 from .embeddings import nonfinite_rows
 from .evidence import Evidence
 from .policies import POLICIES, Schedule
+from .step_errors import StepErrors
 
 _LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _EMB_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -225,11 +226,8 @@ class DynamicPruner:
         self._any_relabel = False
         self._excluded, self._population = self._check_subset(initial_subset)
         self._evidence = Evidence(self._state)
-        self._err_host = torch.zeros(K.ERR_SLOTS, dtype=torch.int64,
-                                     pin_memory=dev.type == "cuda")
-        self._err_event = None
-        self._reported = [0] * K.ERR_SLOTS  # error counts already reported
-        self._dup_warned = False
+        self._errors = StepErrors(self._state.errors, num_samples=n, num_classes=self.num_classes,
+                                  ignore_index=self.ignore_index, validate=self.validate)
         self._has_batch_consistency = False
         self._step_count = 0
         self._merged_step = 0  # steps before this one are in the merged (global) state
@@ -352,7 +350,7 @@ class DynamicPruner:
         and predicted class) are in ``self.last_step``.
         """
         self._check_batch(logits, labels, indices, image_emb)
-        self._poll_errors()
+        self._errors.poll()
         if image_emb is not None and image_emb.stride(1) != 1:
             image_emb = image_emb.contiguous()
         if logits.stride(1) != 1:
@@ -383,7 +381,7 @@ class DynamicPruner:
         # without the gradient: a second reference to it would make autograd copy it into .grad
         self.last_step = dataclasses.replace(out, grad=None)
         if self.device.type == "cpu" or self.validate == "sync":
-            self._check_errors(self._state.errors if self.device.type == "cpu" else self._state.errors.cpu())
+            self._errors.check()
         if not needs_grad:
             return out.contrib.sum()
         if self.inplace_grad:
@@ -398,68 +396,9 @@ class DynamicPruner:
         use = inside & (new >= 0) & (labels >= 0) & (labels < self.num_classes)  # bad labels: the kernel reports
         return torch.where(use, new.to(labels.dtype), labels)
 
-    # ------------------------------------------------------------ error report
-
-    def _poll_errors(self):
-        """Look at the device's error counters without waiting for the device."""
-        if self.device.type != "cuda" or self.validate != "async":
-            return
-        ev = self._err_event
-        if ev is not None:
-            if not ev.query():
-                return
-            self._check_errors(self._err_host)
-        self._err_host.copy_(self._state.errors, non_blocking=True)
-        self._err_event = torch.cuda.Event()
-        self._err_event.record()
-
-    def _check_errors(self, counts: torch.Tensor):
-        """Raise or warn for what the kernel recorded since the last report.
-
-        The device counters only grow; what was already reported is remembered on the
-        host, so nothing recorded while a report is on its way is lost.  Raising resets
-        the counters so that a caller who handles the error can go on.
-        """
-        c = counts.tolist()
-        seen = self._reported
-        new = {slot: c[slot] - seen[slot] for slot in range(K.ERR_LABEL_COUNT, K.ERR_SLOTS, 2)}
-        example = {slot + 1: K.example_value(c[slot + 1]) for slot in new}
-        if not any(v > 0 for v in new.values()):
-            return
-        fatal = new[K.ERR_LABEL_COUNT] > 0 or new[K.ERR_INDEX_COUNT] > 0 or (
-            new[K.ERR_NONFINITE_COUNT] > 0 and self.validate == "sync")
-        if fatal:
-            self._state.errors.zero_()
-            self._err_host.zero_()
-            self._err_event = None
-            self._reported = [0] * K.ERR_SLOTS
-        else:
-            self._reported = c
-        if new[K.ERR_LABEL_COUNT]:
-            raise ValueError(
-                f"labels: value {example[K.ERR_LABEL_VALUE]} is outside [0, {self.num_classes}) and is not "
-                f"ignore_index={self.ignore_index} ({new[K.ERR_LABEL_COUNT]} bad rows; they were left out)")
-        if new[K.ERR_INDEX_COUNT]:
-            raise IndexError(
-                f"indices: value {example[K.ERR_INDEX_VALUE]} is outside [0, num_samples={self.num_samples}) "
-                f"({new[K.ERR_INDEX_COUNT]} bad rows; they were left out)")
-        if new[K.ERR_NONFINITE_COUNT]:
-            msg = (f"logits: {new[K.ERR_NONFINITE_COUNT]} rows had a non-finite loss (NaN or Inf logits; "
-                   f"the first at batch row {example[K.ERR_NONFINITE_ROW]}); their scores were left unchanged "
-                   "and the returned loss is non-finite")
-            if self.validate == "sync":
-                raise ValueError(msg)
-            warnings.warn(msg, RuntimeWarning, stacklevel=3)
-        if new[K.ERR_DUP_COUNT] and not self._dup_warned:
-            self._dup_warned = True
-            warnings.warn(
-                f"indices: sample {example[K.ERR_DUP_VALUE]} appeared twice in one batch ({c[K.ERR_DUP_COUNT]} "
-                "repeats so far); each sample's score is updated once per step, by its first row", RuntimeWarning,
-                stacklevel=3)
-
     def check_errors(self):
-        """Synchronise and report anything the device recorded since the last report."""
-        self._check_errors(self._state.errors.cpu())
+        """Synchronise and report anything the device recorded since the last report (``fastprune.step_errors``)."""
+        self._errors.check()
 
     # -------------------------------------------------------------- selection
 
@@ -508,7 +447,7 @@ class DynamicPruner:
         actions = decision.counts() if decision is not None else torch.bincount(self._action, minlength=4)
         counts = torch.cat([sel.n_keep.to(torch.int64).reshape(1), sel.noisy.sum().reshape(1), drop_bits,
                             actions, self._state.errors]).tolist()
-        self._check_errors(torch.tensor(counts[7:], dtype=torch.int64))
+        self._errors.check(counts[7:])
         n_keep, n_noisy = counts[0], counts[1]
         drop = torch.tensor(counts[2], dtype=torch.int64).view(torch.float64).item()
         order = sel.order[:n_keep].cpu()
@@ -594,34 +533,34 @@ class DynamicPruner:
         """Agree on the epoch and on errors, then merge the touched samples' state over ranks."""
         t0 = time.perf_counter()
         g = self._group
-        errs = self._state.errors.tolist()  # a sync, at an epoch end
-        fatal = (errs[K.ERR_LABEL_COUNT] - self._reported[K.ERR_LABEL_COUNT]
-                 + errs[K.ERR_INDEX_COUNT] - self._reported[K.ERR_INDEX_COUNT]) > 0
-        header = [kind, -kind, self.epoch, -self.epoch, int(self._has_batch_consistency), self._step_count]
+        errs = self._errors.counters.tolist()  # a sync, at an epoch end
+        fatal = self._errors.new_fatal(errs)
         flags = [0] * g.world_size
         flags[g.rank] = int(fatal)
-        head = g.all_max(torch.tensor(header + flags, dtype=torch.int64, device=self.device)).tolist()
-        sent = head_bytes = 8 * len(head)
-        if head[0] != -head[1] or head[2] != -head[3]:
+        # One small collective: the ranks must be in the same call at the same epoch; the rest is maxima.
+        head = g.agree([kind, self.epoch], [int(self._has_batch_consistency), self._step_count, *flags], self.device)
+        sent = head_bytes = head.bytes
+        if not head.same:
             raise _dist.RankFailure(
                 "fastprune: the ranks are out of step (one called next_epoch() while another called sync(), "
                 "or they are at different epochs); every rank must make the same pruner calls")
-        bad = [r for r, f in enumerate(head[6:]) if f]
+        batch_consistency, step_count, *failed = head.maxima
+        bad = [r for r, f in enumerate(failed) if f]
         if bad:
             if fatal:
-                self._check_errors(torch.tensor(errs, dtype=torch.int64))  # raises the detailed error
+                self._errors.check(errs)  # raises the detailed error
             raise _dist.RankFailure(
                 f"fastprune: rank{'s' if len(bad) > 1 else ''} {', '.join(map(str, bad))} reported bad labels or "
                 f"indices during epoch {self.epoch} (see {'their' if len(bad) > 1 else 'its'} error); every rank "
                 "stops here so that none waits for the others")
-        self._has_batch_consistency = bool(head[4])
+        self._has_batch_consistency = bool(batch_consistency)
         touched = self._state.stamp >= self._merged_step
         st = self._state
         floats, counters, classes = self._evidence.merge_columns(batch_clip=self._has_batch_consistency)
         if self.image_emb is not None or self._has_batch_consistency:
             floats = [st.consistency] + floats
         sent += _dist.merge([st.scores] + floats, st.visits, counters, classes, self.num_classes, touched, g)
-        self._step_count = head[5]
+        self._step_count = step_count
         self._merged_step = self._step_count
         self.last_sync = {"bytes": sent, "header_bytes": head_bytes, "seconds": time.perf_counter() - t0}
         return sent
@@ -902,9 +841,7 @@ class DynamicPruner:
             raise ValueError("state_dict was made with a different initial_subset than this pruner's")
         self._load_columns(sd)
         self._noisy.copy_(sd["noisy"])
-        self._state.errors.zero_()
-        self._err_event = None
-        self._reported = [0] * K.ERR_SLOTS
+        self._errors.reset()
         self.epoch = int(sd["epoch"])
         self._step_count = int(sd["step_count"])
         self._merged_step = self._step_count

@@ -149,6 +149,15 @@ def out_of_step(rank, world):
     return "finished"
 
 
+def agreement(rank, world):
+    """``Group.agree`` on values every rank shares, on one that differs by rank, and its maxima."""
+    from fastprune.distributed import resolve
+
+    group = resolve(None, torch.device(device()))
+    return [group.agree([7, -3], [rank, 10 * rank], device()), group.agree([5, rank], [], device()),
+            group.agree([], [rank + 1], device())]
+
+
 # ----------------------------------------------------------------- mid-epoch resume
 
 def consume_and_save(rank, world, consumed: int, save):

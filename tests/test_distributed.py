@@ -443,6 +443,13 @@ def test_ranks_out_of_step_raise_on_every_rank():
         assert isinstance(res, D.RankError) and "the ranks are out of step" in res.message
 
 
+def test_agree_tells_shared_values_from_differing_ones_in_one_collective():
+    for shared, differing, maxima_only in _ok(W.launch(W.agreement, 3)):
+        assert shared == (True, [2, 20], 8 * 6)  # words: 7, -7, -3, 3, rank, 10 * rank
+        assert differing.same is False and differing.maxima == [] and differing.bytes == 8 * 4
+        assert maxima_only == (True, [3], 8)
+
+
 # ------------------------------------------------------------------ fastprune train under torchrun
 
 def test_train_cli_with_two_processes(tmp_path):
