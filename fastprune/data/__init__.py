@@ -9,9 +9,9 @@
 
 from .dali import DaliLoader, require_dali
 from .errors import BadFile, SkippedFiles
-from .fallback import ImageFileDataset, TorchLoader, default_transform, open_rgb
 from .index import ImageFolderIndex
 from .indexed import IndexedDataset
+from .torch_loader import ImageFileDataset, TorchLoader, default_transform, open_rgb
 
 __all__ = ["BadFile", "DaliLoader", "ImageFileDataset", "ImageFolderIndex", "IndexedDataset", "SkippedFiles",
            "TorchLoader", "default_transform", "open_rgb", "require_dali"]

@@ -126,7 +126,7 @@ def _place(good: torch.Tensor, subs: torch.Tensor, keep: list[int], at: list[int
 
 
 class TorchLoader(SkipsBadFiles):
-    """The fallback with DaliLoader's interface: ``(images, labels, idx)`` over the pruner's epoch order
+    """DaliLoader's interface without DALI: ``(images, labels, idx)`` over the pruner's epoch order
     (this rank's shard under ``torch.distributed``), on ``device``, resumable mid-epoch (``state_dict``),
     decoded by PIL in ``num_workers`` processes.  Without a pruner: every sample in index order, or
     the ``shard_id``-th of ``num_shards`` strided parts (evaluation on several ranks).
