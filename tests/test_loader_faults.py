@@ -146,7 +146,7 @@ def test_embedding_batches_bad_file_is_one_line(index):
 
 @needs_dali
 def test_embedding_batches_bad_file_is_one_line_with_dali(index):
-    from fastprune.data.dali import IMAGENET_MEAN, IMAGENET_STD
+    from fastprune.data.loader import IMAGENET_MEAN, IMAGENET_STD
     from fastprune.embeddings import _batches
 
     corrupt(index.files[3], "deleted")

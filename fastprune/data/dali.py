@@ -10,7 +10,6 @@ changes and the iterator is reset: no rebuild.
 
 from __future__ import annotations
 
-import math
 import os
 import time
 
@@ -21,9 +20,8 @@ from ..devices import resolve_device
 from .cursor import EpochCursor
 from .errors import SkipsBadFiles, find_bad_files
 from .index import ImageFolderIndex, as_index
+from .loader import IMAGENET_MEAN, IMAGENET_STD, eval_resize
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 _OUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _INTERP = {"linear": "INTERP_LINEAR", "cubic": "INTERP_CUBIC", "nearest": "INTERP_NN"}
 
@@ -119,7 +117,7 @@ class DaliLoader(SkipsBadFiles):
         self.dtype, self.channels_last, self.seed = dtype, channels_last, seed
         self.num_threads = num_threads or max(1, min(8, os.cpu_count() or 1))
         self.prefetch = prefetch
-        self.resize_size = resize_size or math.floor(image_size / 0.875 + 0.5)
+        self.resize_size = resize_size or eval_resize(image_size)
         self.interpolation, self.resize_mode = interpolation, resize_mode
         if not (len(random_area) == 2 and 0 < random_area[0] <= random_area[1] <= 1):
             raise ValueError(f"random_area must be (min, max) with 0 < min <= max <= 1, got {random_area!r}")

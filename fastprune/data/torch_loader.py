@@ -11,17 +11,15 @@ augmentations as DaliLoader.  Only the sampled files are opened, so pruning save
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
 
 from ..devices import resolve_device
 from .cursor import EpochCursor
-from .dali import IMAGENET_MEAN, IMAGENET_STD
 from .errors import BadFile, SkipsBadFiles, raise_for_bad_file, why_unusable
 from .index import ImageFolderIndex, as_index
 from .indexed import IndexedDataset
+from .loader import IMAGENET_MEAN, IMAGENET_STD, eval_resize
 
 _WIDE_GREY = ("I", "I;16", "I;16B", "I;16L", "I;16N")  # 16-bit grey PNGs open as I;16 (older PIL: I)
 
@@ -63,7 +61,7 @@ def default_transform(train: bool, image_size: int = 224, mean=IMAGENET_MEAN, st
     if train:
         flip = [T.RandomHorizontalFlip()] if hflip else []
         return T.Compose([T.RandomResizedCrop(image_size, scale=tuple(random_area)), *flip, *norm])
-    return T.Compose([T.Resize(math.floor(image_size / 0.875 + 0.5)), T.CenterCrop(image_size), *norm])
+    return T.Compose([T.Resize(eval_resize(image_size)), T.CenterCrop(image_size), *norm])
 
 
 class ImageFileDataset(torch.utils.data.Dataset):
