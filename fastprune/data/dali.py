@@ -16,11 +16,9 @@ import time
 import numpy as np
 import torch
 
-from ..devices import resolve_device
-from .cursor import EpochCursor
-from .errors import SkipsBadFiles, find_bad_files
-from .index import ImageFolderIndex, as_index
-from .loader import IMAGENET_MEAN, IMAGENET_STD, eval_resize
+from .errors import find_bad_files
+from .index import ImageFolderIndex
+from .loader import IMAGENET_MEAN, IMAGENET_STD, EpochLoader, eval_resize
 
 _OUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _INTERP = {"linear": "INTERP_LINEAR", "cubic": "INTERP_CUBIC", "nearest": "INTERP_NN"}
@@ -57,7 +55,7 @@ class _EpochSource:
         return paths, [self.labels[sel[k:k + 1]] for k in range(sel.size)], [sel[k:k + 1] for k in range(sel.size)]
 
 
-class DaliLoader(SkipsBadFiles):
+class DaliLoader(EpochLoader):
     """Iterates ``(images, labels, idx)`` over exactly ``pruner.epoch_indices``, in that order.
 
     Under ``torch.distributed`` that is this rank's shard, so each rank reads and decodes only its
@@ -92,8 +90,6 @@ class DaliLoader(SkipsBadFiles):
                  interpolation: str = "linear", resize_mode: str = "shorter", random_area=(0.08, 1.0),
                  hflip: bool = True):
         require_dali()
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
         if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 8:
             raise ValueError(f"image_size must be an integer >= 8, got {image_size!r}")
         if dtype not in _OUT_DTYPES:
@@ -102,18 +98,10 @@ class DaliLoader(SkipsBadFiles):
             raise ValueError(f"interpolation must be one of {', '.join(_INTERP)}, got {interpolation!r}")
         if resize_mode not in ("shorter", "squash"):
             raise ValueError(f"resize_mode must be 'shorter' or 'squash', got {resize_mode!r}")
-        self._init_bad_files(on_error)
-        index = as_index(index)  # after the cheap checks: a path is scanned here
-        if pruner is not None and pruner.num_samples != len(index):
-            raise ValueError(f"pruner has num_samples={pruner.num_samples} but the index has {len(index)} samples")
-        self.cursor = EpochCursor(len(index), pruner, shard_id, num_shards)
-        if device is None and pruner is not None:
-            device = pruner.device
-        self.device = resolve_device(device, "device")  # None: CUDA when available
+        super().__init__(index, pruner, batch_size, device, on_error, shard_id, num_shards)
         if self.device.type == "cuda" and self.device.index is None:
-            self.device = torch.device("cuda", torch.cuda.current_device())
-        self.index, self.pruner = index, pruner
-        self.batch_size, self.train, self.image_size = batch_size, train, image_size
+            self.device = torch.device("cuda", torch.cuda.current_device())  # DALI needs the device's number
+        self.train, self.image_size = train, image_size
         self.dtype, self.channels_last, self.seed = dtype, channels_last, seed
         self.num_threads = num_threads or max(1, min(8, os.cpu_count() or 1))
         self.prefetch = prefetch
@@ -124,7 +112,7 @@ class DaliLoader(SkipsBadFiles):
         self.random_area, self.hflip = tuple(float(a) for a in random_area), bool(hflip)
         self.mean = [255.0 * m for m in mean]
         self.std = [255.0 * s for s in std]
-        self._source = _EpochSource(index.files, index._labels, batch_size)
+        self._source = _EpochSource(self.index.files, self.index._labels, batch_size)
         self._pipe = self._iter = None
         self._clean = False  # the DALI iterator ended its last epoch and can be reset
         self.epoch_seconds = float("nan")
@@ -177,17 +165,6 @@ class DaliLoader(SkipsBadFiles):
 
     # --------------------------------------------------------------- iteration
 
-    def __len__(self) -> int:
-        return -(-self.cursor.current()[1].numel() // self.batch_size)
-
-    def __iter__(self):
-        cur = self.cursor
-        epoch, order = cur.begin(lambda o: self._order(o.numpy()).size)
-        order = order.numpy()
-        if cur.position == 0:  # an epoch starts
-            self._epoch_starts(order)
-        return self._run(order)
-
     def _start(self, order):
         self._source.order = self._order(order)
         self._source.start = self.cursor.position
@@ -197,7 +174,7 @@ class DaliLoader(SkipsBadFiles):
         else:
             self._build()  # first use, or the previous iteration stopped mid-epoch
 
-    def _run(self, order):
+    def _run(self, epoch, order):
         t0 = time.perf_counter()
         started = False
         while True:
@@ -242,12 +219,7 @@ class DaliLoader(SkipsBadFiles):
 
     # --------------------------------------------------------------- resume
 
-    def state_dict(self) -> dict:
-        """Position in the current epoch, for resuming an interrupted epoch at the next unseen batch."""
-        return {**self.cursor.state_dict(), **self._bad_state()}
-
     def load_state_dict(self, sd: dict) -> None:
-        self.cursor.load_state_dict(sd)
-        self._load_bad_state(sd)
+        super().load_state_dict(sd)
         self._iter = self._pipe = None
         self._clean = False

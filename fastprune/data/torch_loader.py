@@ -14,12 +14,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..devices import resolve_device
-from .cursor import EpochCursor
-from .errors import BadFile, SkipsBadFiles, raise_for_bad_file, why_unusable
+from .errors import BadFile, raise_for_bad_file, why_unusable
 from .index import ImageFolderIndex, as_index
 from .indexed import IndexedDataset
-from .loader import IMAGENET_MEAN, IMAGENET_STD, eval_resize
+from .loader import IMAGENET_MEAN, IMAGENET_STD, EpochLoader, eval_resize
 
 _WIDE_GREY = ("I", "I;16", "I;16B", "I;16L", "I;16N")  # 16-bit grey PNGs open as I;16 (older PIL: I)
 
@@ -123,7 +121,7 @@ def _place(good: torch.Tensor, subs: torch.Tensor, keep: list[int], at: list[int
     return out
 
 
-class TorchLoader(SkipsBadFiles):
+class TorchLoader(EpochLoader):
     """DaliLoader's interface without DALI: ``(images, labels, idx)`` over the pruner's epoch order
     (this rank's shard under ``torch.distributed``), on ``device``, resumable mid-epoch (``state_dict``),
     decoded by PIL in ``num_workers`` processes.  Without a pruner: every sample in index order, or
@@ -138,38 +136,19 @@ class TorchLoader(SkipsBadFiles):
     same number of steps.
     """
 
+    default_device = "cpu"
+
     def __init__(self, index: ImageFolderIndex | str, pruner=None, batch_size: int = 256, train: bool = True,
                  device=None, num_workers: int = 4, image_size: int = 224, transform=None,
                  channels_last: bool = False, dtype: torch.dtype = torch.float32, random_area=(0.08, 1.0),
                  hflip: bool = True, seed: int = 0, shard_id: int | None = None, num_shards: int | None = None,
                  on_error: str = "raise"):
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
-        self._init_bad_files(on_error)
-        index = as_index(index)  # before anything takes len(index)
-        if pruner is not None and pruner.num_samples != len(index):
-            raise ValueError(f"pruner has num_samples={pruner.num_samples} but the index has {len(index)} samples")
-        if device is None:
-            device = pruner.device if pruner is not None else "cpu"
-        self.device = resolve_device(device, "device")
-        self.index, self.pruner, self.batch_size = index, pruner, batch_size
+        super().__init__(index, pruner, batch_size, device, on_error, shard_id, num_shards)
         if transform is None:
             transform = default_transform(train, image_size, random_area=random_area, hflip=hflip)
-        self.images = ImageFileDataset(index, transform=transform, seed=seed, mark_bad=True)
+        self.images = ImageFileDataset(self.index, transform=transform, seed=seed, mark_bad=True)
         self.dataset = IndexedDataset(self.images)
         self.num_workers, self.channels_last, self.dtype = num_workers, channels_last, dtype
-        self.cursor = EpochCursor(len(index), pruner, shard_id, num_shards)
-
-    def __len__(self) -> int:
-        return -(-self.cursor.current()[1].numel() // self.batch_size)
-
-    def __iter__(self):
-        cur = self.cursor
-        epoch, order = cur.begin(lambda o: self._order(o.numpy()).size)
-        order = order.numpy()
-        if cur.position == 0:  # an epoch starts
-            self._epoch_starts(order)
-        return self._run(epoch, order)
 
     def _run(self, epoch, order):
         cur = self.cursor
@@ -220,10 +199,3 @@ class TorchLoader(SkipsBadFiles):
         at = [k for k, _ in bad]
         keep = [k for k in range(idx.numel() + len(at)) if k not in at]
         return tuple(_place(good, sub, keep, at) for good, sub in zip((x, y, idx), subs, strict=True))
-
-    def state_dict(self) -> dict:
-        return {**self.cursor.state_dict(), **self._bad_state()}
-
-    def load_state_dict(self, sd: dict) -> None:
-        self.cursor.load_state_dict(sd)
-        self._load_bad_state(sd)
