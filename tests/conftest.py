@@ -1,8 +1,9 @@
 """Test setup: Triton kernels run on CPU tensors through Triton's interpreter.
 
 TRITON_INTERPRET must be set before ``triton`` is imported, so it is set here,
-at collection time.  Tests that want the pure-PyTorch reference path switch
-fastprune's dispatch with the ``reference_path`` fixture.
+at collection time.  Tests pick fastprune's CPU dispatch with a fixture:
+``reference_path`` (kernels/reference.py), ``kernel_path`` (the Triton kernels) or
+``both_paths`` (the test runs on each).
 """
 
 import os
@@ -36,6 +37,18 @@ def reference_path(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
 
 
+@pytest.fixture
+def kernel_path(monkeypatch):
+    """Run the Triton kernels (under the interpreter) for this test."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+
+@pytest.fixture(params=["0", "1"], ids=["reference_path", "kernel_path"])
+def both_paths(request, monkeypatch):
+    """Run the test twice: on ``reference_path``, then on ``kernel_path``."""
+    monkeypatch.setenv("TRITON_INTERPRET", request.param)
+
+
 @pytest.fixture(scope="module")
 def reference_path_module():
     """``reference_path`` for a whole module (``pytestmark = pytest.mark.usefixtures(...)``): for tests of the
@@ -58,7 +71,3 @@ def fake_bench(bench: str, calls: dict):
             return [{"bench": bench, "method": "m", "run": calls["n"]}], f"table {bench}", f"{bench}-x"
     return Module
 
-
-@pytest.fixture
-def kernel_path(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "1")

@@ -6,7 +6,6 @@ import torch
 import fastprune as fp
 
 
-
 def make(**kw):
     args = dict(num_samples=20, num_classes=5, epochs=3, device="cpu")
     args.update(kw)
@@ -94,9 +93,7 @@ def test_labels_and_indices_shape_dtype_device(name):
         p.step(logits, **{**args, name: args[name].to("meta")})
 
 
-@pytest.mark.parametrize("path", ["reference_path", "kernel_path"])
-def test_label_out_of_range(path, request):
-    request.getfixturevalue(path)
+def test_label_out_of_range(both_paths):
     p = make()
     logits, labels, indices = batch()
     labels[2] = 5
@@ -109,9 +106,7 @@ def test_label_out_of_range(path, request):
     p.step(logits, labels, indices)
 
 
-@pytest.mark.parametrize("path", ["reference_path", "kernel_path"])
-def test_index_out_of_range(path, request):
-    request.getfixturevalue(path)
+def test_index_out_of_range(both_paths):
     p = make()
     logits, labels, indices = batch()
     indices[1] = 20
@@ -123,9 +118,7 @@ def test_index_out_of_range(path, request):
     assert p.visits.sum() == 6  # good rows still counted, bad ones left out
 
 
-@pytest.mark.parametrize("path", ["reference_path", "kernel_path"])
-def test_nonfinite_logits_warn_by_default_and_raise_in_sync_mode(path, request):
-    request.getfixturevalue(path)
+def test_nonfinite_logits_warn_by_default_and_raise_in_sync_mode(both_paths):
     logits, labels, indices = batch()
     logits = logits.detach().clone()
     logits[3, 1] = float("nan")

@@ -12,7 +12,6 @@ import fastprune as fp
 from fastprune import noise as fpn
 
 
-
 def run_epoch(pruner, num_classes, loss_of, batch_size=64, emb=None):
     """Feed every sample of the current epoch once; ``loss_of(idx)`` gives per-sample 'difficulty'."""
     order = pruner.epoch_indices
@@ -34,10 +33,8 @@ def margins(n, seed=0):
     return lambda idx: m[idx]
 
 
-@pytest.mark.parametrize("path", ["reference_path", "kernel_path"])
 @pytest.mark.parametrize("policy", ["infobatch", "topk", "random"])
-def test_kept_fraction_matches_keep_ratio(policy, path, request):
-    request.getfixturevalue(path)
+def test_kept_fraction_matches_keep_ratio(policy, both_paths):
     n, c = 2000, 10
     pruner = fp.DynamicPruner(n, c, epochs=10, keep_ratio=0.6, policy=policy, warmup=1, anneal=0.0, device="cpu")
     loss_of = margins(n)
@@ -119,10 +116,7 @@ def test_topk_keeps_highest_priority(reference_path):
     assert kept_scores.min() >= pruner.scores[dropped].max()
 
 
-@pytest.mark.parametrize("path", ["reference_path", "kernel_path"])
-def test_determinism_by_seed(path, request):
-    request.getfixturevalue(path)
-
+def test_determinism_by_seed(both_paths):
     def orders(seed):
         torch.manual_seed(0)
         pr = fp.DynamicPruner(600, 6, epochs=5, keep_ratio=0.5, seed=seed, device="cpu")
@@ -383,10 +377,8 @@ def test_per_batch_embeddings_mode(kernel_path):
     assert len(pruner.suspected_noisy()) == 0  # noise_start is 2: nothing decided yet
 
 
-@pytest.mark.parametrize("path", ["reference_path", "kernel_path"])
 @pytest.mark.parametrize("inplace", [False, True])
-def test_training_gradients_match_cross_entropy(path, inplace, request):
-    request.getfixturevalue(path)
+def test_training_gradients_match_cross_entropy(inplace, both_paths):
     """In a real model, pruner.step gives the same gradients as F.cross_entropy (weights 1)."""
     torch.manual_seed(0)
     n, c = 64, 13
