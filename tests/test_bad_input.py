@@ -93,28 +93,30 @@ def test_labels_and_indices_shape_dtype_device(name):
         p.step(logits, **{**args, name: args[name].to("meta")})
 
 
+def assert_refused(p, b, bad, row, exc, cases):
+    """``p.step(*b)`` raises ``exc`` for each ``(value, match)`` of ``cases`` put at ``bad[row]`` (``bad``: a
+    tensor of ``b``)."""
+    for value, match in cases:
+        bad[row] = value
+        with pytest.raises(exc, match=match):
+            p.step(*b)
+
+
 def test_label_out_of_range(both_paths):
-    p = make()
-    logits, labels, indices = batch()
-    labels[2] = 5
-    with pytest.raises(ValueError, match=r"labels: value 5 is outside \[0, 5\) and is not ignore_index=-100"):
-        p.step(logits, labels, indices)
-    labels[2] = -1
-    with pytest.raises(ValueError, match=r"labels: value -1 is outside"):
-        p.step(logits, labels, indices)
+    p, b = make(), batch()
+    labels = b[1]
+    assert_refused(p, b, labels, 2, ValueError, [
+        (5, r"labels: value 5 is outside \[0, 5\) and is not ignore_index=-100"),
+        (-1, r"labels: value -1 is outside")])
     labels[2] = -100  # ignore_index is fine
-    p.step(logits, labels, indices)
+    p.step(*b)
 
 
 def test_index_out_of_range(both_paths):
-    p = make()
-    logits, labels, indices = batch()
-    indices[1] = 20
-    with pytest.raises(IndexError, match=r"indices: value 20 is outside \[0, num_samples=20\)"):
-        p.step(logits, labels, indices)
-    indices[1] = -2
-    with pytest.raises(IndexError, match=r"indices: value -2 is outside"):
-        p.step(logits, labels, indices)
+    p, b = make(), batch()
+    assert_refused(p, b, b[2], 1, IndexError, [
+        (20, r"indices: value 20 is outside \[0, num_samples=20\)"),
+        (-2, r"indices: value -2 is outside")])
     assert p.visits.sum() == 6  # good rows still counted, bad ones left out
 
 

@@ -84,18 +84,13 @@ def test_errors_name_the_problem(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"class folder '.*cats' has no JPEG or PNG images"):
         ImageFolderIndex(tmp_path / "flat", cache_dir=False)
     bad = tmp_path / "bad.csv"
-    bad.write_text("a.jpg,0\nb.jpg\n")
-    with pytest.raises(ValueError, match=r"bad.csv:2: expected 'path,label', got 'b.jpg'"):
-        ImageFolderIndex(bad)
-    bad.write_text("a.gif,0\n")
-    with pytest.raises(ValueError, match=r"bad.csv:1: 'a.gif' is not a JPEG or PNG file"):
-        ImageFolderIndex(bad)
-    bad.write_text("path,label\n")
-    with pytest.raises(ValueError, match=r"list file '.*bad.csv' has no rows"):
-        ImageFolderIndex(bad)
-    bad.write_text("a.jpg,-4\n")
-    with pytest.raises(ValueError, match=r"bad.csv:1: label -4 is negative"):
-        ImageFolderIndex(bad)
+    for text, match in [("a.jpg,0\nb.jpg\n", r"bad.csv:2: expected 'path,label', got 'b.jpg'"),
+                        ("a.gif,0\n", r"bad.csv:1: 'a.gif' is not a JPEG or PNG file"),
+                        ("path,label\n", r"list file '.*bad.csv' has no rows"),
+                        ("a.jpg,-4\n", r"bad.csv:1: label -4 is negative")]:
+        bad.write_text(text)
+        with pytest.raises(ValueError, match=match):
+            ImageFolderIndex(bad)
 
 
 def test_a_link_loop_or_a_second_link_to_a_folder_is_scanned_once(tree, tmp_path):
