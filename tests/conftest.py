@@ -58,6 +58,17 @@ def reference_path_module():
         yield
 
 
+@pytest.fixture
+def index(tmp_path):
+    """The default tree of ``imagegen.make_tree`` (13 images, 3 classes), indexed without a cache."""
+    from imagegen import make_tree
+
+    from fastprune.data import ImageFolderIndex
+
+    make_tree(str(tmp_path / "data"))
+    return ImageFolderIndex(tmp_path / "data", cache_dir=False)
+
+
 def fake_bench(bench: str, calls: dict):
     """A benchmark module that measures nothing: one record numbered by ``calls``, section ``<bench>-x``."""
     class Module:

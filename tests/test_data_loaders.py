@@ -8,20 +8,14 @@ import sys
 import fileopens
 import pytest
 import torch
-from imagegen import corrupt, make_tree
+from imagegen import corrupt
 
 import fastprune as fp
-from fastprune.data import DaliLoader, ImageFileDataset, ImageFolderIndex, IndexedDataset
+from fastprune.data import DaliLoader, ImageFileDataset, IndexedDataset
 
 dali = pytest.importorskip("nvidia.dali", reason="DALI is not installed")
 
 SIZE = 32
-
-
-@pytest.fixture
-def index(tmp_path):
-    make_tree(str(tmp_path / "data"))
-    return ImageFolderIndex(tmp_path / "data", cache_dir=False)
 
 
 def make_pruner(index, **kw):

@@ -22,12 +22,6 @@ needs_dali = pytest.mark.skipif(not HAS_DALI, reason="DALI is not installed")
 SIZE = 16
 
 
-@pytest.fixture
-def index(tmp_path):
-    make_tree(str(tmp_path / "data"))
-    return ImageFolderIndex(tmp_path / "data", cache_dir=False)
-
-
 def make_pruner(index, **kw):
     args = dict(epochs=4, keep_ratio=0.5, warmup=1, anneal=0.0, device="cpu", seed=1)
     args.update(kw)
