@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import fastprune as fp
+from conftest import make_state
 from test_select_kernel import assert_same_up_to_rounding
 
 from fastprune.kernels import SampleState
@@ -20,12 +21,6 @@ pytestmark = pytest.mark.skipif(
     reason="needs a CUDA device and compiled kernels (TRITON_INTERPRET=0)")
 
 DEV = "cuda"
-
-
-def state(n):
-    s = SampleState.empty(n, DEV)
-    s.weights.copy_(torch.rand(n, device=DEV) + 0.5)
-    return s
 
 
 def assert_evidence_equal(a: SampleState, b: SampleState):
@@ -46,7 +41,7 @@ def test_compiled_step_matches_reference(B, C, dtype, mode):
     idx = torch.randperm(N, device=DEV)[:B]
     emb = torch.randn(N if mode == K.EMB_TABLE else B, D, device=DEV).half() if mode else None
     text = torch.randn(C, D, device=DEV).half() if mode else None
-    s1 = state(N)
+    s1 = make_state(N, device=DEV)
     s2 = s1.clone()
     g1 = torch.empty_like(logits)
     g2 = torch.empty(B, C, dtype=torch.float64, device=DEV)
@@ -75,7 +70,7 @@ def test_duplicates_settle_the_same_way_every_time(mode):
     idx = torch.randint(0, N, (B,), device=DEV)
     emb = torch.randn(N if mode == K.EMB_TABLE else B, D, device=DEV).half() if mode else None
     text = torch.randn(C, D, device=DEV).half() if mode else None
-    base = state(N)
+    base = make_state(N, device=DEV)
     base.visits[: N // 2] = 3  # half seen before (EMA), half first visits
     base.scores[: N // 2] = 1.5
     base.consistency[: N // 2] = 0.25
@@ -112,7 +107,7 @@ def test_int32_labels_and_indices_address_beyond_2_to_the_31():
     table[far.long()] = rows
     text = torch.randn(7, D, device=DEV)
     labels = torch.tensor([5, 2], dtype=torch.int32, device=DEV)
-    s = state(n)
+    s = make_state(n, device=DEV)
     launch_step(torch.randn(2, 7, device=DEV), labels, far, state=s, step_id=0, ema=0.9, scale=0.5,
                 emb_mode=K.EMB_TABLE, emb=table, text=text.half())
     expected = F.cosine_similarity(rows.float(), text.half()[labels.long()].float(), dim=1)
