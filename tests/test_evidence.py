@@ -49,9 +49,7 @@ def test_model_margin_is_the_mean_over_scored_visits():
     assert pruner.given_labels.tolist() == [0, 1, -1, -1, 2, -1]
 
 
-@pytest.mark.parametrize("path", ["kernel_path", "reference_path"])
-def test_duplicates_in_a_batch_count_their_first_row_like_the_score(request, path):
-    request.getfixturevalue(path)
+def test_duplicates_in_a_batch_count_their_first_row_like_the_score(both_paths):
     pruner = fp.DynamicPruner(3, 3, epochs=2, device="cpu")
     logits = torch.tensor([[2.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
     with pytest.warns(RuntimeWarning):
