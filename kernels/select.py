@@ -2,7 +2,7 @@
 
 The per-sample work is two fused elementwise passes over the N scores
 (``priority_kernel``, ``finalize_kernel``).  The order statistics between
-them come from ``reference.py``: the ranked policies' choice and the median by radix selection (no sort).
+them come from ``selection.py``: the ranked policies' choice and the median by radix selection (no sort).
 The shuffle sorts nothing either: ``shuffle_kernel`` sends each sample to its image under a keyed bijection
 of [0, N) (a Feistel network, cycle-walked into range), and ``compact_kernel`` moves the kept ones to the
 front in that order (a stable partition after one scan).
