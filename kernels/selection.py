@@ -166,7 +166,8 @@ def select_reference(
     priority=priority_reference,
     shuffle=shuffled_order,
 ) -> Selection:
-    """Next epoch's selection (see DESIGN §3).  ``finalize``/``priority``/``shuffle`` swap in kernels.
+    """Next epoch's selection, as README.md's "How it works" describes it (per epoch: priority, policy,
+    shuffle).  ``priority``/``finalize``/``shuffle`` are its passes: swap in the kernels to run them on a GPU.
 
     ``exclude`` (bool N) marks samples outside a static subset: never kept, not counted in the
     statistics, and ``keep_ratio`` applies to the ``population`` that remains (pass it from the host
