@@ -42,6 +42,28 @@ def scale_grad(grad: torch.Tensor, grad_output: torch.Tensor) -> torch.Tensor:
     return reference.scale_grad_reference(grad, grad_output)
 
 
+class FusedLoss(torch.autograd.Function):
+    """Scalar batch loss whose gradient w.r.t. the logits was written by the fused step.
+
+    ``FusedLoss.apply(logits, contrib, grad)``: the loss is ``contrib.sum()``; backward hands back ``grad``
+    times the incoming gradient (``scale_grad``, in place), once.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, contrib, grad):  # noqa: D102 - autograd signature
+        ctx.grad = grad
+        return contrib.sum()
+
+    @staticmethod
+    def backward(ctx, grad_output):  # noqa: D102
+        grad = ctx.grad
+        if grad is None:
+            raise RuntimeError("fastprune: the pruned loss supports one backward pass per step "
+                               "(its gradient was computed in the forward pass and is consumed by backward)")
+        ctx.grad = None
+        return scale_grad(grad, grad_output), None, None
+
+
 def select_epoch(scores: torch.Tensor, visits: torch.Tensor, consistency: torch.Tensor, **kw) -> Selection:
     """Epoch selection (see ``selection.select_reference``) with the device's passes (kernels on CUDA)."""
     if uses_triton(scores):
@@ -62,5 +84,5 @@ def shuffle(keep: torch.Tensor, seed: int, epoch: int) -> torch.Tensor:
     return reference.shuffled_order(keep, seed, epoch)
 
 
-__all__ = ["FIELDS", "SampleState", "Selection", "StepOutput", "common", "fused_step", "reference", "scale_grad",
-           "select_epoch", "selection", "shuffle", "uses_triton"]
+__all__ = ["FIELDS", "FusedLoss", "SampleState", "Selection", "StepOutput", "common", "fused_step", "reference",
+           "scale_grad", "select_epoch", "selection", "shuffle", "uses_triton"]
