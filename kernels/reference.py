@@ -1,4 +1,4 @@
-"""Plain-PyTorch specification of every fastprune kernel.
+"""Plain-PyTorch specification of the step's and epoch selection's kernels.
 
 Each Triton kernel in ``step.py`` and ``select.py`` must match its function here
 (tests compare them under ``TRITON_INTERPRET=1``), and these functions are what
