@@ -29,24 +29,6 @@ STATE_VERSION = 5  # 4: the step state's columns by name (kernels.FIELDS), CLIP'
 _UNSAVED = ("stamp",)  # step ids only tell one step's rows apart: cleared on load
 
 
-class _FusedLoss(torch.autograd.Function):
-    """Scalar batch loss whose gradient w.r.t. the logits was written by the fused kernel."""
-
-    @staticmethod
-    def forward(ctx, logits, contrib, grad):  # noqa: D102 - autograd signature
-        ctx.grad = grad
-        return contrib.sum()
-
-    @staticmethod
-    def backward(ctx, grad_output):  # noqa: D102
-        grad = ctx.grad
-        if grad is None:
-            raise RuntimeError("fastprune: the pruned loss supports one backward pass per step "
-                               "(its gradient was computed in the forward pass and is consumed by backward)")
-        ctx.grad = None
-        return _k.scale_grad(grad, grad_output), None, None
-
-
 def _check_real(name: str, value, lo: float, hi: float, lo_open: bool, hi_open: bool) -> float:
     ok_type = isinstance(value, numbers.Real) and not isinstance(value, bool)
     v = float(value) if ok_type else float("nan")
@@ -386,7 +368,7 @@ class DynamicPruner:
             return out.contrib.sum()
         if self.inplace_grad:
             torch.autograd.graph.increment_version(logits)
-        return _FusedLoss.apply(logits, out.contrib, grad)
+        return _k.FusedLoss.apply(logits, out.contrib, grad)
 
     def _relabeled(self, labels: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """The classes the batch trains with: a relabeled sample's new class, else its given label."""

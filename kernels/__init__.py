@@ -1,8 +1,10 @@
 """fastprune's kernels: the fused step and epoch selection, with a PyTorch reference.
 
-Dispatch: CUDA tensors run the Triton kernels; CPU tensors run the reference,
-except under ``TRITON_INTERPRET=1``, where the Triton kernels run on CPU
-tensors through Triton's interpreter (how the test-suite exercises them).
+Dispatch: CUDA tensors run the Triton kernels; CPU tensors run their PyTorch
+specification (``reference.py``), except under ``TRITON_INTERPRET=1``, where the
+Triton kernels run on CPU tensors through Triton's interpreter (how the
+test-suite exercises them).  Epoch selection's pipeline (``selection.py``) runs
+on every device, with that device's passes.
 """
 
 from __future__ import annotations
@@ -11,8 +13,9 @@ import os
 
 import torch
 
-from . import common, reference
-from .reference import Selection, StepOutput
+from . import common, reference, selection
+from .reference import StepOutput
+from .selection import Selection
 from .state import FIELDS, SampleState
 
 
@@ -39,15 +42,37 @@ def scale_grad(grad: torch.Tensor, grad_output: torch.Tensor) -> torch.Tensor:
     return reference.scale_grad_reference(grad, grad_output)
 
 
+class FusedLoss(torch.autograd.Function):
+    """Scalar batch loss whose gradient w.r.t. the logits was written by the fused step.
+
+    ``FusedLoss.apply(logits, contrib, grad)``: the loss is ``contrib.sum()``; backward hands back ``grad``
+    times the incoming gradient (``scale_grad``, in place), once.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, contrib, grad):  # noqa: D102 - autograd signature
+        ctx.grad = grad
+        return contrib.sum()
+
+    @staticmethod
+    def backward(ctx, grad_output):  # noqa: D102
+        grad = ctx.grad
+        if grad is None:
+            raise RuntimeError("fastprune: the pruned loss supports one backward pass per step "
+                               "(its gradient was computed in the forward pass and is consumed by backward)")
+        ctx.grad = None
+        return scale_grad(grad, grad_output), None, None
+
+
 def select_epoch(scores: torch.Tensor, visits: torch.Tensor, consistency: torch.Tensor, **kw) -> Selection:
-    """Epoch selection (see ``reference.select_reference``) with the device's passes (kernels on CUDA)."""
+    """Epoch selection (see ``selection.select_reference``) with the device's passes (kernels on CUDA)."""
     if uses_triton(scores):
         from .select import finalize_triton, priority_triton, shuffle_triton
 
         kw.setdefault("priority", priority_triton)
         kw.setdefault("finalize", finalize_triton)
         kw.setdefault("shuffle", shuffle_triton)
-    return reference.select_reference(scores, visits, consistency, **kw)
+    return selection.select_reference(scores, visits, consistency, **kw)
 
 
 def shuffle(keep: torch.Tensor, seed: int, epoch: int) -> torch.Tensor:
@@ -59,5 +84,5 @@ def shuffle(keep: torch.Tensor, seed: int, epoch: int) -> torch.Tensor:
     return reference.shuffled_order(keep, seed, epoch)
 
 
-__all__ = ["FIELDS", "SampleState", "Selection", "StepOutput", "common", "fused_step", "reference", "scale_grad",
-           "select_epoch", "shuffle", "uses_triton"]
+__all__ = ["FIELDS", "FusedLoss", "SampleState", "Selection", "StepOutput", "common", "fused_step", "reference",
+           "scale_grad", "select_epoch", "selection", "shuffle", "uses_triton"]

@@ -103,7 +103,7 @@ def step_specs() -> list[Spec]:
 
 def select_specs() -> list[Spec]:
     """Every specialisation of the selection kernels."""
-    from .common import SHUFFLE_ROUNDS
+    from . import common as K
     from .select import BLOCK
 
     specs = []
@@ -113,7 +113,7 @@ def select_specs() -> list[Spec]:
                "semantic_weight": "fp32", "USE_CONS": "constexpr", "BLOCK": "constexpr"}
         specs.append(Spec("priority_kernel", sig, {"USE_CONS": use_cons, "BLOCK": BLOCK}, 4,
                           f"priority[use_consistency={use_cons}]", aligned=tuple(k for k in sig if k.endswith("_ptr"))))
-    for policy in (0, 1, 2):
+    for policy in (K.POLICY_FULL, K.POLICY_INFOBATCH, K.POLICY_RANKED):
         sig = {"cls_ptr": "*i8", "prio_ptr": "*fp32", "chosen_ptr": "*i8", "mean_ptr": "*fp32",
                "drop_ptr": "*fp32", "upw_ptr": "*fp32", "keep_ptr": "*i8", "w_ptr": "*fp32",
                "N": "i32", "k0": "i32", "k1": "i32", "epoch": "i32", "POLICY": "constexpr", "BLOCK": "constexpr"}
@@ -122,7 +122,7 @@ def select_specs() -> list[Spec]:
     for n_type in ("i32", "i64"):  # N beyond 2**31 - 1 arrives as a 64-bit integer
         sig = {"keep_ptr": "*i8", "keys_ptr": "*i32", "slot_ptr": "*i64", "N": n_type, "BITS": "i32", "flip": "i32",
                "ROUNDS": "constexpr", "BLOCK": "constexpr"}
-        specs.append(Spec("shuffle_kernel", sig, {"ROUNDS": SHUFFLE_ROUNDS, "BLOCK": BLOCK}, 4,
+        specs.append(Spec("shuffle_kernel", sig, {"ROUNDS": K.SHUFFLE_ROUNDS, "BLOCK": BLOCK}, 4,
                           f"shuffle[N:{n_type}]", aligned=tuple(k for k in sig if k.endswith("_ptr"))))
         for csum in ("i32", "i64"):
             if n_type == "i64" and csum == "i32":

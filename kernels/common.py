@@ -1,7 +1,9 @@
 """Constants shared by the Triton kernels and their PyTorch reference.
 
 Both implementations must agree bit for bit on anything random or discrete
-(error slots, random streams, sample classes), so those live here once.
+(error slots, random streams, sample classes), so those live here once.  No
+Triton here (the CPU path runs without it): the kernels read these values as
+``tl.constexpr`` globals from ``common_tl.py``.
 """
 
 MAX_CLASSES = 1 << 18  # 262,144: the step kernel's int32 column offsets stay far from overflow
@@ -17,13 +19,13 @@ ERR_INDEX_COUNT, ERR_INDEX_VALUE = 2, 3
 ERR_NONFINITE_COUNT, ERR_NONFINITE_ROW = 4, 5
 ERR_DUP_COUNT, ERR_DUP_VALUE = 6, 7
 ERR_SLOTS = 8
-_I64_MAX = (1 << 63) - 1
+EXAMPLE_KEY_XOR = (1 << 63) - 1  # example_key: the value's bits but the sign flipped, read as unsigned
 _U64 = (1 << 64) - 1
 
 
 def example_key(value: int) -> int:
     """The slot's bits (as an int64) for ``value``: smaller values give larger unsigned keys."""
-    return _signed((int(value) ^ _I64_MAX) & _U64)
+    return _signed((int(value) ^ EXAMPLE_KEY_XOR) & _U64)
 
 
 def merge_example(slot: int, value: int) -> int:
@@ -33,7 +35,7 @@ def merge_example(slot: int, value: int) -> int:
 
 def example_value(slot: int) -> int:
     """The smallest offending value recorded in ``slot``."""
-    return _signed((int(slot) & _U64) ^ _I64_MAX)
+    return _signed((int(slot) & _U64) ^ EXAMPLE_KEY_XOR)
 
 
 def _signed(bits: int) -> int:

@@ -1,9 +1,10 @@
-"""Plain-PyTorch reference of every fastprune kernel.
+"""Plain-PyTorch specification of the step's and epoch selection's kernels.
 
-This module is the specification: the Triton kernels in ``step.py`` and
-``select.py`` must match it (tests compare them under ``TRITON_INTERPRET=1``),
-and it is the implementation used for CPU tensors.  It is written for clarity
-first, but vectorised so the CPU path stays usable on real datasets.
+Each Triton kernel in ``step.py`` and ``select.py`` must match its function here
+(tests compare them under ``TRITON_INTERPRET=1``), and these functions are what
+CPU tensors run.  Written for clarity first, but vectorised so the CPU path
+stays usable on real datasets.  The selection pipeline that calls the
+selection passes lives in ``selection.py``.
 """
 
 from __future__ import annotations
@@ -266,104 +267,8 @@ def scale_grad_reference(grad: torch.Tensor, grad_output: torch.Tensor) -> torch
 
 
 # ---------------------------------------------------------------------------
-# Epoch selection
+# Epoch selection's passes (``selection.select_reference`` runs them)
 # ---------------------------------------------------------------------------
-
-
-@dataclass
-class Selection:
-    """Result of one epoch selection; every tensor lives on the state's device."""
-
-    order: torch.Tensor  # all N indices: the kept ones first, shuffled; then the rest
-    n_keep: torch.Tensor  # number of kept samples (0-d int64)
-    keep: torch.Tensor  # bool[N]
-    weights: torch.Tensor  # float32[N] unbiasing weights for the epoch
-    noisy: torch.Tensor  # bool[N] flagged as likely mislabeled
-    priority: torch.Tensor  # float32[N] (meaningful for seen samples)
-    drop_prob: torch.Tensor  # 0-d float32: infobatch drop probability (0 for other policies)
-
-
-_SELECT_CHUNK = {"cpu": 1 << 16}  # samples per pass of the radix selection: the CPU's elementwise work in cache
-_SELECT_CHUNK_DEVICE = 1 << 26  # elsewhere: bounds the temporaries (a few bytes a sample)
-
-
-def order_keys(values: torch.Tensor, descending: bool = False) -> torch.Tensor:
-    """int64 keys in [0, 2**32) whose ascending order is ``values``' order (descending with ``descending``):
-    float32 bits made monotonic (-0.0 counts as 0.0, as in a sort), or uint32 words held in int64."""
-    if values.is_floating_point():
-        b = (values.to(torch.float32) + 0.0).view(torch.int32).to(torch.int64)
-        key = torch.where(b < 0, b ^ 0x7FFFFFFF, b) + (1 << 31)
-    else:
-        key = values.to(torch.int64)
-    return (_U32 - key) if descending else key
-
-
-def smallest(values: torch.Tensor, mask: torch.Tensor, k, descending: bool = False) -> torch.Tensor:
-    """The ``k`` (int or 0-d tensor) first of ``values[mask]`` in ascending order (descending with
-    ``descending``), ties broken by index: the same set as the first ``k`` of a stable sort, found without
-    sorting.  Radix selection: four passes over N, each an 8-bit histogram of the keys still in question
-    (exact integer counts, the same on every device), then a scan over the ties.  Returns a bool mask."""
-    n, dev = values.numel(), values.device
-    chunk = _SELECT_CHUNK.get(dev.type, _SELECT_CHUNK_DEVICE)
-    chosen = torch.zeros(n, dtype=torch.bool, device=dev)
-    cand = mask.clone()
-    remaining = torch.as_tensor(k, dtype=torch.int64, device=dev).clamp(0).minimum(mask.sum())
-    for shift in (24, 16, 8, 0):
-        hist = torch.zeros(257, dtype=torch.int64, device=dev)
-        for lo in range(0, n, chunk):
-            digit = (order_keys(values[lo:lo + chunk], descending) >> shift) & 255
-            hist += torch.bincount(torch.where(cand[lo:lo + chunk], digit, 256), minlength=257)
-        cum = hist[:256].cumsum(0)
-        pick = (cum < remaining).sum()  # the bin that holds the k-th key
-        remaining = remaining - torch.where(pick > 0, cum[(pick - 1).clamp_min(0)], 0)
-        for lo in range(0, n, chunk):
-            digit = (order_keys(values[lo:lo + chunk], descending) >> shift) & 255
-            c = cand[lo:lo + chunk]
-            chosen[lo:lo + chunk] |= c & (digit < pick)
-            c &= digit == pick
-    taken = torch.zeros((), dtype=torch.int64, device=dev)  # ties (equal to the k-th key): lowest indices first
-    for lo in range(0, n, chunk):
-        c = cand[lo:lo + chunk]
-        order = torch.cumsum(c, 0) + taken
-        chosen[lo:lo + chunk] |= c & (order <= remaining)
-        taken = order[-1] if order.numel() else taken
-    return chosen
-
-
-def masked_median(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Lower median of ``values[mask]`` as a 0-d tensor, without a host sync (NaN if empty)."""
-    count = mask.sum()
-    below = smallest(values, mask, (count - 1) // 2 + 1)
-    top = torch.where(below, values, torch.full_like(values, float("-inf"))).max()
-    return torch.where(count > 0, top, torch.full_like(top, float("nan")))
-
-
-def fraction_of(count: torch.Tensor, ratio: float) -> torch.Tensor:
-    """floor(ratio * count) as a 0-d int64 tensor: in float64, exact for any dataset size (float32, the
-    default for int * float, is off above 2**24)."""
-    return torch.floor(count.to(torch.float64) * ratio).to(torch.int64)
-
-
-def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean of ``values[mask]`` (0 when empty) as a 0-d float32, summed in float64 with an int64 count."""
-    n = mask.sum()
-    total = torch.where(mask, values, torch.zeros_like(values)).sum(dtype=torch.float64)
-    return (total / n.clamp_min(1)).to(torch.float32)
-
-
-def noise_mask(scores, consistency, seen, noise_ratio: float) -> torch.Tensor:
-    """The floor(noise_ratio * n_seen) least consistent samples among those with above-median loss."""
-    med = masked_median(scores, seen)
-    high = seen & (scores > med)
-    return smallest(consistency, high, fraction_of(seen.sum(), noise_ratio))
-
-
-def consistency_stats(consistency, mask) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean and standard deviation of ``consistency[mask]`` (0 and 1 when empty)."""
-    mu = masked_mean(consistency, mask)
-    var = masked_mean((consistency - mu) ** 2, mask)
-    sd = torch.where(mask.sum() > 1, var.sqrt(), torch.ones_like(var))
-    return mu, sd
 
 
 def priority_reference(scores, visits, consistency, noisy, mu, sd, semantic_weight: float, use_consistency: bool):
@@ -387,21 +292,6 @@ class PolicyStats:
     mean_p: torch.Tensor  # float32: infobatch threshold
     drop_prob: torch.Tensor  # float32: infobatch drop probability among below-mean samples
     up_weight: torch.Tensor  # float32: 1 / (1 - drop_prob)
-
-
-def policy_stats(cls, prio, keep_count: int, max_drop: float) -> PolicyStats:
-    """Budget, mean priority and the drop probability that makes E[kept] = keep_count."""
-    unseen = cls == K.CLS_UNSEEN
-    elig = cls == K.CLS_ELIGIBLE
-    n_unseen = unseen.sum()
-    n_elig = elig.sum()
-    budget = (keep_count - n_unseen).clamp_min(0)
-    mean_p = masked_mean(prio, elig)
-    low = elig & (prio < mean_p)
-    n_low = low.sum()
-    want = (n_unseen + n_elig - keep_count).clamp_min(0)
-    drop = (want.to(torch.float64) / n_low.clamp_min(1)).clamp(0.0, max_drop).to(torch.float32)
-    return PolicyStats(budget=budget, mean_p=mean_p, drop_prob=drop, up_weight=1.0 / (1.0 - drop))
 
 
 def shuffle_keys(seed: int, epoch: int) -> list[int]:
@@ -512,75 +402,3 @@ def finalize_reference(cls, prio, chosen, stats: PolicyStats, policy: int, seed:
     else:
         raise ValueError(f"unknown policy code {policy}")
     return keep, w
-
-
-POLICY_CODES = {"full": K.POLICY_FULL, "infobatch": K.POLICY_INFOBATCH, "topk": K.POLICY_RANKED,
-                "random": K.POLICY_RANKED}
-
-
-def ranked_choice(policy: str, cls, prio, budget, seed: int, epoch: int):
-    """The eligible samples the ranked policies keep (None for the others): the ``budget`` of highest
-    priority (topk) or of smallest random word (random), ties by index."""
-    elig = cls == K.CLS_ELIGIBLE
-    if policy == "topk":
-        return smallest(prio, elig, budget, descending=True)
-    if policy == "random":
-        r0, _ = random_words(seed, cls.numel(), epoch, K.STREAM_RANDOM, cls.device)
-        return smallest(r0, elig, budget)
-    return None
-
-
-def select_reference(
-    scores: torch.Tensor,
-    visits: torch.Tensor,
-    consistency: torch.Tensor,
-    *,
-    use_consistency: bool,
-    policy: str,
-    keep_ratio: float,
-    noise_ratio: float,
-    semantic_weight: float,
-    max_drop: float,
-    seed: int,
-    epoch: int,
-    exclude: torch.Tensor | None = None,
-    population: int | None = None,
-    noisy: torch.Tensor | None = None,
-    finalize=finalize_reference,
-    priority=priority_reference,
-    shuffle=shuffled_order,
-) -> Selection:
-    """Next epoch's selection (see DESIGN §3).  ``finalize``/``priority``/``shuffle`` swap in kernels.
-
-    ``exclude`` (bool N) marks samples outside a static subset: never kept, not counted in the
-    statistics, and ``keep_ratio`` applies to the ``population`` that remains (pass it from the host
-    to avoid a sync; it is counted here otherwise).  ``noisy`` (bool N), when given, is the set the
-    noise decisions leave out, instead of the ``noise_ratio`` quantile rule.
-    """
-    n = scores.numel()
-    seen = visits > 0
-    if exclude is not None:
-        seen = seen & ~exclude
-        if population is None:
-            population = n - int(exclude.sum())
-    population = n if population is None else population
-    if noisy is not None:
-        noisy = noisy & seen
-    elif use_consistency and noise_ratio > 0:
-        noisy = noise_mask(scores, consistency, seen, noise_ratio)
-    else:
-        noisy = torch.zeros(n, dtype=torch.bool, device=scores.device)
-    if use_consistency:
-        mu, sd = consistency_stats(consistency, seen & ~noisy)
-    else:
-        mu = sd = torch.ones((), device=scores.device)
-    blocked = noisy if exclude is None else noisy | exclude
-    cls, prio = priority(scores, visits, consistency, blocked, mu, sd, semantic_weight, use_consistency)
-    keep_count = int(round(keep_ratio * population))
-    stats = policy_stats(cls, prio, keep_count, max_drop)
-    chosen = ranked_choice(policy, cls, prio, stats.budget, seed, epoch)
-    keep, w = finalize(cls, prio, chosen, stats, POLICY_CODES[policy], seed, epoch)
-    order = shuffle(keep, seed, epoch)
-    drop_prob = stats.drop_prob if policy == "infobatch" else torch.zeros((), device=scores.device)
-    return Selection(order=order, n_keep=keep.sum(), keep=keep, weights=w, noisy=noisy, priority=prio,
-                     drop_prob=drop_prob)

@@ -2,7 +2,7 @@
 
 The per-sample work is two fused elementwise passes over the N scores
 (``priority_kernel``, ``finalize_kernel``).  The order statistics between
-them come from ``reference.py``: the ranked policies' choice and the median by radix selection (no sort).
+them come from ``selection.py``: the ranked policies' choice and the median by radix selection (no sort).
 The shuffle sorts nothing either: ``shuffle_kernel`` sends each sample to its image under a keyed bijection
 of [0, N) (a Feistel network, cycle-walked into range), and ``compact_kernel`` moves the kept ones to the
 front in that order (a stable partition after one scan).
@@ -29,6 +29,9 @@ import triton
 import triton.language as tl
 
 from . import common as K
+from .common_tl import (CLS_ELIGIBLE, CLS_NOISY, CLS_UNSEEN, PHILOX_KEY_A, PHILOX_KEY_B, PHILOX_ROUND_A,
+                        PHILOX_ROUND_B, PHILOX_ROUNDS, POLICY_FULL, POLICY_INFOBATCH, SHUFFLE_MIX_A, SHUFFLE_MIX_B,
+                        STREAM_DROP)
 from .reference import PolicyStats, shuffle_keys
 
 BLOCK = 1024
@@ -49,12 +52,12 @@ def philox_words(k0, k1, i, epoch, stream: tl.constexpr):
     c3 = tl.zeros_like(c0) + stream
     key0 = k0.to(tl.uint32)
     key1 = k1.to(tl.uint32)
-    for _ in tl.static_range(10):
-        hi_b, lo_b = _mulhilo(c2, 0xCD9E8D57)
-        hi_a, lo_a = _mulhilo(c0, 0xD2511F53)
+    for _ in tl.static_range(PHILOX_ROUNDS):
+        hi_b, lo_b = _mulhilo(c2, PHILOX_ROUND_B)
+        hi_a, lo_a = _mulhilo(c0, PHILOX_ROUND_A)
         c0, c1, c2, c3 = hi_b ^ c1 ^ key0, lo_b, hi_a ^ c3 ^ key1, lo_a
-        key0 = key0 + 0x9E3779B9
-        key1 = key1 + 0xBB67AE85
+        key0 = key0 + PHILOX_KEY_A
+        key1 = key1 + PHILOX_KEY_B
     return c0, c1
 
 
@@ -66,7 +69,7 @@ def priority_kernel(scores_ptr, visits_ptr, cons_ptr, noisy_ptr, mu_ptr, sd_ptr,
     s = tl.load(scores_ptr + offs, mask=m, other=0.0)
     seen = tl.load(visits_ptr + offs, mask=m, other=0) > 0
     noisy = tl.load(noisy_ptr + offs, mask=m, other=0) != 0
-    cls = tl.where(noisy, 2, tl.where(seen, 1, 0)).to(tl.int8)
+    cls = tl.where(noisy, CLS_NOISY, tl.where(seen, CLS_ELIGIBLE, CLS_UNSEEN)).to(tl.int8)
     if USE_CONS:
         c = tl.load(cons_ptr + offs, mask=m, other=0.0)
         mu = tl.load(mu_ptr)
@@ -85,27 +88,23 @@ def finalize_kernel(cls_ptr, prio_ptr, chosen_ptr, mean_ptr, drop_ptr, upw_ptr,
                     POLICY: tl.constexpr, BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     m = offs < N
-    cls = tl.load(cls_ptr + offs, mask=m, other=2)
-    active = cls != 2
+    cls = tl.load(cls_ptr + offs, mask=m, other=CLS_NOISY)
+    active = cls != CLS_NOISY
     w = tl.full([BLOCK], 1.0, tl.float32)
-    if POLICY == 0:  # full
+    if POLICY == POLICY_FULL:
         keep = active
-    elif POLICY == 1:  # infobatch
+    elif POLICY == POLICY_INFOBATCH:
         p = tl.load(prio_ptr + offs, mask=m, other=0.0)
-        low = (cls == 1) & (p < tl.load(mean_ptr))
-        r0, _ = philox_words(k0, k1, offs, epoch, 0)
-        u = (r0 >> 8).to(tl.float32) * (1.0 / 16777216.0)
+        low = (cls == CLS_ELIGIBLE) & (p < tl.load(mean_ptr))
+        r0, _ = philox_words(k0, k1, offs, epoch, STREAM_DROP)
+        u = (r0 >> 8).to(tl.float32) * (1.0 / 16777216.0)  # reference.uniform_from_word
         keep = active & ~(low & (u < tl.load(drop_ptr)))
         w = tl.where(low & keep, tl.load(upw_ptr), w)
-    else:  # ranked: topk and random
+    else:  # POLICY_RANKED: topk and random
         chosen = tl.load(chosen_ptr + offs, mask=m, other=0) != 0
-        keep = (cls == 0) | ((cls == 1) & chosen)
+        keep = (cls == CLS_UNSEEN) | ((cls == CLS_ELIGIBLE) & chosen)
     tl.store(keep_ptr + offs, keep.to(tl.int8), mask=m)
     tl.store(w_ptr + offs, w, mask=m)
-
-
-_MIX_A = tl.constexpr(K.SHUFFLE_MIX_A)
-_MIX_B = tl.constexpr(K.SHUFFLE_MIX_B)
 
 
 @triton.jit
@@ -114,9 +113,9 @@ def _feistel_round(x, hb, lb, k):
     lo = x & ((1 << lb) - 1).to(tl.uint32)
     h = lo ^ k.to(tl.uint32)
     h ^= h >> 16
-    h = h * _MIX_A
+    h = h * SHUFFLE_MIX_A
     h ^= h >> 15
-    h = h * _MIX_B
+    h = h * SHUFFLE_MIX_B
     h ^= h >> 16
     h = h & ((1 << hb) - 1).to(tl.uint32)
     return (lo << hb.to(tl.uint32)) | ((x >> lb.to(tl.uint32)) ^ h)

@@ -31,6 +31,8 @@ import triton
 import triton.language as tl
 
 from . import common as K
+from .common_tl import (EMB_BATCH, EMB_NONE, EMB_TABLE, ERR_DUP_COUNT, ERR_DUP_VALUE, ERR_INDEX_COUNT, ERR_INDEX_VALUE,
+                        ERR_LABEL_COUNT, ERR_LABEL_VALUE, ERR_NONFINITE_COUNT, ERR_NONFINITE_ROW, EXAMPLE_KEY_XOR)
 from .reference import StepOutput
 from .state import SampleState
 
@@ -46,6 +48,21 @@ TILES = (
 MAX_CLASSES = K.MAX_CLASSES
 LANE_GATHER = tl.constexpr(32)  # chunks whose label-lane column one gather reads (streaming margin)
 SETTLE_BLOCK, SETTLE_WARPS = 256, 4  # rows per pass of settle_kernel's one program, and its warps
+
+# The step's per-row scratch for settle_kernel: SCRATCH_SLOTS columns of B values in one 32-bit buffer, read as
+# int32 (i) or float32 (f).  Every row leaves its loss, status and cosine; a claimant also leaves the state it
+# read, which settle_kernel hands to its sample's lowest row.
+SCRATCH_NLL = tl.constexpr(0)  # f: the row's loss (the score's update)
+SCRATCH_SCORE = tl.constexpr(1)  # f: the score the claimant read
+SCRATCH_CONSISTENCY = tl.constexpr(2)  # f: the consistency the claimant read (per-batch embeddings)
+SCRATCH_COSINE = tl.constexpr(3)  # f: the row's cosine
+SCRATCH_STATUS = tl.constexpr(4)  # i: ROW_IDLE, ROW_CLAIMED or ROW_DUPLICATE
+SCRATCH_VISITS = tl.constexpr(5)  # i: the visit count the claimant read
+SCRATCH_MARGIN_SUM = tl.constexpr(6)  # f: the margin sum the claimant read
+SCRATCH_SLOTS = 7
+ROW_IDLE = tl.constexpr(0)  # updates nothing (padding, bad or ignored row, non-finite loss)
+ROW_CLAIMED = tl.constexpr(1)  # the first row to claim its sample: updated it
+ROW_DUPLICATE = tl.constexpr(2)  # its sample was claimed by another row of the batch
 
 
 @dataclass(frozen=True)
@@ -86,7 +103,7 @@ def _record_error(err_ptr, count_slot: tl.constexpr, value_slot: tl.constexpr, b
     cnt = tl.sum(bad.to(tl.int64), axis=0)
     if cnt > 0:
         tl.atomic_add(err_ptr + count_slot, cnt, sem="relaxed")
-        key = (values.to(tl.int64) ^ 9223372036854775807).to(tl.uint64, bitcast=True)
+        key = (values.to(tl.int64) ^ EXAMPLE_KEY_XOR).to(tl.uint64, bitcast=True)
         tl.atomic_max(err_ptr.to(tl.pointer_type(tl.uint64)) + value_slot, tl.max(tl.where(bad, key, 0), axis=0),
                       sem="relaxed")
 
@@ -129,65 +146,72 @@ def settle_kernel(indices_ptr, labels_ptr, row_margin_ptr, row_pred_ptr,
 
 
 @triton.jit
+def _row_status(scratch_i_ptr, rr, B):
+    """Rows ``rr``'s ROW_* status in the step's scratch (ROW_IDLE past the batch), read at L2."""
+    return tl.load(scratch_i_ptr + SCRATCH_STATUS * B + rr, mask=rr < B, other=ROW_IDLE, cache_modifier=".cg")
+
+
+@triton.jit
 def _settle(indices_ptr, labels_ptr, row_margin_ptr, row_pred_ptr, scores_ptr, consistency_ptr, stamp_ptr,
             margin_sum_ptr, pred_ptr, label_ptr, scratch_i_ptr, scratch_f_ptr, B, step_id, ema,
             EMB_MODE: tl.constexpr, FIX: tl.constexpr):
     MARK = -2147483648
     for r0 in range(0, B, FIX):  # 1: mark every duplicated sample
         rr = r0 + tl.arange(0, FIX)
-        dup = tl.load(scratch_i_ptr + 4 * B + rr, mask=rr < B, other=0, cache_modifier=".cg") == 2
+        dup = _row_status(scratch_i_ptr, rr, B) == ROW_DUPLICATE
         n = tl.load(indices_ptr + rr, mask=dup, other=0).to(tl.int64)
         tl.store(stamp_ptr + n, tl.full([FIX], MARK, tl.int32), mask=dup)
     tl.debug_barrier()
     for r0 in range(0, B, FIX):  # 2: a marked sample's stamp becomes -2 - (its lowest updating row)
         rr = r0 + tl.arange(0, FIX)
-        upd = tl.load(scratch_i_ptr + 4 * B + rr, mask=rr < B, other=0, cache_modifier=".cg") > 0
+        upd = _row_status(scratch_i_ptr, rr, B) > ROW_IDLE  # claimed or duplicate
         n = tl.load(indices_ptr + rr, mask=upd, other=0).to(tl.int64)
         marked = upd & (tl.load(stamp_ptr + n, mask=upd, other=0, cache_modifier=".cg") < 0)
         tl.atomic_max(stamp_ptr + n, -2 - rr, mask=marked, sem="relaxed")
     tl.debug_barrier()
     for r0 in range(0, B, FIX):  # 3: a claimant that is not its sample's lowest row hands its saved state on
         rr = r0 + tl.arange(0, FIX)
-        claimed = tl.load(scratch_i_ptr + 4 * B + rr, mask=rr < B, other=0, cache_modifier=".cg") == 1
+        claimed = _row_status(scratch_i_ptr, rr, B) == ROW_CLAIMED
         n = tl.load(indices_ptr + rr, mask=claimed, other=0).to(tl.int64)
         held = tl.load(stamp_ptr + n, mask=claimed, other=0, cache_modifier=".cg")
         low = -2 - tl.where(held < 0, held, -2)  # a marked stamp holds -2 - row; test the sign before subtracting
         hand = claimed & (held < 0) & (low != rr)
         low = tl.where(hand, low, 0)
-        tl.store(scratch_f_ptr + B + low, tl.load(scratch_f_ptr + B + rr, mask=hand, cache_modifier=".cg"), mask=hand)
-        tl.store(scratch_f_ptr + 2 * B + low, tl.load(scratch_f_ptr + 2 * B + rr, mask=hand, cache_modifier=".cg"),
-                 mask=hand)
-        tl.store(scratch_i_ptr + 5 * B + low, tl.load(scratch_i_ptr + 5 * B + rr, mask=hand, cache_modifier=".cg"),
-                 mask=hand)
-        tl.store(scratch_f_ptr + 6 * B + low, tl.load(scratch_f_ptr + 6 * B + rr, mask=hand, cache_modifier=".cg"),
-                 mask=hand)
+        score_read = scratch_f_ptr + SCRATCH_SCORE * B
+        tl.store(score_read + low, tl.load(score_read + rr, mask=hand, cache_modifier=".cg"), mask=hand)
+        cons_read = scratch_f_ptr + SCRATCH_CONSISTENCY * B
+        tl.store(cons_read + low, tl.load(cons_read + rr, mask=hand, cache_modifier=".cg"), mask=hand)
+        visits_read = scratch_i_ptr + SCRATCH_VISITS * B
+        tl.store(visits_read + low, tl.load(visits_read + rr, mask=hand, cache_modifier=".cg"), mask=hand)
+        msum_read = scratch_f_ptr + SCRATCH_MARGIN_SUM * B
+        tl.store(msum_read + low, tl.load(msum_read + rr, mask=hand, cache_modifier=".cg"), mask=hand)
     tl.debug_barrier()
     for r0 in range(0, B, FIX):  # 4: each duplicated sample's lowest row writes its update, claimant or not:
         rr = r0 + tl.arange(0, FIX)  # this code computes every duplicated sample's value (FMA contraction may
-        upd = tl.load(scratch_i_ptr + 4 * B + rr, mask=rr < B, other=0, cache_modifier=".cg") > 0  # differ)
+        upd = _row_status(scratch_i_ptr, rr, B) > ROW_IDLE  # differ)
         n = tl.load(indices_ptr + rr, mask=upd, other=0).to(tl.int64)
         win = upd & (tl.load(stamp_ptr + n, mask=upd, other=0, cache_modifier=".cg") == -2 - rr)
-        first = tl.load(scratch_i_ptr + 5 * B + rr, mask=win, other=1, cache_modifier=".cg") == 0
-        s_pre = tl.load(scratch_f_ptr + B + rr, mask=win, other=0.0, cache_modifier=".cg")
-        nll = tl.load(scratch_f_ptr + rr, mask=win, other=0.0, cache_modifier=".cg")
+        first = tl.load(scratch_i_ptr + SCRATCH_VISITS * B + rr, mask=win, other=1, cache_modifier=".cg") == 0
+        s_pre = tl.load(scratch_f_ptr + SCRATCH_SCORE * B + rr, mask=win, other=0.0, cache_modifier=".cg")
+        nll = tl.load(scratch_f_ptr + SCRATCH_NLL * B + rr, mask=win, other=0.0, cache_modifier=".cg")
         tl.store(scores_ptr + n, tl.where(first, nll, ema * s_pre + (1.0 - ema) * nll), mask=win)
-        ms_pre = tl.load(scratch_f_ptr + 6 * B + rr, mask=win, other=0.0, cache_modifier=".cg")
+        ms_pre = tl.load(scratch_f_ptr + SCRATCH_MARGIN_SUM * B + rr, mask=win, other=0.0, cache_modifier=".cg")
         tl.store(margin_sum_ptr + n, ms_pre + tl.load(row_margin_ptr + rr, mask=win, other=0.0), mask=win)
         tl.store(pred_ptr + n, tl.load(row_pred_ptr + rr, mask=win, other=-1), mask=win)
         tl.store(label_ptr + n, tl.load(labels_ptr + rr, mask=win, other=0).to(tl.int32), mask=win)
-        if EMB_MODE != 0:
-            cos = tl.load(scratch_f_ptr + 3 * B + rr, mask=win, other=0.0, cache_modifier=".cg")
-            if EMB_MODE == 1:
+        if EMB_MODE != EMB_NONE:
+            cos = tl.load(scratch_f_ptr + SCRATCH_COSINE * B + rr, mask=win, other=0.0, cache_modifier=".cg")
+            if EMB_MODE == EMB_TABLE:
                 need = win & first  # a fixed table's cosine is cached on the first visit only
             else:
                 need = win
-                c_pre = tl.load(scratch_f_ptr + 2 * B + rr, mask=win, other=0.0, cache_modifier=".cg")
+                c_pre = tl.load(scratch_f_ptr + SCRATCH_CONSISTENCY * B + rr, mask=win, other=0.0, cache_modifier=".cg")
                 cos = tl.where(first, cos, ema * c_pre + (1.0 - ema) * cos)
             tl.store(consistency_ptr + n, cos, mask=need)
     tl.debug_barrier()
     for r0 in range(0, B, FIX):  # 5: the duplicated samples' stamps say "updated in this step" again
         rr = r0 + tl.arange(0, FIX)
-        dup = tl.load(scratch_i_ptr + 4 * B + rr, mask=rr < B, other=0, cache_modifier=".cg") == 2
+        dup = _row_status(scratch_i_ptr, rr, B) == ROW_DUPLICATE
         n = tl.load(indices_ptr + rr, mask=dup, other=0).to(tl.int64)
         tl.store(stamp_ptr + n, tl.full([FIX], 0, tl.int32) + step_id, mask=dup)
 
@@ -218,8 +242,8 @@ def fused_step_kernel(
     ignored = y == ignore_index
     bad_label = row_in & (~ignored) & ((y < 0) | (y >= C))
     bad_index = row_in & ((n < 0) | (n >= N))
-    _record_error(err_ptr, 0, 1, bad_label, y)
-    _record_error(err_ptr, 2, 3, bad_index, n)
+    _record_error(err_ptr, ERR_LABEL_COUNT, ERR_LABEL_VALUE, bad_label, y)
+    _record_error(err_ptr, ERR_INDEX_COUNT, ERR_INDEX_VALUE, bad_index, n)
     ok = row_in & (~ignored) & (~bad_label) & (~bad_index)
     y = tl.where(ok, y, 0)
     n = tl.where(ok, n, 0)
@@ -303,7 +327,7 @@ def fused_step_kernel(
     nll = lse - z_y
     ce = tl.where(smoothing > 0, lse - (1.0 - smoothing) * z_y - smoothing * (z_sum * inv_c), nll)
     finite = (ce == ce) & (tl.abs(ce) != float("inf"))
-    _record_error(err_ptr, 4, 5, ok & (~finite), rows64)
+    _record_error(err_ptr, ERR_NONFINITE_COUNT, ERR_NONFINITE_ROW, ok & (~finite), rows64)
     tl.store(ce_ptr + rows64, tl.where(ok, ce, 0.0), mask=row_in)
     tl.store(contrib_ptr + rows64, tl.where(ok, w * ce * scale, 0.0), mask=row_in)
     correct = ok & finite & (arg == y32)
@@ -313,43 +337,42 @@ def fused_step_kernel(
     tl.store(row_pred_ptr + rows64, tl.where(ok & finite, arg, -1), mask=row_in)
 
     # ---- state update: the first row to claim a sample updates it; duplicates are settled last ----
-    # Each row also leaves in scratch what settle_kernel needs for duplicates: its loss and
-    # status (0 no update, 1 claimed first, 2 duplicate), the state its claimant read, its cosine.
-    # Scratch layout (B each): f[0] loss, f[1] score read, f[2] consistency read, f[3] cosine,
-    # i[4] status, i[5] visits read, f[6] margin sum read.
+    # Each row also leaves in scratch what settle_kernel needs for duplicates (see SCRATCH_NLL): its loss,
+    # status and cosine, and the state its claimant read.
     upd = ok & finite
     old_stamp = tl.atomic_xchg(stamp_ptr + n, step_id, mask=upd, sem="relaxed")
     dup = upd & (old_stamp == step_id)
-    _record_error(err_ptr, 6, 7, dup, n)
+    _record_error(err_ptr, ERR_DUP_COUNT, ERR_DUP_VALUE, dup, n)
     claimed = upd & (~dup)
-    tl.store(scratch_i_ptr + 4 * B + rows64, tl.where(dup, 2, tl.where(claimed, 1, 0)), mask=row_in)
+    status_at = scratch_i_ptr + SCRATCH_STATUS * B + rows64
+    tl.store(status_at, tl.where(dup, ROW_DUPLICATE, tl.where(claimed, ROW_CLAIMED, ROW_IDLE)), mask=row_in)
     # the model's evidence: area under the margin (sum and count), latest prediction, label trained with
     ms_old = tl.load(margin_sum_ptr + n, mask=claimed, other=0.0)
-    tl.store(scratch_f_ptr + 6 * B + rows64, ms_old, mask=claimed)
+    tl.store(scratch_f_ptr + SCRATCH_MARGIN_SUM * B + rows64, ms_old, mask=claimed)
     tl.store(margin_sum_ptr + n, ms_old + margin, mask=claimed)
     tl.store(margin_count_ptr + n, tl.load(margin_count_ptr + n, mask=claimed, other=0) + 1, mask=claimed)
     tl.store(pred_ptr + n, arg, mask=claimed)
     tl.store(label_ptr + n, y32, mask=claimed)
-    tl.store(scratch_f_ptr + rows64, nll, mask=row_in)
+    tl.store(scratch_f_ptr + SCRATCH_NLL * B + rows64, nll, mask=row_in)
     v = tl.load(visits_ptr + n, mask=claimed, other=0)
-    tl.store(scratch_i_ptr + 5 * B + rows64, v, mask=claimed)
+    tl.store(scratch_i_ptr + SCRATCH_VISITS * B + rows64, v, mask=claimed)
     tl.store(visits_ptr + n, v + 1, mask=claimed)
     first = v == 0
     s_old = tl.load(scores_ptr + n, mask=claimed & (~first), other=0.0)
-    tl.store(scratch_f_ptr + B + rows64, s_old, mask=claimed)
+    tl.store(scratch_f_ptr + SCRATCH_SCORE * B + rows64, s_old, mask=claimed)
     tl.store(scores_ptr + n, tl.where(first, nll, ema * s_old + (1.0 - ema) * nll), mask=claimed)
-    if EMB_MODE != 0:
-        if EMB_MODE == 1:
+    if EMB_MODE != EMB_NONE:
+        if EMB_MODE == EMB_TABLE:
             need = claimed & first  # fixed table: computed once, on the first visit
             e_rows = n * stride_e
         else:
             need = claimed
             e_rows = rows64 * stride_e
         cos = _cosine_rows(emb_ptr, text_ptr, e_rows, y * stride_t, need | dup, D, BLOCK_D, BLOCK_B)
-        tl.store(scratch_f_ptr + 3 * B + rows64, cos, mask=row_in)
-        if EMB_MODE == 2:
+        tl.store(scratch_f_ptr + SCRATCH_COSINE * B + rows64, cos, mask=row_in)
+        if EMB_MODE == EMB_BATCH:
             c_old = tl.load(consistency_ptr + n, mask=claimed & (~first), other=0.0)
-            tl.store(scratch_f_ptr + 2 * B + rows64, c_old, mask=claimed)
+            tl.store(scratch_f_ptr + SCRATCH_CONSISTENCY * B + rows64, c_old, mask=claimed)
             cos = tl.where(first, cos, ema * c_old + (1.0 - ema) * cos)
         tl.store(consistency_ptr + n, cos, mask=need)
     n_dup = tl.sum(dup.to(tl.int32), axis=0)
@@ -433,7 +456,7 @@ def launch_step(
     correct = torch.empty(B, dtype=torch.int8, device=dev) if correct is None else correct
     margin = torch.empty(B, dtype=torch.float32, device=dev)
     pred = torch.empty(B, dtype=torch.int32, device=dev)
-    scratch = torch.empty(7 * B, dtype=torch.int32, device=dev)  # per-row state for settle_kernel
+    scratch = torch.empty(SCRATCH_SLOTS * B, dtype=torch.int32, device=dev)  # per-row state for settle_kernel
     cols = state.columns()
     if emb_mode == K.EMB_NONE:
         emb = text = state.scores  # unused placeholders

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from fastprune.kernels import common as K
 from fastprune.kernels import reference as R
+from fastprune.kernels import selection as S
 from fastprune.kernels.select import finalize_triton, philox_words, priority_triton, shuffle_triton
 
 
@@ -26,9 +27,9 @@ def random_state(n, seed=0, unseen=0.2):
 
 
 def select_both(scores, visits, cons, **kw):
-    kernel = R.select_reference(scores, visits, cons, priority=priority_triton, finalize=finalize_triton,
+    kernel = S.select_reference(scores, visits, cons, priority=priority_triton, finalize=finalize_triton,
                                 shuffle=shuffle_triton, **kw)
-    ref = R.select_reference(scores, visits, cons, **kw)
+    ref = S.select_reference(scores, visits, cons, **kw)
     return kernel, ref
 
 
@@ -140,13 +141,13 @@ def test_random_words_do_not_depend_on_the_chunking(monkeypatch):
 def test_counts_that_become_sizes_are_exact_beyond_2_to_the_24():
     """floor(noise_ratio * n_seen) for 100M samples: float32 (the default for int * float) gave 30,000,004."""
     n = torch.tensor(100_000_007)
-    assert int(R.fraction_of(n, 0.3)) == 30_000_002
+    assert int(S.fraction_of(n, 0.3)) == 30_000_002
     assert int(torch.floor(n * 0.3)) != 30_000_002  # the float32 product this replaces
     mask = torch.zeros(1 << 25, dtype=torch.bool)
     mask[:3] = True
     values = torch.full((1 << 25,), 1e30)
     values[:3] = torch.tensor([1.0, 2.0, 4.0])
-    assert float(R.masked_mean(values, mask)) == pytest.approx(7 / 3, rel=1e-7)
+    assert float(S.masked_mean(values, mask)) == pytest.approx(7 / 3, rel=1e-7)
 
 
 def assert_same_up_to_rounding(a, b, visits, policy: str, seed: int, epoch: int, ulps: int = 8) -> int:
@@ -198,8 +199,8 @@ def test_what_another_device_may_change(policy):
         cls, prio = R.priority_reference(*args, **kwargs)
         return cls, prio * (1 + wobble)
 
-    a = R.select_reference(scores, visits, cons, **kw)
-    b = R.select_reference(scores, visits, cons, priority=other_device, **kw)
+    a = S.select_reference(scores, visits, cons, **kw)
+    b = S.select_reference(scores, visits, cons, priority=other_device, **kw)
     changed = assert_same_up_to_rounding(a, b, visits, policy, seed=9, epoch=3)
     if policy in ("topk", "infobatch"):
         assert 0 < changed < n // 4  # the samples on the thresholds do move (the test bites); the rest stays
@@ -236,8 +237,8 @@ def test_radix_selection_finds_the_first_k_of_a_stable_sort(n, k, levels, descen
         values[torch.rand(n, generator=g) < 0.1] = -0.0
     mask = torch.rand(n, generator=g) < 0.8
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(R, "_SELECT_CHUNK", {"cpu": chunk})
-        got = R.smallest(values, mask, torch.tensor(k), descending=descending)
+        mp.setattr(S, "_SELECT_CHUNK", {"cpu": chunk})
+        got = S.smallest(values, mask, torch.tensor(k), descending=descending)
     assert torch.equal(got, _first_k_by_sort(values, mask, k, descending))
 
 
@@ -246,7 +247,7 @@ def test_masked_median_is_the_lower_median():
     for n in (1, 2, 7, 1000):
         values = (torch.randn(n, generator=g) * 4).round()  # ties
         mask = torch.rand(n, generator=g) < 0.7
-        got = R.masked_median(values, mask)
+        got = S.masked_median(values, mask)
         if mask.any():
             assert got == values[mask].median()
         else:

@@ -14,6 +14,7 @@ from test_select_kernel import assert_same_up_to_rounding
 from fastprune.kernels import SampleState
 from fastprune.kernels import common as K
 from fastprune.kernels import reference as R
+from fastprune.kernels import selection as S
 from fastprune.kernels.step import launch_step
 
 pytestmark = pytest.mark.skipif(
@@ -164,8 +165,8 @@ def test_cuda_selection_matches_cpu_reference(policy):
     from fastprune.kernels import select_epoch
 
     a = select_epoch(scores.cuda(), visits.cuda(), cons.cuda(), **kw)
-    b = R.select_reference(scores, visits, cons, **kw)
-    a = R.Selection(**{k: v.cpu() for k, v in vars(a).items()})
+    b = S.select_reference(scores, visits, cons, **kw)
+    a = S.Selection(**{k: v.cpu() for k, v in vars(a).items()})
     assert_same_up_to_rounding(b, a, visits, policy, seed=3, epoch=2)  # exact where kernels/select.py says so
 
 
