@@ -121,6 +121,8 @@ def _user_errors() -> type:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .devices import default_workers
+
     ap = argparse.ArgumentParser(prog="fastprune", description="Dynamic dataset pruning with fused Triton kernels.",
                                  epilog=f"Errors in the input (a missing or damaged file, a bad value, an output "
                                         f"that cannot be written) are reported in one line with exit status 2; "
@@ -171,7 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--lr-warmup", type=float, default=0.02, help="fraction of training with linear lr warm-up")
     t.add_argument("--label-smoothing", type=float, default=0.0)
     t.add_argument("--image-size", type=int, default=224)
-    t.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1))
+    t.add_argument("--workers", type=int, default=default_workers())
     t.add_argument("--device", default=None)
     t.add_argument("--compile", action="store_true", help="torch.compile the model")
     t.add_argument("--channels-last", dest="channels_last", action="store_true", default=None)
@@ -224,7 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--layer", default=None, help="module whose input to take (default: the final nn.Linear)")
     m.add_argument("--image-size", type=int, default=None, help="default: the run's --image-size, else 224")
     m.add_argument("--batch-size", type=int, default=256)
-    m.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="decoding processes")
+    m.add_argument("--workers", type=int, default=default_workers(), help="decoding processes")
     m.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     m.add_argument("--fp32", action="store_true", help="extract in fp32 on CUDA (default: bf16 autocast)")
     m.add_argument("--save-features", default=None, help="also write the extracted features (.npy or .pt)")

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from . import distributed as _dist
 from .data import ImageFolderIndex
-from .devices import resolve_device
+from .devices import default_workers, resolve_device
 from .pruner import DynamicPruner
 from .report import topk_correct, write_report, write_suspected_noisy
 from .rundir import (RunLock, RunLocked, check_outside, describe_load_error, prepare_dir, remove_stale_temporaries,
@@ -47,7 +47,7 @@ class TrainConfig:
     lr_warmup: float = 0.02  # fraction of training
     label_smoothing: float = 0.0
     image_size: int = 224
-    workers: int = 8
+    workers: int = field(default_factory=default_workers)  # one per core, at most 8
     device: str | None = None
     compile: bool = False
     channels_last: bool | None = None  # default: on CUDA
