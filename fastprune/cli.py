@@ -122,6 +122,11 @@ def _user_errors() -> type:
 
 def build_parser() -> argparse.ArgumentParser:
     from .devices import default_workers
+    from .noise import EVIDENCE
+    from .policies import POLICIES
+    from .schedule import SCHEDULES
+    from .static.cli import METHODS
+    from .train import LOADERS, OPTIMIZERS
 
     ap = argparse.ArgumentParser(prog="fastprune", description="Dynamic dataset pruning with fused Triton kernels.",
                                  epilog=f"Errors in the input (a missing or damaged file, a bad value, an output "
@@ -151,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     e.add_argument("--templates", default="openai", help="'openai' (80 prompts), 'simple' (7) or a file")
     e.add_argument("--classnames", default=None, help="file mapping class folder -> readable name (TSV/CSV/JSON)")
-    e.add_argument("--loader", default="auto", choices=["auto", "dali", "torch"])
+    e.add_argument("--loader", default="auto", choices=LOADERS)
     e.add_argument("--workers", type=int, default=None, help="decoding threads/processes")
     e.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     e.add_argument("--model-config", default=None, help="extra open_clip model config (JSON file or folder)")
@@ -165,10 +170,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--epochs", type=int, default=90)
     t.add_argument("--batch-size", type=int, default=256)
     t.add_argument("--lr", type=float, default=0.1)
-    t.add_argument("--optimizer", default="sgd", choices=["sgd", "adamw"])
+    t.add_argument("--optimizer", default="sgd", choices=OPTIMIZERS)
     t.add_argument("--momentum", type=float, default=0.9)
     t.add_argument("--weight-decay", type=float, default=5e-5)
-    t.add_argument("--schedule", default="cosine", choices=["cosine", "step", "constant"],
+    t.add_argument("--schedule", default="cosine", choices=SCHEDULES,
                    help="over samples actually trained, so it follows the shrinking epochs")
     t.add_argument("--lr-warmup", type=float, default=0.02, help="fraction of training with linear lr warm-up")
     t.add_argument("--label-smoothing", type=float, default=0.0)
@@ -178,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--compile", action="store_true", help="torch.compile the model")
     t.add_argument("--channels-last", dest="channels_last", action="store_true", default=None)
     t.add_argument("--no-channels-last", dest="channels_last", action="store_false")
-    t.add_argument("--loader", default="auto", choices=["auto", "dali", "torch"])
+    t.add_argument("--loader", default="auto", choices=LOADERS)
     t.add_argument("--skip-bad-files", action="store_true",
                    help="log and leave out missing, empty or corrupt images instead of stopping at the first "
                         "(either loader; the run's checkpoint lists them)")
@@ -189,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--no-progress", action="store_true", help="no progress bars")
     g = t.add_argument_group("pruning (DynamicPruner arguments)")
     g.add_argument("--keep-ratio", type=float, default=0.7)
-    g.add_argument("--policy", default="infobatch", choices=["infobatch", "topk", "random", "full"],
+    g.add_argument("--policy", default="infobatch", choices=POLICIES,
                    help="'full' trains on everything: the baseline")
     g.add_argument("--ema", type=float, default=0.9)
     g.add_argument("--warmup", type=int, default=1, help="epochs on the full set before pruning")
@@ -197,7 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--noise-ratio", type=float, default=0.0,
                    help="the most of the data the noise decisions may relabel, leave out or down-weight "
                         "(0: off); the amount itself is found per class from the evidence")
-    g.add_argument("--noise-evidence", default="auto", choices=["auto", "model", "clip", "both"],
+    g.add_argument("--noise-evidence", default="auto", choices=EVIDENCE,
                    help="evidence of wrong labels: the model's margin, CLIP's, or both (auto: both with "
                         "--embeddings, else the model's)")
     g.add_argument("--noise-relabel", action="store_true",
@@ -212,7 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("prune-static", help="choose a static subset (influence, el2n, forgetting or random)")
     s.add_argument("data", help="the training folder (labels and fingerprint come from it)")
     s.add_argument("--out", required=True, help="subset file to write (JSON)")
-    s.add_argument("--method", default="influence", choices=["influence", "el2n", "forgetting", "random"])
+    s.add_argument("--method", default="influence", choices=METHODS)
     s.add_argument("--prune-ratio", type=float, default=None, help="fraction of samples to remove")
     s.add_argument("--epsilon", type=float, default=None, help="influence only: bound on the parameter change")
     src = s.add_mutually_exclusive_group()

@@ -28,6 +28,9 @@ from .rundir import atomic_save as _atomic_save
 from .sample_table import SAMPLES_FILE, SELECTION_FILE, SampleTable, SelectionRecord, record_selection
 from .schedule import SampleSchedule, expected_total_samples
 
+OPTIMIZERS = ("sgd", "adamw")
+LOADERS = ("auto", "dali", "torch")  # auto: DALI when installed
+
 
 @dataclass
 class TrainConfig:
