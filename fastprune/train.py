@@ -6,11 +6,12 @@ import contextlib
 import dataclasses
 import gc
 import hashlib
+import inspect
 import json
 import math
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -20,61 +21,123 @@ from tqdm.auto import tqdm
 from . import distributed as _dist
 from .data import ImageFolderIndex
 from .devices import default_workers, resolve_device
+from .noise import EVIDENCE
+from .policies import POLICIES
 from .pruner import DynamicPruner
 from .report import topk_correct, write_report, write_suspected_noisy
 from .rundir import (RunLock, RunLocked, check_outside, describe_load_error, prepare_dir, remove_stale_temporaries,
                      write_log)
 from .rundir import atomic_save as _atomic_save
 from .sample_table import SAMPLES_FILE, SELECTION_FILE, SampleTable, SelectionRecord, record_selection
-from .schedule import SampleSchedule, expected_total_samples
+from .schedule import SCHEDULES, SampleSchedule, expected_total_samples
 
 OPTIMIZERS = ("sgd", "adamw")
 LOADERS = ("auto", "dali", "torch")  # auto: DALI when installed
 
+GROUPS = {  # the groups of `fastprune train`'s arguments, in --help's order
+    "data": "data",
+    "model": "model",
+    "optim": "optimisation and learning-rate schedule",
+    "loader": "loading and augmentation",
+    "pruning": "pruning (DynamicPruner arguments)",
+    "noise": "noise handling (DynamicPruner arguments)",
+    "run": "the run: output, device, checkpoints",
+}
+
+
+def _arg(group: str, default=MISSING, *, help: str | None = None, factory=MISSING, choices=None,
+         pruner: bool = False):
+    """A TrainConfig field that is an argument of ``fastprune train`` (a positional one without a default).
+
+    ``pruner``: a DynamicPruner argument of the same name; without a default here it takes DynamicPruner's."""
+    meta = {"group": group, "help": help, "choices": choices, "pruner": pruner}
+    return field(default=default, default_factory=factory, metadata=meta)
+
+
+def _pruner_defaults(cls):
+    """Give each ``pruner`` field without a default DynamicPruner's default: one source for both."""
+    params = inspect.signature(DynamicPruner).parameters
+    for name, f in vars(cls).items():
+        if isinstance(f, dataclasses.Field) and f.metadata.get("pruner"):
+            if name not in params:
+                raise TypeError(f"TrainConfig.{name} is marked pruner, but DynamicPruner has no argument {name!r}")
+            if f.default is MISSING:
+                f.default = params[name].default
+    return cls
+
 
 @dataclass
+@_pruner_defaults
 class TrainConfig:
-    """Everything ``fastprune train`` takes; pruning fields map one-to-one onto DynamicPruner."""
+    """Everything ``fastprune train`` takes.
 
-    data: str
-    val: str | None = None
-    out: str = "runs/fastprune"
-    arch: str = "resnet50"
-    epochs: int = 90
-    batch_size: int = 256
-    lr: float = 0.1
-    optimizer: str = "sgd"  # sgd (momentum + Nesterov) or adamw
-    momentum: float = 0.9
-    weight_decay: float = 5e-5
-    schedule: str = "cosine"  # cosine, step or constant, over samples actually trained
-    lr_warmup: float = 0.02  # fraction of training
-    label_smoothing: float = 0.0
-    image_size: int = 224
-    workers: int = field(default_factory=default_workers)  # one per core, at most 8
-    device: str | None = None
-    compile: bool = False
-    channels_last: bool | None = None  # default: on CUDA
-    loader: str = "auto"  # auto (DALI when installed), dali, torch
-    checkpoint_every: int = 0  # also checkpoint every N steps inside an epoch (0: epoch ends only)
-    resume: bool = False
-    crop_area: tuple = (0.08, 1.0)  # random-resized-crop area fraction
-    hflip: bool = True
-    skip_bad_files: bool = False  # leave unreadable images out (logged, in the checkpoint) instead of stopping
+    A field made with ``_arg`` is an argument of the sub-command (``fastprune.cli`` generates them: flag, type,
+    default and bool-ness from the field, help, group and choices from its metadata); one marked ``pruner`` is
+    passed to DynamicPruner under its name (``pruner_kwargs``) and defaults to DynamicPruner's default.
+    """
+
+    # data
+    data: str = _arg("data", help="training folder root/<class>/<image> (or a path,label CSV)")
+    val: str | None = _arg("data", None, help="validation folder with the same classes")
+    skip_bad_files: bool = _arg("data", False, help="log and leave out missing, empty or corrupt images instead of "
+                                                    "stopping at the first (either loader; the run's checkpoint "
+                                                    "lists them)")
+    # model
+    arch: str = _arg("model", "resnet50", help="torchvision or timm model name, or smallcnn")
+    compile: bool = _arg("model", False, help="torch.compile the model")
+    channels_last: bool | None = _arg("model", None, help="channels_last memory format (default: on CUDA)")
+    # optimisation and learning-rate schedule
+    epochs: int = _arg("optim", 90, pruner=True)
+    batch_size: int = _arg("optim", 256, help="per process")
+    lr: float = _arg("optim", 0.1)
+    optimizer: str = _arg("optim", "sgd", help="sgd (momentum + Nesterov) or adamw", choices=OPTIMIZERS)
+    momentum: float = _arg("optim", 0.9)
+    weight_decay: float = _arg("optim", 5e-5)
+    schedule: str = _arg("optim", "cosine", help="over samples actually trained, so it follows the shrinking epochs",
+                         choices=SCHEDULES)
+    lr_warmup: float = _arg("optim", 0.02, help="fraction of training with linear lr warm-up")
+    label_smoothing: float = _arg("optim", pruner=True)
+    # loading and augmentation
+    loader: str = _arg("loader", "auto", help="auto: DALI when installed, else the torch DataLoader fallback",
+                       choices=LOADERS)
+    workers: int = _arg("loader", factory=default_workers,
+                        help="decoding threads/processes (default: one per core, at most 8)")
+    image_size: int = _arg("loader", 224)
+    crop_area: tuple = (0.08, 1.0)  # random-resized-crop area fraction (no flag)
+    hflip: bool = True  # (no flag)
     # pruning
-    keep_ratio: float = 0.7
-    policy: str = "infobatch"
-    ema: float = 0.9
-    warmup: int = 1
-    anneal: float = 0.125
-    noise_ratio: float = 0.0
-    noise_evidence: str = "auto"
-    noise_start: int | None = None
-    noise_relabel: bool = False
-    embeddings: str | None = None
-    subset: str | None = None  # subset file from `fastprune prune-static`
-    seed: int = 0
-    max_nonfinite_steps: int = 100  # stop after this many consecutive steps with a non-finite loss (0: never)
+    keep_ratio: float = _arg("pruning", help="expected fraction of the data trained on in a pruned epoch",
+                             pruner=True)
+    policy: str = _arg("pruning", help="'full' trains on everything: the baseline", choices=POLICIES, pruner=True)
+    ema: float = _arg("pruning", help="weight of the old score in the per-sample loss EMA", pruner=True)
+    warmup: int = _arg("pruning", help="epochs on the full set before pruning", pruner=True)
+    anneal: float = _arg("pruning", help="fraction of final epochs on the full set", pruner=True)
+    embeddings: str | None = _arg("pruning", None, help="directory from `fastprune embed` (for consistency)")
+    subset: str | None = _arg("pruning", None, help="train only on this subset file (`fastprune prune-static`)")
+    # noise handling
+    noise_ratio: float = _arg("noise", help="the most of the data the noise decisions may relabel, leave out or "
+                                            "down-weight (0: off); the amount itself is found per class from the "
+                                            "evidence", pruner=True)
+    noise_evidence: str = _arg("noise", help="evidence of wrong labels: the model's margin, CLIP's, or both (auto: "
+                                             "both with --embeddings, else the model's)", choices=EVIDENCE,
+                               pruner=True)
+    noise_relabel: bool = _arg("noise", help="relabel sure suspects where the model and CLIP agree on another class "
+                                             "(needs --embeddings)", pruner=True)
+    noise_start: int | None = _arg("noise", help="first epoch that uses the noise decisions (default: a fifth of "
+                                                 "--epochs, at least 2)", pruner=True)
+    # the run
+    out: str = _arg("run", "runs/fastprune", help="run directory: log.jsonl, checkpoint.pt, plots")
+    device: str | None = _arg("run", None)
+    resume: bool = _arg("run", False, help="continue the run in --out after an interruption")
+    checkpoint_every: int = _arg("run", 0, help="also checkpoint every N steps inside an epoch (0: epoch ends only)")
+    max_nonfinite_steps: int = _arg("run", 100, help="stop when the loss has been NaN or inf this many steps in a "
+                                                     "row (0: never; default 100)")
+    seed: int = _arg("run", help="model initialisation, augmentation and selection draws", pruner=True)
     extra: dict = field(default_factory=dict)
+
+    def pruner_kwargs(self) -> dict:
+        """The DynamicPruner arguments this configuration sets (its fields marked ``pruner``)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.metadata.get("pruner")}
 
     def check(self) -> None:
         """Raise ``ValueError`` for a setting no run can use (the pruner checks its own arguments)."""
@@ -393,13 +456,8 @@ def _train(cfg, out, ckpt_path, device, log, on_epoch_end, progress) -> dict:
         initial_subset, _ = load_subset(cfg.subset, index=index)
     torch.manual_seed(cfg.seed)  # model init and augmentation draws; a resumed run restores the RNG states
     model = build_model(cfg.arch, index.num_classes).to(device)
-    pruner = DynamicPruner(len(index), index.num_classes, epochs=cfg.epochs, keep_ratio=cfg.keep_ratio,
-                           policy=cfg.policy, ema=cfg.ema, warmup=cfg.warmup, anneal=cfg.anneal,
-                           noise_ratio=cfg.noise_ratio, noise_evidence=cfg.noise_evidence,
-                           noise_start=cfg.noise_start, noise_relabel=cfg.noise_relabel,
-                           image_emb=image_emb, text_emb=text_emb,
-                           label_smoothing=cfg.label_smoothing, seed=cfg.seed, device=device,
-                           initial_subset=initial_subset)
+    pruner = DynamicPruner(len(index), index.num_classes, **cfg.pruner_kwargs(), image_emb=image_emb,
+                           text_emb=text_emb, device=device, initial_subset=initial_subset)
     if _channels_last(cfg, device):
         model = model.to(memory_format=torch.channels_last)
     optimizer = _optimizer(cfg, model)
