@@ -120,6 +120,20 @@ def _user_errors() -> type:
     return NonFiniteLoss
 
 
+# --out, --workers and --device: flags of several sub-commands, each declared here once
+
+def _add_out(parser, help: str, default=None, required: bool = False) -> None:
+    parser.add_argument("--out", default=default, required=required, help=help)
+
+
+def _add_workers(parser, default, help: str = "decoding threads/processes") -> None:
+    parser.add_argument("--workers", type=int, default=default, help=help)
+
+
+def _add_device(parser, default=None, help: str = "cpu, cuda or cuda:N (default: cuda when available)") -> None:
+    parser.add_argument("--device", default=default, help=help)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .devices import default_workers
     from .noise import EVIDENCE
@@ -139,25 +153,25 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--noise", default="0.2", help="planted label noise, FRACTION[:KIND] with KIND symmetric "
                                                   "(default) or pair, e.g. 0.4 or 0.2:pair (default 0.2)")
     d.add_argument("--seeds", type=int, default=1, help="repeat with this many seeds (mean ± sd; ~2 min each)")
-    d.add_argument("--out", default=None, help="where to write the data and runs (default: a temp folder)")
+    _add_out(d, "where to write the data and runs (default: a temp folder)")
     d.add_argument("--clip", default=None, help="embeddings from `fastprune embed` instead of the proxy")
-    d.add_argument("--workers", type=int, default=2)
-    d.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    _add_workers(d, 2)
+    _add_device(d)
     d.set_defaults(func=_demo)
 
     e = sub.add_parser("embed", help="compute CLIP image and class-text embedding tables for a dataset")
     e.add_argument("data", help="ImageNet-style folder root/<class>/<image>, or a path,label CSV list")
-    e.add_argument("--out", required=True, help="directory for image.npy, text.npy and meta.json")
+    _add_out(e, "directory for image.npy, text.npy and meta.json", required=True)
     e.add_argument("--model", default="ViT-B-32", help="open_clip model name (default ViT-B-32)")
     e.add_argument("--pretrained", default="openai",
                    help="open_clip tag (downloads where there is network) or a local checkpoint file; "
                         "'none' for random weights")
     e.add_argument("--batch-size", type=int, default=256)
-    e.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    _add_device(e)
     e.add_argument("--templates", default="openai", help="'openai' (80 prompts), 'simple' (7) or a file")
     e.add_argument("--classnames", default=None, help="file mapping class folder -> readable name (TSV/CSV/JSON)")
     e.add_argument("--loader", default="auto", choices=LOADERS)
-    e.add_argument("--workers", type=int, default=None, help="decoding threads/processes")
+    _add_workers(e, None)
     e.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     e.add_argument("--model-config", default=None, help="extra open_clip model config (JSON file or folder)")
     e.set_defaults(func=_embed)
@@ -165,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train an image classifier on an ImageNet-style folder with pruning")
     t.add_argument("data", help="training folder root/<class>/<image> (or a path,label CSV)")
     t.add_argument("--val", default=None, help="validation folder with the same classes")
-    t.add_argument("--out", default="runs/fastprune", help="run directory: log.jsonl, checkpoint.pt, plots")
+    _add_out(t, "run directory: log.jsonl, checkpoint.pt, plots", default="runs/fastprune")
     t.add_argument("--arch", default="resnet50", help="torchvision or timm model name, or smallcnn")
     t.add_argument("--epochs", type=int, default=90)
     t.add_argument("--batch-size", type=int, default=256)
@@ -178,8 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--lr-warmup", type=float, default=0.02, help="fraction of training with linear lr warm-up")
     t.add_argument("--label-smoothing", type=float, default=0.0)
     t.add_argument("--image-size", type=int, default=224)
-    t.add_argument("--workers", type=int, default=default_workers())
-    t.add_argument("--device", default=None)
+    _add_workers(t, default_workers())
+    _add_device(t)
     t.add_argument("--compile", action="store_true", help="torch.compile the model")
     t.add_argument("--channels-last", dest="channels_last", action="store_true", default=None)
     t.add_argument("--no-channels-last", dest="channels_last", action="store_false")
@@ -216,7 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("prune-static", help="choose a static subset (influence, el2n, forgetting or random)")
     s.add_argument("data", help="the training folder (labels and fingerprint come from it)")
-    s.add_argument("--out", required=True, help="subset file to write (JSON)")
+    _add_out(s, "subset file to write (JSON)", required=True)
     s.add_argument("--method", default="influence", choices=METHODS)
     s.add_argument("--prune-ratio", type=float, default=None, help="fraction of samples to remove")
     s.add_argument("--epsilon", type=float, default=None, help="influence only: bound on the parameter change")
@@ -231,8 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--layer", default=None, help="module whose input to take (default: the final nn.Linear)")
     m.add_argument("--image-size", type=int, default=None, help="default: the run's --image-size, else 224")
     m.add_argument("--batch-size", type=int, default=256)
-    m.add_argument("--workers", type=int, default=default_workers(), help="decoding processes")
-    m.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    _add_workers(m, default_workers(), "decoding processes")
+    _add_device(m)
     m.add_argument("--fp32", action="store_true", help="extract in fp32 on CUDA (default: bf16 autocast)")
     m.add_argument("--save-features", default=None, help="also write the extracted features (.npy or .pt)")
     m.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -243,7 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("report",
                        help="re-make a finished run's report (plots, mislabeled-sample gallery) from its folder")
     r.add_argument("run", help="a run folder of `fastprune train` (its --out)")
-    r.add_argument("--out", default=None, help="where to write the figures (default: the run folder)")
+    _add_out(r, "where to write the figures (default: the run folder)")
     r.add_argument("--count", type=int, default=None, help="samples in the gallery (default 24)")
     r.add_argument("--data", default=None,
                    help="the training folder, if it has moved since the run (the gallery shows its images)")
@@ -251,7 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("compare", help="compare runs: accuracy against sample visits and time, and a table")
     c.add_argument("runs", nargs="+", help="run folders of `fastprune train`")
-    c.add_argument("--out", default=".", help="where to write comparison.png, .csv and .md (default: here)")
+    _add_out(c, "where to write comparison.png, .csv and .md (default: here)", default=".")
     c.add_argument("--names", nargs="+", default=None, help="a name for each run (default: its folder's name)")
     c.set_defaults(func=_compare)
 
