@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
+import typing
 
 from . import __version__
 
@@ -55,9 +57,7 @@ def _embed(args) -> int:
 def _train(args) -> int:
     from .train import TrainConfig, train
 
-    fields = {f for f in TrainConfig.__dataclass_fields__ if f != "extra"}
-    cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
-    train(cfg, progress=not args.no_progress)
+    train(_config_from_args(TrainConfig, args), progress=not args.no_progress)
     return 0
 
 
@@ -122,7 +122,7 @@ def _user_errors() -> type:
 
 # --out, --workers and --device: flags of several sub-commands, each declared here once
 
-def _add_out(parser, help: str, default=None, required: bool = False) -> None:
+def _add_out(parser, help: str | None = None, default=None, required: bool = False) -> None:
     parser.add_argument("--out", default=default, required=required, help=help)
 
 
@@ -134,13 +134,48 @@ def _add_device(parser, default=None, help: str = "cpu, cuda or cuda:N (default:
     parser.add_argument("--device", default=default, help=help)
 
 
+_SHARED = {"out": _add_out, "workers": _add_workers, "device": _add_device}  # for the fields of these names too
+
+
+def _add_config_arguments(parser, config, groups: dict[str, str]) -> dict:
+    """An argument for each field of the dataclass ``config`` that names a group in its metadata (see
+    ``train._arg``), in argument groups titled by ``groups``: the flag is the field's name, its type and default
+    the field's (a bool is a switch; none without a default: positional), its help and choices the metadata's.
+    Returns the argument groups by key."""
+    hints = typing.get_type_hints(config)
+    made = {key: parser.add_argument_group(title) for key, title in groups.items()}
+    for f in dataclasses.fields(config):
+        if "group" not in f.metadata:
+            continue  # a library-only setting
+        group, meta = made[f.metadata["group"]], f.metadata
+        help_kw = {"help": meta["help"]} if meta["help"] else {}
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            group.add_argument(f.name, **help_kw)
+            continue
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        kind = next(t for t in typing.get_args(hints[f.name]) or (hints[f.name],) if t is not type(None))
+        flag = "--" + f.name.replace("_", "-")
+        if f.name in _SHARED:
+            _SHARED[f.name](group, default=default, **help_kw)
+        elif kind is bool:  # --flag, or --flag/--no-flag where the default is on or undecided (None)
+            action = "store_true" if default is False else argparse.BooleanOptionalAction
+            group.add_argument(flag, action=action, default=default, **help_kw)
+        else:
+            group.add_argument(flag, type=None if kind is str else kind, default=default, choices=meta["choices"],
+                               **help_kw)
+    return made
+
+
+def _config_from_args(config, args):
+    """The ``config`` dataclass from the arguments ``_add_config_arguments`` made for it."""
+    return config(**{f.name: getattr(args, f.name) for f in dataclasses.fields(config) if "group" in f.metadata})
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .devices import default_workers
-    from .noise import EVIDENCE
-    from .policies import POLICIES
-    from .schedule import SCHEDULES
     from .static.cli import METHODS
-    from .train import LOADERS, OPTIMIZERS
+    from .train import GROUPS as TRAIN_GROUPS
+    from .train import LOADERS, TrainConfig
 
     ap = argparse.ArgumentParser(prog="fastprune", description="Dynamic dataset pruning with fused Triton kernels.",
                                  epilog=f"Errors in the input (a missing or damaged file, a bad value, an output "
@@ -177,55 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=_embed)
 
     t = sub.add_parser("train", help="train an image classifier on an ImageNet-style folder with pruning")
-    t.add_argument("data", help="training folder root/<class>/<image> (or a path,label CSV)")
-    t.add_argument("--val", default=None, help="validation folder with the same classes")
-    _add_out(t, "run directory: log.jsonl, checkpoint.pt, plots", default="runs/fastprune")
-    t.add_argument("--arch", default="resnet50", help="torchvision or timm model name, or smallcnn")
-    t.add_argument("--epochs", type=int, default=90)
-    t.add_argument("--batch-size", type=int, default=256)
-    t.add_argument("--lr", type=float, default=0.1)
-    t.add_argument("--optimizer", default="sgd", choices=OPTIMIZERS)
-    t.add_argument("--momentum", type=float, default=0.9)
-    t.add_argument("--weight-decay", type=float, default=5e-5)
-    t.add_argument("--schedule", default="cosine", choices=SCHEDULES,
-                   help="over samples actually trained, so it follows the shrinking epochs")
-    t.add_argument("--lr-warmup", type=float, default=0.02, help="fraction of training with linear lr warm-up")
-    t.add_argument("--label-smoothing", type=float, default=0.0)
-    t.add_argument("--image-size", type=int, default=224)
-    _add_workers(t, default_workers())
-    _add_device(t)
-    t.add_argument("--compile", action="store_true", help="torch.compile the model")
-    t.add_argument("--channels-last", dest="channels_last", action="store_true", default=None)
-    t.add_argument("--no-channels-last", dest="channels_last", action="store_false")
-    t.add_argument("--loader", default="auto", choices=LOADERS)
-    t.add_argument("--skip-bad-files", action="store_true",
-                   help="log and leave out missing, empty or corrupt images instead of stopping at the first "
-                        "(either loader; the run's checkpoint lists them)")
-    t.add_argument("--checkpoint-every", type=int, default=0, help="also checkpoint every N steps")
-    t.add_argument("--max-nonfinite-steps", type=int, default=100,
-                   help="stop when the loss has been NaN or inf this many steps in a row (0: never; default 100)")
-    t.add_argument("--resume", action="store_true", help="continue the run in --out after an interruption")
-    t.add_argument("--no-progress", action="store_true", help="no progress bars")
-    g = t.add_argument_group("pruning (DynamicPruner arguments)")
-    g.add_argument("--keep-ratio", type=float, default=0.7)
-    g.add_argument("--policy", default="infobatch", choices=POLICIES,
-                   help="'full' trains on everything: the baseline")
-    g.add_argument("--ema", type=float, default=0.9)
-    g.add_argument("--warmup", type=int, default=1, help="epochs on the full set before pruning")
-    g.add_argument("--anneal", type=float, default=0.125, help="fraction of final epochs on the full set")
-    g.add_argument("--noise-ratio", type=float, default=0.0,
-                   help="the most of the data the noise decisions may relabel, leave out or down-weight "
-                        "(0: off); the amount itself is found per class from the evidence")
-    g.add_argument("--noise-evidence", default="auto", choices=EVIDENCE,
-                   help="evidence of wrong labels: the model's margin, CLIP's, or both (auto: both with "
-                        "--embeddings, else the model's)")
-    g.add_argument("--noise-relabel", action="store_true",
-                   help="relabel sure suspects where the model and CLIP agree on another class (needs --embeddings)")
-    g.add_argument("--noise-start", type=int, default=None,
-                   help="first epoch that uses the noise decisions (default: a fifth of --epochs, at least 2)")
-    g.add_argument("--embeddings", default=None, help="directory from `fastprune embed` (for consistency)")
-    g.add_argument("--subset", default=None, help="train only on this subset file (`fastprune prune-static`)")
-    g.add_argument("--seed", type=int, default=0)
+    groups = _add_config_arguments(t, TrainConfig, TRAIN_GROUPS)
+    groups["run"].add_argument("--no-progress", action="store_true", help="no progress bars")
     t.set_defaults(func=_train)
 
     s = sub.add_parser("prune-static", help="choose a static subset (influence, el2n, forgetting or random)")
