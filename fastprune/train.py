@@ -259,6 +259,10 @@ def _optimizer(cfg, model):
     raise ValueError(f"optimizer must be 'sgd' or 'adamw', got {cfg.optimizer!r}")
 
 
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
 @torch.no_grad()
 def evaluate(model, loader, device) -> tuple[float, float | None]:
     """Top-1 and top-5 accuracy (top-5 is None with fewer than 5 classes).
@@ -277,7 +281,7 @@ def evaluate(model, loader, device) -> tuple[float, float | None]:
         hits5 += h5
         n += labels.numel()
     counts = torch.stack([hits1, hits5, torch.tensor(n, device=device)])
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
+    if _distributed():
         torch.distributed.all_reduce(counts)
     hits1, hits5, n = counts.tolist()
     classes = loader.index.num_classes
@@ -379,7 +383,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print,
 @contextlib.contextmanager
 def _run_lock(out: Path, log):
     """Rank 0 holds the run directory's lock for the run; every rank learns whether it got it."""
-    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    distributed = _distributed()
     main = not distributed or torch.distributed.get_rank() == 0
     lock, error = None, None
     if main:
@@ -418,31 +422,64 @@ def _leave_group(finished: bool) -> None:
 
 
 def _train(cfg, out, ckpt_path, device, log, on_epoch_end, progress) -> dict:
-    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    """This process's part of the run: build, restore (--resume), start, train epoch by epoch, finish."""
+    distributed = _distributed()
     rank = torch.distributed.get_rank() if distributed else 0
     world = torch.distributed.get_world_size() if distributed else 1
-    main = rank == 0
-    if not main:
+    if rank != 0:  # rank 0 speaks and writes for all
         log, progress = (lambda msg: None), False
-    if main:
+    else:
         out.mkdir(parents=True, exist_ok=True)
         remove_stale_temporaries(out, older=cfg.resume)  # a fresh --out may be a user's folder
     ck = load_run_checkpoint(ckpt_path, device) if cfg.resume else None  # a damaged one fails before the scan
+    run = build_run(cfg, out, ckpt_path, device, rank, world, log, progress)
+    if ck is not None:
+        restore(run, ck)
+    start(run, fresh=ck is None)
+    t_run = time.perf_counter()
+    for epoch in range(run.first_epoch, cfg.epochs):
+        record = run_epoch(run, epoch)
+        if on_epoch_end is not None:
+            on_epoch_end(epoch, record)
+    return finish(run, time.perf_counter() - t_run)
 
-    index = ImageFolderIndex(cfg.data)
-    if index.num_classes < 2:
-        raise ValueError(f"the training data {cfg.data!r} has one class ({index.classes[0]!r}): there is nothing to "
-                         "tell apart (the loss is zero); a classifier needs two classes or more, one folder each")
-    dataset = index.identity()  # one stat per file: once, not at every checkpoint
-    val_index = None
-    if cfg.val:
-        val_index = ImageFolderIndex(cfg.val)
-        if val_index.classes != index.classes:
-            only_t = sorted(set(index.classes) - set(val_index.classes))[:3]
-            only_v = sorted(set(val_index.classes) - set(index.classes))[:3]
-            raise ValueError(f"--val has other classes than the training data ({len(val_index.classes)} vs "
-                             f"{len(index.classes)}; only in train: {only_t}, only in val: {only_v})")
-        _check_val_files(val_index, cfg, log, progress, main, distributed)
+
+@dataclass
+class Run:
+    """What one process's training run works with: built by ``build_run``, moved on by every step."""
+
+    cfg: TrainConfig
+    out: Path
+    ckpt_path: Path
+    device: torch.device
+    rank: int
+    world: int
+    log: Callable[[str], None]
+    progress: bool
+    index: ImageFolderIndex
+    dataset: dict  # the training data's identity, saved in every checkpoint
+    model: torch.nn.Module
+    pruner: DynamicPruner
+    optimizer: torch.optim.Optimizer
+    schedule: SampleSchedule
+    loader: object
+    loader_name: str
+    val_loader: object | None
+    bad_run: torch.Tensor  # consecutive steps with a non-finite loss, counted on the device (no sync)
+    net: torch.nn.Module | None = None  # what trains: the model in DDP, compiled (``start``)
+    eval_net: torch.nn.Module | None = None
+    history: list[dict] = field(default_factory=list)
+    first_epoch: int = 0  # where this process starts: > 0 when resumed
+    step: int = 0  # optimizer steps of the whole run
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def build_run(cfg, out, ckpt_path, device, rank, world, log, progress) -> Run:
+    """Scan the data and build the model, pruner, optimiser, schedule and loaders as a new run starts."""
+    index, dataset, val_index = _open_data(cfg, log, progress, rank == 0)
     image_emb = text_emb = None
     if cfg.embeddings:
         from .embeddings import Embeddings
@@ -464,153 +501,29 @@ def _train(cfg, out, ckpt_path, device, log, on_epoch_end, progress) -> dict:
     schedule = SampleSchedule(cfg.lr, cfg.schedule, cfg.lr_warmup)
     loader, loader_name = make_loader(cfg.loader, index, pruner, cfg, True, device)
     val_loader = make_loader(cfg.loader, val_index, None, cfg, False, device, (rank, world))[0] if val_index else None
+    return Run(cfg=cfg, out=out, ckpt_path=ckpt_path, device=device, rank=rank, world=world, log=log,
+               progress=progress, index=index, dataset=dataset, model=model, pruner=pruner, optimizer=optimizer,
+               schedule=schedule, loader=loader, loader_name=loader_name, val_loader=val_loader,
+               bad_run=torch.zeros((), dtype=torch.int64, device=device))
 
-    history: list[dict] = []
-    start_epoch, step = 0, 0
-    if ck is not None:
-        caution = check_resumable(ck, cfg, index)
-        if caution is not None:
-            log(f"note: resuming on {cfg.data}: {caution}")
-        try:
-            model.load_state_dict(ck["model"])
-            optimizer.load_state_dict(ck["optimizer"])
-            schedule.load_state_dict(ck["schedule"])
-            pruner.load_state_dict(ck["pruner"])
-            loader.load_state_dict(ck["loader"])
-            history, start_epoch, step = list(ck["history"]), int(ck["epoch"]), int(ck["step"])
-            torch.set_rng_state(ck["rng"]["torch"])
-            if device.type == "cuda" and ck["rng"].get("cuda") is not None:
-                torch.cuda.set_rng_state(ck["rng"]["cuda"])
-        except (KeyError, TypeError, AttributeError, IndexError, RuntimeError) as e:
-            detail = " ".join(str(e).split())[:200]
-            raise ValueError(f"cannot resume: the state saved in {str(ckpt_path)!r} cannot be restored "
-                             f"({type(e).__name__}: {detail}); the file is damaged: start a new run in another "
-                             "--out") from e
-        if main:  # the checkpoint is the commit point: the log is rewritten from its history, so an epoch
-            write_log(out / "log.jsonl", history)  # logged after it (killed in between) is not logged twice
-        log(f"resumed {out} at epoch {start_epoch} (step {step})")
-    net = model
-    if world > 1:
-        from torch.nn.parallel import DistributedDataParallel
 
-        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    net = torch.compile(net) if cfg.compile else net
-    eval_net = net if world == 1 else model  # ranks evaluate different numbers of batches: no DDP there
-    where = f"{device}" if world == 1 else f"{world} processes ({device.type}, {torch.distributed.get_backend()})"
-    log(f"fastprune train: {len(index)} images, {index.num_classes} classes, {cfg.arch} on {where}, "
-        f"loader: {loader_name}, policy {cfg.policy} keep {cfg.keep_ratio}")
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
-
-    def loader_state():
-        state = loader.state_dict()
-        if world > 1 and "bad" in state:  # collective: every rank's unreadable files go into the checkpoint
-            parts = [None] * world
-            torch.distributed.all_gather_object(parts, state["bad"])
-            state["bad"] = {i: v for part in parts for i, v in part.items()}
-        return state
-
-    def checkpoint(epoch, mid_epoch=False):
-        if mid_epoch:
-            pruner.sync()  # collective: the saved scores hold every rank's updates
-        loader_sd = loader_state()
-        if not main:
-            return
-        rng = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if device.type == "cuda" else None}
-        _atomic_save({"config": dataclasses.asdict(cfg), "dataset": dataset, "epoch": epoch, "step": step,
-                      "model": model.state_dict(),
-                      "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(), "scaler": None,
-                      "pruner": pruner.state_dict(), "loader": loader_sd, "history": history,
-                      "rng": rng}, ckpt_path)
-
-    bad_run = torch.zeros((), dtype=torch.int64, device=device)  # consecutive steps with a non-finite loss
-
-    def check_loss():  # at the loop's existing sync points only
-        if cfg.max_nonfinite_steps and int(bad_run) >= cfg.max_nonfinite_steps:
-            raise NonFiniteLoss(
-                f"the training loss has been non-finite (NaN or inf) for the last {int(bad_run)} steps, up to step "
-                f"{step}; the run stops (its last checkpoint stays in {str(out)!r}). Lower --lr, check the data "
-                "and any embeddings for non-finite values, or raise --max-nonfinite-steps")
-
-    if main and ck is None:
-        record_selection(pruner, out, cfg.epochs, replace=True)  # a new run: whatever an older one left goes
-    t_run = time.perf_counter()
-    for epoch in range(start_epoch, cfg.epochs):
-        order = pruner.epoch_indices  # this process's part of the selection
-        selected = pruner.global_indices
-        schedule.set_total(expected_total_samples(pruner))
-        schedule.advance(0, optimizer)
-        net.train()
-        t0 = time.perf_counter()
-        trained = 0
-        state = loader.state_dict()
-        done = state["position"] if state["epoch"] == epoch else 0  # > 0 when resuming inside this epoch
-        bar = tqdm(total=order.numel(), initial=done, unit="img", desc=f"epoch {epoch}", disable=not progress,
-                   leave=False)
-        for images, labels, idx in loader:
-            with autocast:
-                logits = net(images)
-            loss = pruner.step(logits, labels, idx)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            lr = schedule.advance(idx.numel(), optimizer)
-            trained += idx.numel()
-            step += 1
-            bar.update(idx.numel())
-            finite = torch.isfinite(loss.detach())
-            bad_run = torch.where(finite, 0, bad_run + 1)  # on the device: no sync
-            if step % 50 == 0:
-                bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.3g}")  # a sync every 50 steps only
-                check_loss()
-            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
-                checkpoint(epoch, mid_epoch=True)
-        bar.close()
-        check_loss()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        train_s = time.perf_counter() - t0
-        top1, top5 = evaluate(eval_net, val_loader, device) if val_loader is not None else (None, None)
-        record = {"epoch": epoch, "policy": pruner.history[-1]["policy"], "samples_trained": int(selected.numel()),
-                  "kept_fraction": selected.numel() / len(index), "suspected_noisy": _acted_on(pruner.history[-1]),
-                  "visits_saved": pruner.visits_saved, "train_seconds": round(train_s, 3),
-                  "epoch_seconds": round(time.perf_counter() - t0, 3),
-                  "images_per_s": round(trained * world / max(train_s, 1e-9), 1), "val_top1": top1,
-                  "val_top5": top5, "lr": lr if trained else schedule.lr(), "selection": selection_hash(selected),
-                  "step": step, "world_size": world}
-        history.append(record)
-        acc = f", val top-1 {top1:.2%}" + (f" top-5 {top5:.2%}" if top5 is not None else "") if top1 is not None else ""
-        log(f"epoch {epoch}: trained {selected.numel()}/{len(index)} ({record['kept_fraction']:.0%}) "
-            f"in {train_s:.1f} s, "
-            f"{record['images_per_s']:.0f} img/s, visits saved {pruner.visits_saved:.1%}{acc}")
-        t_select = time.perf_counter()
-        pruner.next_epoch()
-        record["select_seconds"] = round(time.perf_counter() - t_select, 3)
-        if main:  # the last selection that pruned, for the report's histograms
-            record_selection(pruner, out, cfg.epochs)
-        checkpoint(epoch + 1)  # the commit point of the epoch; the log follows it (rebuilt from it on resume)
-        if main:
-            with open(out / "log.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
-        if on_epoch_end is not None:
-            on_epoch_end(epoch, record)
-
-    total_s = time.perf_counter() - t_run
-    summary = {"epochs": cfg.epochs, "final_top1": history[-1]["val_top1"] if history else None,
-               "best_top1": max((h["val_top1"] for h in history if h["val_top1"] is not None), default=None),
-               "total_seconds": round(total_s, 1),
-               "samples_trained": sum(h["samples_trained"] for h in history),
-               "visits_saved": 1.0 - sum(h["samples_trained"] for h in history) / max(1, len(history) * len(index)),
-               "loader": loader_name, "final_top5": history[-1]["val_top5"] if history else None,
-               "policy": cfg.policy, "keep_ratio": cfg.keep_ratio, "noise_ratio": cfg.noise_ratio}
-    if main:
-        table = SampleTable.from_pruner(pruner, index)
-        table.save(out / SAMPLES_FILE)  # what `fastprune report` re-makes the report from
-        summary["suspected_noisy"] = write_suspected_noisy(pruner, index, out / "suspected_noisy.csv")
-        (out / "summary.json").write_text(json.dumps(summary, indent=1))
-        selection = SelectionRecord.load(out / SELECTION_FILE) if (out / SELECTION_FILE).is_file() else None
-        write_report(history, table, selection, out, log=log)
-    log(format_summary(summary))
-    return summary
+def _open_data(cfg, log, progress: bool, main: bool) -> tuple[ImageFolderIndex, dict, ImageFolderIndex | None]:
+    """The training data's index and identity, and the validation data's index (its images checked)."""
+    index = ImageFolderIndex(cfg.data)
+    if index.num_classes < 2:
+        raise ValueError(f"the training data {cfg.data!r} has one class ({index.classes[0]!r}): there is nothing to "
+                         "tell apart (the loss is zero); a classifier needs two classes or more, one folder each")
+    dataset = index.identity()  # one stat per file: once, not at every checkpoint
+    val_index = None
+    if cfg.val:
+        val_index = ImageFolderIndex(cfg.val)
+        if val_index.classes != index.classes:
+            only_t = sorted(set(index.classes) - set(val_index.classes))[:3]
+            only_v = sorted(set(val_index.classes) - set(index.classes))[:3]
+            raise ValueError(f"--val has other classes than the training data ({len(val_index.classes)} vs "
+                             f"{len(index.classes)}; only in train: {only_t}, only in val: {only_v})")
+        _check_val_files(val_index, cfg, log, progress, main, _distributed())
+    return index, dataset, val_index
 
 
 def _check_val_files(val_index, cfg, log, progress: bool, main: bool, distributed: bool) -> None:
@@ -631,6 +544,183 @@ def _check_val_files(val_index, cfg, log, progress: bool, main: bool, distribute
                          "repair or remove them, or pass --skip-bad-files to evaluate without them")
     log(f"note: --val: {len(bad)} unreadable image{'s' if len(bad) > 1 else ''} will be left out of evaluation "
         f"(first: {first})")
+
+
+def restore(run: Run, ck: dict) -> None:
+    """Continue from the checkpoint ``ck`` (refused if made with other settings or data): every state, the
+    history, the step, the RNG states; the log is rewritten from the checkpoint, the run's commit point."""
+    caution = check_resumable(ck, run.cfg, run.index)
+    if caution is not None:
+        run.log(f"note: resuming on {run.cfg.data}: {caution}")
+    try:
+        run.model.load_state_dict(ck["model"])
+        run.optimizer.load_state_dict(ck["optimizer"])
+        run.schedule.load_state_dict(ck["schedule"])
+        run.pruner.load_state_dict(ck["pruner"])
+        run.loader.load_state_dict(ck["loader"])
+        run.history, run.first_epoch, run.step = list(ck["history"]), int(ck["epoch"]), int(ck["step"])
+        torch.set_rng_state(ck["rng"]["torch"])
+        if run.device.type == "cuda" and ck["rng"].get("cuda") is not None:
+            torch.cuda.set_rng_state(ck["rng"]["cuda"])
+    except (KeyError, TypeError, AttributeError, IndexError, RuntimeError) as e:
+        detail = " ".join(str(e).split())[:200]
+        raise ValueError(f"cannot resume: the state saved in {str(run.ckpt_path)!r} cannot be restored "
+                         f"({type(e).__name__}: {detail}); the file is damaged: start a new run in another "
+                         "--out") from e
+    if run.main:  # an epoch logged after the checkpoint (killed in between) is not logged twice
+        write_log(run.out / "log.jsonl", run.history)
+    run.log(f"resumed {run.out} at epoch {run.first_epoch} (step {run.step})")
+
+
+def start(run: Run, fresh: bool) -> None:
+    """Wrap the model now that its weights are final (DDP over processes, --compile), say what runs, and
+    record a ``fresh`` run's first selection."""
+    cfg, device = run.cfg, run.device
+    net = run.model
+    if run.world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        net = DistributedDataParallel(run.model, device_ids=[device.index] if device.type == "cuda" else None)
+    run.net = torch.compile(net) if cfg.compile else net
+    run.eval_net = run.net if run.world == 1 else run.model  # ranks evaluate different numbers of batches: no DDP
+    where = (f"{device}" if run.world == 1
+             else f"{run.world} processes ({device.type}, {torch.distributed.get_backend()})")
+    run.log(f"fastprune train: {len(run.index)} images, {run.index.num_classes} classes, {cfg.arch} on {where}, "
+            f"loader: {run.loader_name}, policy {cfg.policy} keep {cfg.keep_ratio}")
+    if run.main and fresh:
+        record_selection(run.pruner, run.out, cfg.epochs, replace=True)  # whatever an older run left goes
+
+
+def run_epoch(run: Run, epoch: int) -> dict:
+    """One epoch: train, evaluate, log it, then commit it (``commit_epoch``); returns its log record."""
+    pruner, schedule = run.pruner, run.schedule
+    selected = pruner.global_indices
+    schedule.set_total(expected_total_samples(pruner))  # the run's length, re-estimated every epoch
+    schedule.advance(0, run.optimizer)
+    t0 = time.perf_counter()
+    trained, lr = train_one_epoch(run, epoch)
+    train_s = time.perf_counter() - t0
+    top1, top5 = evaluate(run.eval_net, run.val_loader, run.device) if run.val_loader is not None else (None, None)
+    n = len(run.index)
+    record = {"epoch": epoch, "policy": pruner.history[-1]["policy"], "samples_trained": int(selected.numel()),
+              "kept_fraction": selected.numel() / n, "suspected_noisy": _acted_on(pruner.history[-1]),
+              "visits_saved": pruner.visits_saved, "train_seconds": round(train_s, 3),
+              "epoch_seconds": round(time.perf_counter() - t0, 3),
+              "images_per_s": round(trained * run.world / max(train_s, 1e-9), 1), "val_top1": top1,
+              "val_top5": top5, "lr": lr if trained else schedule.lr(), "selection": selection_hash(selected),
+              "step": run.step, "world_size": run.world}
+    run.history.append(record)
+    acc = f", val top-1 {top1:.2%}" + (f" top-5 {top5:.2%}" if top5 is not None else "") if top1 is not None else ""
+    run.log(f"epoch {epoch}: trained {selected.numel()}/{n} ({record['kept_fraction']:.0%}) in {train_s:.1f} s, "
+            f"{record['images_per_s']:.0f} img/s, visits saved {pruner.visits_saved:.1%}{acc}")
+    commit_epoch(run, epoch, record)
+    return record
+
+
+def train_one_epoch(run: Run, epoch: int) -> tuple[int, float | None]:
+    """Train on this process's part of the epoch's selection (from where a resumed run stopped in it),
+    checkpointing every --checkpoint-every steps; returns the images trained and the last learning rate."""
+    cfg, pruner, optimizer = run.cfg, run.pruner, run.optimizer
+    run.net.train()
+    state = run.loader.state_dict()
+    done = state["position"] if state["epoch"] == epoch else 0  # > 0 when resuming inside this epoch
+    bar = tqdm(total=pruner.epoch_indices.numel(), initial=done, unit="img", desc=f"epoch {epoch}",
+               disable=not run.progress, leave=False)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=run.device.type == "cuda")
+    trained, lr = 0, None
+    for images, labels, idx in run.loader:
+        with autocast:
+            logits = run.net(images)
+        loss = pruner.step(logits, labels, idx)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        lr = run.schedule.advance(idx.numel(), optimizer)
+        trained += idx.numel()
+        run.step += 1
+        bar.update(idx.numel())
+        run.bad_run = torch.where(torch.isfinite(loss.detach()), 0, run.bad_run + 1)  # on the device: no sync
+        if run.step % 50 == 0:
+            bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.3g}")  # a sync every 50 steps only
+            _check_loss(run)
+        if cfg.checkpoint_every and run.step % cfg.checkpoint_every == 0:
+            save_checkpoint(run, epoch, mid_epoch=True)
+    bar.close()
+    _check_loss(run)
+    if run.device.type == "cuda":
+        torch.cuda.synchronize()
+    return trained, lr
+
+
+def _check_loss(run: Run) -> None:
+    """Stop after --max-nonfinite-steps non-finite losses in a row (a sync: at the loop's sync points only)."""
+    limit = run.cfg.max_nonfinite_steps
+    if limit and int(run.bad_run) >= limit:
+        raise NonFiniteLoss(
+            f"the training loss has been non-finite (NaN or inf) for the last {int(run.bad_run)} steps, up to step "
+            f"{run.step}; the run stops (its last checkpoint stays in {str(run.out)!r}). Lower --lr, check the data "
+            "and any embeddings for non-finite values, or raise --max-nonfinite-steps")
+
+
+def commit_epoch(run: Run, epoch: int, record: dict) -> None:
+    """Select the next epoch, then checkpoint: the epoch's commit point; its log record follows (a resumed run
+    rebuilds the log from the checkpoint)."""
+    t_select = time.perf_counter()
+    run.pruner.next_epoch()
+    record["select_seconds"] = round(time.perf_counter() - t_select, 3)
+    if run.main:  # the last selection that pruned, for the report's histograms
+        record_selection(run.pruner, run.out, run.cfg.epochs)
+    save_checkpoint(run, epoch + 1)
+    if run.main:
+        with open(run.out / "log.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def save_checkpoint(run: Run, epoch: int, mid_epoch: bool = False) -> None:
+    """Write ``checkpoint.pt`` atomically (rank 0), to resume in ``epoch``.  Every rank calls it: it gathers."""
+    if mid_epoch:
+        run.pruner.sync()  # collective: the saved scores hold every rank's updates
+    loader_state = _loader_state(run)
+    if not run.main:
+        return
+    rng = {"torch": torch.get_rng_state(),
+           "cuda": torch.cuda.get_rng_state() if run.device.type == "cuda" else None}
+    _atomic_save({"config": dataclasses.asdict(run.cfg), "dataset": run.dataset, "epoch": epoch, "step": run.step,
+                  "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
+                  "schedule": run.schedule.state_dict(), "scaler": None, "pruner": run.pruner.state_dict(),
+                  "loader": loader_state, "history": run.history, "rng": rng}, run.ckpt_path)
+
+
+def _loader_state(run: Run) -> dict:
+    """The loader's state; under several processes with every rank's unreadable files (collective)."""
+    state = run.loader.state_dict()
+    if run.world > 1 and "bad" in state:
+        parts = [None] * run.world
+        torch.distributed.all_gather_object(parts, state["bad"])
+        state["bad"] = {i: v for part in parts for i, v in part.items()}
+    return state
+
+
+def finish(run: Run, total_s: float) -> dict:
+    """The run's summary; rank 0 writes the per-sample table, the suspects, ``summary.json`` and the report."""
+    cfg, history, n = run.cfg, run.history, len(run.index)
+    summary = {"epochs": cfg.epochs, "final_top1": history[-1]["val_top1"] if history else None,
+               "best_top1": max((h["val_top1"] for h in history if h["val_top1"] is not None), default=None),
+               "total_seconds": round(total_s, 1),
+               "samples_trained": sum(h["samples_trained"] for h in history),
+               "visits_saved": 1.0 - sum(h["samples_trained"] for h in history) / max(1, len(history) * n),
+               "loader": run.loader_name, "final_top5": history[-1]["val_top5"] if history else None,
+               "policy": cfg.policy, "keep_ratio": cfg.keep_ratio, "noise_ratio": cfg.noise_ratio}
+    if run.main:
+        out = run.out
+        table = SampleTable.from_pruner(run.pruner, run.index)
+        table.save(out / SAMPLES_FILE)  # what `fastprune report` re-makes the report from
+        summary["suspected_noisy"] = write_suspected_noisy(run.pruner, run.index, out / "suspected_noisy.csv")
+        (out / "summary.json").write_text(json.dumps(summary, indent=1))
+        selection = SelectionRecord.load(out / SELECTION_FILE) if (out / SELECTION_FILE).is_file() else None
+        write_report(history, table, selection, out, log=run.log)
+    run.log(format_summary(summary))
+    return summary
 
 
 def _acted_on(record: dict) -> int:
