@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
+import typing
 
 from . import __version__
 
@@ -55,9 +57,7 @@ def _embed(args) -> int:
 def _train(args) -> int:
     from .train import TrainConfig, train
 
-    fields = {f for f in TrainConfig.__dataclass_fields__ if f != "extra"}
-    cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
-    train(cfg, progress=not args.no_progress)
+    train(_config_from_args(TrainConfig, args), progress=not args.no_progress)
     return 0
 
 
@@ -120,7 +120,63 @@ def _user_errors() -> type:
     return NonFiniteLoss
 
 
+# --out, --workers and --device: flags of several sub-commands, each declared here once
+
+def _add_out(parser, help: str | None = None, default=None, required: bool = False) -> None:
+    parser.add_argument("--out", default=default, required=required, help=help)
+
+
+def _add_workers(parser, default, help: str = "decoding threads/processes") -> None:
+    parser.add_argument("--workers", type=int, default=default, help=help)
+
+
+def _add_device(parser, default=None, help: str = "cpu, cuda or cuda:N (default: cuda when available)") -> None:
+    parser.add_argument("--device", default=default, help=help)
+
+
+_SHARED = {"out": _add_out, "workers": _add_workers, "device": _add_device}  # for the fields of these names too
+
+
+def _add_config_arguments(parser, config, groups: dict[str, str]) -> dict:
+    """An argument for each field of the dataclass ``config`` that names a group in its metadata (see
+    ``train._arg``), in argument groups titled by ``groups``: the flag is the field's name, its type and default
+    the field's (a bool is a switch; none without a default: positional), its help and choices the metadata's.
+    Returns the argument groups by key."""
+    hints = typing.get_type_hints(config)
+    made = {key: parser.add_argument_group(title) for key, title in groups.items()}
+    for f in dataclasses.fields(config):
+        if "group" not in f.metadata:
+            continue  # a library-only setting
+        group, meta = made[f.metadata["group"]], f.metadata
+        help_kw = {"help": meta["help"]} if meta["help"] else {}
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            group.add_argument(f.name, **help_kw)
+            continue
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        kind = next(t for t in typing.get_args(hints[f.name]) or (hints[f.name],) if t is not type(None))
+        flag = "--" + f.name.replace("_", "-")
+        if f.name in _SHARED:
+            _SHARED[f.name](group, default=default, **help_kw)
+        elif kind is bool:  # --flag, or --flag/--no-flag where the default is on or undecided (None)
+            action = "store_true" if default is False else argparse.BooleanOptionalAction
+            group.add_argument(flag, action=action, default=default, **help_kw)
+        else:
+            group.add_argument(flag, type=None if kind is str else kind, default=default, choices=meta["choices"],
+                               **help_kw)
+    return made
+
+
+def _config_from_args(config, args):
+    """The ``config`` dataclass from the arguments ``_add_config_arguments`` made for it."""
+    return config(**{f.name: getattr(args, f.name) for f in dataclasses.fields(config) if "group" in f.metadata})
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from .devices import default_workers
+    from .static.cli import METHODS
+    from .train import GROUPS as TRAIN_GROUPS
+    from .train import LOADERS, TrainConfig
+
     ap = argparse.ArgumentParser(prog="fastprune", description="Dynamic dataset pruning with fused Triton kernels.",
                                  epilog=f"Errors in the input (a missing or damaged file, a bad value, an output "
                                         f"that cannot be written) are reported in one line with exit status 2; "
@@ -132,85 +188,38 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--noise", default="0.2", help="planted label noise, FRACTION[:KIND] with KIND symmetric "
                                                   "(default) or pair, e.g. 0.4 or 0.2:pair (default 0.2)")
     d.add_argument("--seeds", type=int, default=1, help="repeat with this many seeds (mean ± sd; ~2 min each)")
-    d.add_argument("--out", default=None, help="where to write the data and runs (default: a temp folder)")
+    _add_out(d, "where to write the data and runs (default: a temp folder)")
     d.add_argument("--clip", default=None, help="embeddings from `fastprune embed` instead of the proxy")
-    d.add_argument("--workers", type=int, default=2)
-    d.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    _add_workers(d, 2)
+    _add_device(d)
     d.set_defaults(func=_demo)
 
     e = sub.add_parser("embed", help="compute CLIP image and class-text embedding tables for a dataset")
     e.add_argument("data", help="ImageNet-style folder root/<class>/<image>, or a path,label CSV list")
-    e.add_argument("--out", required=True, help="directory for image.npy, text.npy and meta.json")
+    _add_out(e, "directory for image.npy, text.npy and meta.json", required=True)
     e.add_argument("--model", default="ViT-B-32", help="open_clip model name (default ViT-B-32)")
     e.add_argument("--pretrained", default="openai",
                    help="open_clip tag (downloads where there is network) or a local checkpoint file; "
                         "'none' for random weights")
     e.add_argument("--batch-size", type=int, default=256)
-    e.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    _add_device(e)
     e.add_argument("--templates", default="openai", help="'openai' (80 prompts), 'simple' (7) or a file")
     e.add_argument("--classnames", default=None, help="file mapping class folder -> readable name (TSV/CSV/JSON)")
-    e.add_argument("--loader", default="auto", choices=["auto", "dali", "torch"])
-    e.add_argument("--workers", type=int, default=None, help="decoding threads/processes")
+    e.add_argument("--loader", default="auto", choices=LOADERS)
+    _add_workers(e, None)
     e.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     e.add_argument("--model-config", default=None, help="extra open_clip model config (JSON file or folder)")
     e.set_defaults(func=_embed)
 
     t = sub.add_parser("train", help="train an image classifier on an ImageNet-style folder with pruning")
-    t.add_argument("data", help="training folder root/<class>/<image> (or a path,label CSV)")
-    t.add_argument("--val", default=None, help="validation folder with the same classes")
-    t.add_argument("--out", default="runs/fastprune", help="run directory: log.jsonl, checkpoint.pt, plots")
-    t.add_argument("--arch", default="resnet50", help="torchvision or timm model name, or smallcnn")
-    t.add_argument("--epochs", type=int, default=90)
-    t.add_argument("--batch-size", type=int, default=256)
-    t.add_argument("--lr", type=float, default=0.1)
-    t.add_argument("--optimizer", default="sgd", choices=["sgd", "adamw"])
-    t.add_argument("--momentum", type=float, default=0.9)
-    t.add_argument("--weight-decay", type=float, default=5e-5)
-    t.add_argument("--schedule", default="cosine", choices=["cosine", "step", "constant"],
-                   help="over samples actually trained, so it follows the shrinking epochs")
-    t.add_argument("--lr-warmup", type=float, default=0.02, help="fraction of training with linear lr warm-up")
-    t.add_argument("--label-smoothing", type=float, default=0.0)
-    t.add_argument("--image-size", type=int, default=224)
-    t.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1))
-    t.add_argument("--device", default=None)
-    t.add_argument("--compile", action="store_true", help="torch.compile the model")
-    t.add_argument("--channels-last", dest="channels_last", action="store_true", default=None)
-    t.add_argument("--no-channels-last", dest="channels_last", action="store_false")
-    t.add_argument("--loader", default="auto", choices=["auto", "dali", "torch"])
-    t.add_argument("--skip-bad-files", action="store_true",
-                   help="log and leave out missing, empty or corrupt images instead of stopping at the first "
-                        "(either loader; the run's checkpoint lists them)")
-    t.add_argument("--checkpoint-every", type=int, default=0, help="also checkpoint every N steps")
-    t.add_argument("--max-nonfinite-steps", type=int, default=100,
-                   help="stop when the loss has been NaN or inf this many steps in a row (0: never; default 100)")
-    t.add_argument("--resume", action="store_true", help="continue the run in --out after an interruption")
-    t.add_argument("--no-progress", action="store_true", help="no progress bars")
-    g = t.add_argument_group("pruning (DynamicPruner arguments)")
-    g.add_argument("--keep-ratio", type=float, default=0.7)
-    g.add_argument("--policy", default="infobatch", choices=["infobatch", "topk", "random", "full"],
-                   help="'full' trains on everything: the baseline")
-    g.add_argument("--ema", type=float, default=0.9)
-    g.add_argument("--warmup", type=int, default=1, help="epochs on the full set before pruning")
-    g.add_argument("--anneal", type=float, default=0.125, help="fraction of final epochs on the full set")
-    g.add_argument("--noise-ratio", type=float, default=0.0,
-                   help="the most of the data the noise decisions may relabel, leave out or down-weight "
-                        "(0: off); the amount itself is found per class from the evidence")
-    g.add_argument("--noise-evidence", default="auto", choices=["auto", "model", "clip", "both"],
-                   help="evidence of wrong labels: the model's margin, CLIP's, or both (auto: both with "
-                        "--embeddings, else the model's)")
-    g.add_argument("--noise-relabel", action="store_true",
-                   help="relabel sure suspects where the model and CLIP agree on another class (needs --embeddings)")
-    g.add_argument("--noise-start", type=int, default=None,
-                   help="first epoch that uses the noise decisions (default: a fifth of --epochs, at least 2)")
-    g.add_argument("--embeddings", default=None, help="directory from `fastprune embed` (for consistency)")
-    g.add_argument("--subset", default=None, help="train only on this subset file (`fastprune prune-static`)")
-    g.add_argument("--seed", type=int, default=0)
+    groups = _add_config_arguments(t, TrainConfig, TRAIN_GROUPS)
+    groups["run"].add_argument("--no-progress", action="store_true", help="no progress bars")
     t.set_defaults(func=_train)
 
     s = sub.add_parser("prune-static", help="choose a static subset (influence, el2n, forgetting or random)")
     s.add_argument("data", help="the training folder (labels and fingerprint come from it)")
-    s.add_argument("--out", required=True, help="subset file to write (JSON)")
-    s.add_argument("--method", default="influence", choices=["influence", "el2n", "forgetting", "random"])
+    _add_out(s, "subset file to write (JSON)", required=True)
+    s.add_argument("--method", default="influence", choices=METHODS)
     s.add_argument("--prune-ratio", type=float, default=None, help="fraction of samples to remove")
     s.add_argument("--epsilon", type=float, default=None, help="influence only: bound on the parameter change")
     src = s.add_mutually_exclusive_group()
@@ -224,8 +233,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--layer", default=None, help="module whose input to take (default: the final nn.Linear)")
     m.add_argument("--image-size", type=int, default=None, help="default: the run's --image-size, else 224")
     m.add_argument("--batch-size", type=int, default=256)
-    m.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="decoding processes")
-    m.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    _add_workers(m, default_workers(), "decoding processes")
+    _add_device(m)
     m.add_argument("--fp32", action="store_true", help="extract in fp32 on CUDA (default: bf16 autocast)")
     m.add_argument("--save-features", default=None, help="also write the extracted features (.npy or .pt)")
     m.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -236,7 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("report",
                        help="re-make a finished run's report (plots, mislabeled-sample gallery) from its folder")
     r.add_argument("run", help="a run folder of `fastprune train` (its --out)")
-    r.add_argument("--out", default=None, help="where to write the figures (default: the run folder)")
+    _add_out(r, "where to write the figures (default: the run folder)")
     r.add_argument("--count", type=int, default=None, help="samples in the gallery (default 24)")
     r.add_argument("--data", default=None,
                    help="the training folder, if it has moved since the run (the gallery shows its images)")
@@ -244,7 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("compare", help="compare runs: accuracy against sample visits and time, and a table")
     c.add_argument("runs", nargs="+", help="run folders of `fastprune train`")
-    c.add_argument("--out", default=".", help="where to write comparison.png, .csv and .md (default: here)")
+    _add_out(c, "where to write comparison.png, .csv and .md (default: here)", default=".")
     c.add_argument("--names", nargs="+", default=None, help="a name for each run (default: its folder's name)")
     c.set_defaults(func=_compare)
 

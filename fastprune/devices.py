@@ -1,6 +1,9 @@
-"""Turning what a user wrote for a device into a ``torch.device``, or into a one-line error."""
+"""Turning what a user wrote for a device into a ``torch.device``, or into a one-line error; the default
+number of decoding workers for this machine."""
 
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -30,3 +33,8 @@ def resolve_device(spec: str | torch.device | None = None, what: str = "device")
             raise ValueError(f"{what}={str(spec)!r} but this machine has {count} GPU{'s' if count != 1 else ''} "
                              f"(cuda:0 to cuda:{count - 1})")
     return dev
+
+
+def default_workers() -> int:
+    """Decoding workers when none are given: one per CPU core, at most 8."""
+    return min(8, os.cpu_count() or 1)

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .data.index import ImageFolderIndex
+from .devices import default_workers
 
 _ASSETS = Path(__file__).resolve().parent / "assets"
 IMAGE_FILE, TEXT_FILE, META_FILE, PROGRESS_FILE = "image.npy", "text.npy", "meta.json", "progress.json"
@@ -416,7 +417,7 @@ def _batches(index, loader, preprocess, pcfg, batch_size, start, device, num_wor
     else:
         from .data import TorchLoader
 
-        workers = min(8, os.cpu_count() or 1) if num_workers is None else num_workers
+        workers = default_workers() if num_workers is None else num_workers
         dl = TorchLoader(index, None, batch_size=batch_size, train=False, device=device, num_workers=workers,
                          transform=preprocess)
     dl._hint = _NO_SKIP

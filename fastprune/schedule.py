@@ -7,6 +7,8 @@ import warnings
 
 import torch
 
+SCHEDULES = ("cosine", "step", "constant")
+
 
 class SampleSchedule:
     """Linear warm-up, then cosine or step decay, as a function of training progress.
@@ -19,7 +21,7 @@ class SampleSchedule:
 
     def __init__(self, base_lr: float, kind: str = "cosine", warmup: float = 0.05, final_lr: float = 0.0,
                  milestones=(0.5, 0.75), gamma: float = 0.1):
-        if kind not in ("cosine", "step", "constant"):
+        if kind not in SCHEDULES:
             raise ValueError(f"schedule must be 'cosine', 'step' or 'constant', got {kind!r}")
         if not 0.0 <= warmup < 1.0:
             raise ValueError(f"lr warm-up must be a fraction of training in [0, 1), got {warmup!r}")

@@ -300,6 +300,24 @@ def test_one_class_is_refused(tmp_path, capsys):
     assert rc == 2 and "has one class ('class_00'): there is nothing to tell apart" in err, err
 
 
+def test_train_flags_take_their_defaults_from_one_place():
+    """The train sub-command's flags are TrainConfig's fields with its defaults, and its pruning fields have
+    DynamicPruner's defaults."""
+    import dataclasses
+    import inspect
+
+    from fastprune import DynamicPruner
+    from fastprune.train import TrainConfig
+
+    args, cfg = cli.build_parser().parse_args(["train", "data"]), TrainConfig("data")
+    flags = [f.name for f in dataclasses.fields(TrainConfig) if "group" in f.metadata]
+    assert {name: getattr(args, name) for name in flags} == {name: getattr(cfg, name) for name in flags}
+    assert {"keep_ratio", "policy", "noise_ratio", "seed", "out", "workers", "channels_last"} <= set(flags)
+    params = inspect.signature(DynamicPruner).parameters
+    kwargs = cfg.pruner_kwargs()
+    assert kwargs.pop("epochs") == 90 and {k: params[k].default for k in kwargs} == kwargs
+
+
 @pytest.mark.parametrize("flag,value,message", [
     ("--lr", "nan", "--lr must be a finite number in (0, inf), got nan"),
     ("--lr", "0", "--lr must be a finite number in (0, inf)"),

@@ -14,6 +14,8 @@ from .baselines import el2n_scores, forgetting_scores, random_subset
 from .influence import influence_prune
 from .subset import save_subset
 
+METHODS = ("influence", "el2n", "forgetting", "random")
+
 
 def load_features(source, index) -> torch.Tensor:
     """N x F features: a ``fastprune embed`` directory (image table, checked against the index) or a file
@@ -81,7 +83,7 @@ def prune_static(index, method: str = "influence", prune_ratio: float | None = N
     labels = index.labels
     if features is not None and model is not None:
         raise ValueError("give either --features or --model, not both")
-    if method not in ("influence", "el2n", "forgetting", "random"):
+    if method not in METHODS:
         raise ValueError(f"method must be influence, el2n, forgetting or random, got {method!r}")
     if method in ("random", "el2n", "forgetting") and prune_ratio is None:
         raise ValueError(f"--method {method} needs --prune-ratio")

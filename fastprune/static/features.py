@@ -12,14 +12,13 @@ Images go through the deterministic evaluation transform (resize + centre crop, 
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from ..devices import resolve_device
+from ..devices import default_workers, resolve_device
 from ..rundir import describe_load_error
 
 _PREFIXES = ("module.", "_orig_mod.")  # DataParallel/DDP and torch.compile wrappers
@@ -178,7 +177,7 @@ def extract_features(index, model: torch.nn.Module, batch_size: int = 256, devic
         raise ValueError(f"num_workers must be an integer >= 0 (or None), got {num_workers!r}")
     device = resolve_device(device, "device")
     if num_workers is None:
-        num_workers = min(8, os.cpu_count() or 1)
+        num_workers = default_workers()
     channels_last = device.type == "cuda" if channels_last is None else channels_last
     bf16 = device.type == "cuda" if bf16 is None else bool(bf16)
     name, module, check = _resolve_layer(model, layer, index.num_classes)
