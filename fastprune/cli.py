@@ -175,7 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
     from .devices import default_workers
     from .static.cli import METHODS
     from .train import GROUPS as TRAIN_GROUPS
-    from .train import LOADERS, TrainConfig
+    from .data.loader import LOADERS
+    from .train import TrainConfig
 
     ap = argparse.ArgumentParser(prog="fastprune", description="Dynamic dataset pruning with fused Triton kernels.",
                                  epilog=f"Errors in the input (a missing or damaged file, a bad value, an output "

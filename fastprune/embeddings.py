@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .data.index import ImageFolderIndex
+from .data.loader import LOADERS
 from .devices import default_workers
 
 _ASSETS = Path(__file__).resolve().parent / "assets"
@@ -320,7 +321,7 @@ class Embeddings:
             raise ValueError(f"index must be a fastprune.data.ImageFolderIndex, got {type(index).__name__}")
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
-        if loader not in ("auto", "dali", "torch"):
+        if loader not in LOADERS:
             raise ValueError(f"loader must be 'auto', 'dali' or 'torch', got {loader!r}")
         if resume and out is None:
             raise ValueError("resume=True needs out= (the directory of the interrupted run)")

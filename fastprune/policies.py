@@ -1,6 +1,7 @@
 """Which selection policy applies in which epoch, and how many samples it keeps.
 
-The policies themselves run on the device (``fastprune.kernels.select``); this
+The policies themselves run on the device (``fastprune.kernels.selection``, with the Triton passes of
+``fastprune.kernels.select`` on CUDA); this
 module holds the schedule around them: warm-up and annealing epochs train on
 the full (noise-filtered) set, the others use the chosen policy.
 """

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from . import distributed as _dist
 from .data import ImageFolderIndex
+from .data.loader import LOADERS
 from .devices import default_workers, resolve_device
 from .noise import EVIDENCE
 from .policies import POLICIES
@@ -32,7 +33,6 @@ from .sample_table import SAMPLES_FILE, SELECTION_FILE, SampleTable, SelectionRe
 from .schedule import SCHEDULES, SampleSchedule, expected_total_samples
 
 OPTIMIZERS = ("sgd", "adamw")
-LOADERS = ("auto", "dali", "torch")  # auto: DALI when installed
 
 GROUPS = {  # the groups of `fastprune train`'s arguments, in --help's order
     "data": "data",

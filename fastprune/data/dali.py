@@ -10,12 +10,12 @@ changes and the iterator is reset: no rebuild.
 
 from __future__ import annotations
 
-import os
 import time
 
 import numpy as np
 import torch
 
+from ..devices import default_workers
 from .errors import find_bad_files
 from .index import ImageFolderIndex
 from .loader import IMAGENET_MEAN, IMAGENET_STD, EpochLoader, eval_resize
@@ -103,7 +103,7 @@ class DaliLoader(EpochLoader):
             self.device = torch.device("cuda", torch.cuda.current_device())  # DALI needs the device's number
         self.train, self.image_size = train, image_size
         self.dtype, self.channels_last, self.seed = dtype, channels_last, seed
-        self.num_threads = num_threads or max(1, min(8, os.cpu_count() or 1))
+        self.num_threads = num_threads or default_workers()
         self.prefetch = prefetch
         self.resize_size = resize_size or eval_resize(image_size)
         self.interpolation, self.resize_mode = interpolation, resize_mode

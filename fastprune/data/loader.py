@@ -12,6 +12,7 @@ from .cursor import EpochCursor
 from .errors import SkipsBadFiles
 from .index import ImageFolderIndex, as_index
 
+LOADERS = ("auto", "dali", "torch")  # what a command may ask for; auto: DALI when installed
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
