@@ -105,10 +105,12 @@ def train(x, y, seed: int, epochs: int, policy: str = "full", emb=None, noise_ev
     if emb is not None:
         kw.update(image_emb=emb.image, text_emb=emb.text)
     pruner = fp.DynamicPruner(n, 10, epochs, **kw)
-    steps_total = sum(pruner.steps_per_epoch(64, epoch=e) for e in range(epochs))
     step = 0
     for epoch in range(epochs):
         model.train()
+        # The run's length, re-estimated each epoch (as `fastprune train` does): the noise decisions shrink the
+        # epochs after they start, and a total fixed at the start would end the cosine far above zero.
+        steps_total = step + sum(pruner.steps_per_epoch(64, epoch=e) for e in range(epoch, epochs))
         order = pruner.epoch_indices
         for lo in range(0, order.numel(), 64):
             idx = order[lo:lo + 64]
