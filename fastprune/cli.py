@@ -172,10 +172,10 @@ def _config_from_args(config, args):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .data.loader import LOADERS
     from .devices import default_workers
     from .static.cli import METHODS
     from .train import GROUPS as TRAIN_GROUPS
-    from .data.loader import LOADERS
     from .train import TrainConfig
 
     ap = argparse.ArgumentParser(prog="fastprune", description="Dynamic dataset pruning with fused Triton kernels.",

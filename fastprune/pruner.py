@@ -428,7 +428,7 @@ class DynamicPruner:
         drop_bits = sel.drop_prob.to(torch.float64).reshape(1).view(torch.int64)
         actions = decision.counts() if decision is not None else torch.bincount(self._action, minlength=4)
         counts = torch.cat([sel.n_keep.to(torch.int64).reshape(1), sel.noisy.sum().reshape(1), drop_bits,
-                            actions, self._state.errors]).tolist()
+                            actions, self._errors.counters]).tolist()
         self._errors.check(counts[7:])
         n_keep, n_noisy = counts[0], counts[1]
         drop = torch.tensor(counts[2], dtype=torch.int64).view(torch.float64).item()

@@ -11,7 +11,7 @@ import json
 import math
 import os
 import time
-from dataclasses import MISSING, dataclass, field
+from dataclasses import KW_ONLY, MISSING, dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -61,6 +61,8 @@ def _pruner_defaults(cls):
         if isinstance(f, dataclasses.Field) and f.metadata.get("pruner"):
             if name not in params:
                 raise TypeError(f"TrainConfig.{name} is marked pruner, but DynamicPruner has no argument {name!r}")
+            if f.default is MISSING and params[name].default is inspect.Parameter.empty:
+                raise TypeError(f"TrainConfig.{name} needs a default: DynamicPruner's {name!r} has none")
             if f.default is MISSING:
                 f.default = params[name].default
     return cls
@@ -79,6 +81,7 @@ class TrainConfig:
     # data
     data: str = _arg("data", help="training folder root/<class>/<image> (or a path,label CSV)")
     val: str | None = _arg("data", None, help="validation folder with the same classes")
+    _: KW_ONLY  # the rest by name: their order follows the groups, not a call's positions
     skip_bad_files: bool = _arg("data", False, help="log and leave out missing, empty or corrupt images instead of "
                                                     "stopping at the first (either loader; the run's checkpoint "
                                                     "lists them)")
