@@ -109,7 +109,8 @@ def train(x, y, seed: int, epochs: int, policy: str = "full", emb=None, noise_ev
     for epoch in range(epochs):
         model.train()
         # The run's length, re-estimated each epoch (as `fastprune train` does): the noise decisions shrink the
-        # epochs after they start, and a total fixed at the start would end the cosine far above zero.
+        # epochs after they start, and a total fixed at the start ends the cosine above zero (about 4% of its
+        # peak at 40% symmetric noise, where the decisions leave 0.65 of the visits out of a planned 0.75).
         steps_total = step + sum(pruner.steps_per_epoch(64, epoch=e) for e in range(epoch, epochs))
         order = pruner.epoch_indices
         for lo in range(0, order.numel(), 64):
