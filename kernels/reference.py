@@ -53,7 +53,7 @@ def philox(k0: int, k1: int, c0, c1, c2, c3) -> tuple[torch.Tensor, ...]:
 
 # Samples per Philox pass: bounds its temporaries (~30 live words each).  On the CPU a pass that fits in the
 # core's cache is ~5x faster than one that streams through memory (10M words with NumPy: 0.37 s).
-_WORDS_CHUNK = {"cpu": 1 << 14}
+_WORDS_CHUNK = {"cpu": 1 << 16}
 _WORDS_CHUNK_DEVICE = 1 << 22
 
 
@@ -83,6 +83,15 @@ def words_span(seed: int, start: int, stop: int, epoch: int, stream: int, device
     i = torch.arange(start, stop, dtype=torch.int64, device=device)
     w0, w1, _, _ = philox(k0, k1, i & _U32, i >> 32, epoch & _U32, stream)
     return w0, w1
+
+
+def words_at(seed: int, indices: torch.Tensor, epoch: int, stream: int) -> torch.Tensor:
+    """The first of ``random_words`` at the given sample indices only (int64 CPU tensor): the same words, for
+    CPU passes that need them at a few samples of a chunk."""
+    k0, k1 = K.seed_keys(seed)
+    i = indices.numpy().astype(np.uint64)
+    w0, _, _, _ = philox_numpy(k0, k1, i, i >> np.uint64(32), epoch & _U32, stream)
+    return torch.from_numpy(w0.view(np.int64))
 
 
 def spans(n: int, device, chunks: dict, default: int):
@@ -273,15 +282,21 @@ def scale_grad_reference(grad: torch.Tensor, grad_output: torch.Tensor) -> torch
 
 def priority_reference(scores, visits, consistency, noisy, mu, sd, semantic_weight: float, use_consistency: bool):
     """Sample class (unseen / eligible / noisy) and priority p = s * sigmoid(gamma * (c - mu) / sd)."""
-    seen = visits > 0
-    cls = torch.where(seen, K.CLS_ELIGIBLE, K.CLS_UNSEEN)
-    cls = torch.where(noisy, K.CLS_NOISY, cls).to(torch.int8)
-    if use_consistency:
-        z = (consistency - mu) / sd.clamp_min(1e-6)
-        p = scores * torch.sigmoid(semantic_weight * z)
-    else:
-        p = scores.clone()
-    return cls, p.to(torch.float32)
+    n, dev = scores.numel(), scores.device
+    cls = torch.empty(n, dtype=torch.int8, device=dev)
+    p = torch.empty(n, dtype=torch.float32, device=dev)
+    for lo, hi in spans(n, dev, _PASS_CHUNK, max(n, 1)):  # on the CPU, a pass's temporaries in cache
+        c = torch.where(visits[lo:hi] > 0, K.CLS_ELIGIBLE, K.CLS_UNSEEN)
+        cls[lo:hi] = torch.where(noisy[lo:hi], K.CLS_NOISY, c)
+        if use_consistency:
+            z = (consistency[lo:hi] - mu) / sd.clamp_min(1e-6)
+            p[lo:hi] = scores[lo:hi] * torch.sigmoid(semantic_weight * z)
+        else:
+            p[lo:hi] = scores[lo:hi]
+    return cls, p
+
+
+_PASS_CHUNK = {"cpu": 1 << 16}
 
 
 @dataclass
@@ -329,54 +344,83 @@ def feistel(x: np.ndarray, bits: int, keys: list[int]) -> np.ndarray:
     return x
 
 
-def shuffle_positions(start: int, stop: int, n: int, keys: list[int]) -> np.ndarray:
-    """Images of ``start..stop-1`` under the keyed bijection of [0, n): ``feistel`` on the bits of n - 1,
-    applied again while a value lies outside [0, n) (cycle walking; fewer than 2 passes on average)."""
+def feistel_inverse(x: np.ndarray, bits: int, keys: list[int]) -> np.ndarray:
+    """The inverse of ``feistel`` (same bits and keys), in place: the swap, then the rounds backwards."""
+    if bits and keys[K.SHUFFLE_ROUNDS] & 1:
+        x ^= (x < 2).astype(np.uint32)
+    a, b = np.uint32(K.SHUFFLE_MIX_A), np.uint32(K.SHUFFLE_MIX_B)
+    s15, s16 = np.uint32(15), np.uint32(16)
+    hb, lb = bits - bits // 2, bits // 2
+    widths = []
+    for _ in range(K.SHUFFLE_ROUNDS):  # each round's (high, low) widths, to undo them in reverse
+        widths.append((hb, lb))
+        hb, lb = lb, hb
+    for k, (hb, lb) in zip(reversed(keys[:K.SHUFFLE_ROUNDS]), reversed(widths)):
+        lo = x >> np.uint32(hb)  # the round put its low part on top and (high xor mix) below it
+        h = lo ^ np.uint32(k)
+        h ^= h >> s16
+        h *= a
+        h ^= h >> s15
+        h *= b
+        h ^= h >> s16
+        h &= np.uint32((1 << hb) - 1)
+        x &= np.uint32((1 << hb) - 1)
+        x ^= h
+        x <<= np.uint32(lb)
+        x |= lo
+    return x
+
+
+def _cycle_walk(f, start: int, stop: int, n: int, keys: list[int]) -> np.ndarray:
+    """Images of ``start..stop-1`` under ``f`` (``feistel`` or its inverse) on the bits of n - 1, applied again
+    while a value lies outside [0, n) (cycle walking; fewer than 2 passes on average): a bijection of [0, n)."""
     bits = (n - 1).bit_length()
-    x = feistel(np.arange(start, stop, dtype=np.uint32), bits, keys)
+    x = f(np.arange(start, stop, dtype=np.uint32), bits, keys)
     out = np.flatnonzero(x >= n)
     while out.size:
-        y = feistel(x[out], bits, keys)
+        y = f(x[out], bits, keys)
         x[out] = y
         out = out[y >= n]
     return x
 
 
-# Samples per pass of the shuffle on the CPU: its temporaries (~20 bytes a sample) stay in the core's cache,
-# and the cycle walking's shrinking passes are few per sample (10M: 0.9 s; 1.6 s with 2**14).
-_SHUFFLE_CHUNK = 1 << 16
+def shuffle_positions(start: int, stop: int, n: int, keys: list[int]) -> np.ndarray:
+    """Positions of samples ``start..stop-1`` under the keyed bijection of [0, n)."""
+    return _cycle_walk(feistel, start, stop, n, keys)
 
 
-def shuffle_slots(keep: torch.Tensor, seed: int, epoch: int) -> np.ndarray:
-    """``slot[pi(i)] = i`` for kept samples and ``~i`` for the others (int32 or int64, N entries)."""
-    n = keep.numel()
-    if n > K.SHUFFLE_MAX_N:
-        raise ValueError(f"the shuffle handles up to {K.SHUFFLE_MAX_N} samples, got {n}")
-    keys = shuffle_keys(seed, epoch)
-    kept = keep.cpu().numpy()
-    slot = np.empty(n, dtype=np.int32 if n < 2**31 else np.int64)
-    for lo in range(0, n, _SHUFFLE_CHUNK):
-        hi = min(n, lo + _SHUFFLE_CHUNK)
-        i = np.arange(lo, hi, dtype=slot.dtype)
-        slot[shuffle_positions(lo, hi, n, keys)] = np.where(kept[lo:hi], i, ~i)
-    return slot
+def shuffle_preimages(start: int, stop: int, n: int, keys: list[int]) -> np.ndarray:
+    """The samples at positions ``start..stop-1`` under the keyed bijection of [0, n) (its inverse)."""
+    return _cycle_walk(feistel_inverse, start, stop, n, keys)
+
+
+# Positions per pass of the shuffle on the CPU: its temporaries (~20 bytes a position) stay in the core's
+# cache for the most part (larger passes are faster: each costs ~100 NumPy calls), and bounded (~5 MB).
+_SHUFFLE_CHUNK = 1 << 18
+_SPLIT_CHUNK = 1 << 16  # positions per split into kept and dropped (in cache)
 
 
 def shuffled_order(keep: torch.Tensor, seed: int, epoch: int) -> torch.Tensor:
     """Every sample index: the kept ones first, in the order of their images under the keyed bijection of
     (seed, epoch), then the others in the same order.  No sort, and the order of two kept samples does
-    not depend on which other samples are kept."""
-    slot = shuffle_slots(keep, seed, epoch)
-    n = slot.size
+    not depend on which other samples are kept.  The positions are walked in order and each one's sample
+    found by the inverse bijection: no N-sized temporaries besides the result."""
+    n = keep.numel()
+    if n > K.SHUFFLE_MAX_N:
+        raise ValueError(f"the shuffle handles up to {K.SHUFFLE_MAX_N} samples, got {n}")
+    keys = shuffle_keys(seed, epoch)
+    kept = keep.cpu().numpy()
     order = np.empty(n, dtype=np.int64)
-    kept, dropped = 0, int(np.count_nonzero(slot >= 0))
-    for lo in range(0, n, _SHUFFLE_CHUNK):  # a partition, a chunk at a time: no N-sized temporaries
-        part = slot[lo:lo + _SHUFFLE_CHUNK]
-        flag = part >= 0
-        a, b = part[flag], ~part[~flag]
-        order[kept:kept + a.size] = a
-        order[dropped:dropped + b.size] = b
-        kept, dropped = kept + a.size, dropped + b.size
+    at_kept, at_dropped = 0, int(np.count_nonzero(kept))
+    for lo in range(0, n, _SHUFFLE_CHUNK):
+        samples = shuffle_preimages(lo, min(n, lo + _SHUFFLE_CHUNK), n, keys)
+        for part in range(0, samples.size, _SPLIT_CHUNK):  # np.compress: far faster than a boolean index
+            sample = samples[part:part + _SPLIT_CHUNK]
+            flag = kept[sample]
+            a, b = np.compress(flag, sample), np.compress(~flag, sample)
+            order[at_kept:at_kept + a.size] = a
+            order[at_dropped:at_dropped + b.size] = b
+            at_kept, at_dropped = at_kept + a.size, at_dropped + b.size
     return torch.from_numpy(order).to(keep.device)
 
 
@@ -390,10 +434,14 @@ def finalize_reference(cls, prio, chosen, stats: PolicyStats, policy: int, seed:
         keep, w = active, ones
     elif policy == K.POLICY_INFOBATCH:
         low = (cls == K.CLS_ELIGIBLE) & (prio < stats.mean_p)
-        drop = torch.empty(n, dtype=torch.bool, device=dev)
+        drop = torch.zeros(n, dtype=torch.bool, device=dev)
         for lo, hi in spans(n, dev, _WORDS_CHUNK, _WORDS_CHUNK_DEVICE):  # a chunk's words at a time
-            r0 = words_span(seed, lo, hi, epoch, K.STREAM_DROP, dev)[0]
-            drop[lo:hi] = low[lo:hi] & (uniform_from_word(r0) < stats.drop_prob)
+            if dev.type == "cpu":  # the words of the low samples only (a CPU pass may count them)
+                at = torch.nonzero(low[lo:hi])[:, 0] + lo
+                drop[at] = uniform_from_word(words_at(seed, at, epoch, K.STREAM_DROP)) < stats.drop_prob
+            else:
+                r0 = words_span(seed, lo, hi, epoch, K.STREAM_DROP, dev)[0]
+                drop[lo:hi] = low[lo:hi] & (uniform_from_word(r0) < stats.drop_prob)
         keep = active & ~drop
         w = torch.where(low & keep, stats.up_weight.expand(n), ones)
     elif policy == K.POLICY_RANKED:

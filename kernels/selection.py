@@ -93,11 +93,27 @@ def fraction_of(count: torch.Tensor, ratio: float) -> torch.Tensor:
     return torch.floor(count.to(torch.float64) * ratio).to(torch.int64)
 
 
-def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean of ``values[mask]`` (0 when empty) as a 0-d float32, summed in float64 with an int64 count."""
-    n = mask.sum()
-    total = torch.where(mask, values, torch.zeros_like(values)).sum(dtype=torch.float64)
-    return (total / n.clamp_min(1)).to(torch.float32)
+def _passes(n: int, device: torch.device):
+    """(start, stop) of the statistics' passes: cache-sized on the CPU (a pass's temporaries stay in the
+    core's cache: 10M samples, 6x faster than one pass), bounded elsewhere."""
+    step = _SELECT_CHUNK.get(device.type, _SELECT_CHUNK_DEVICE)
+    return ((lo, min(n, lo + step)) for lo in range(0, n, step))
+
+
+def masked_sum(values: torch.Tensor, mask: torch.Tensor, centre: torch.Tensor | None = None) -> torch.Tensor:
+    """Sum of ``values[mask]`` (of ``(values - centre) ** 2`` with ``centre``) as a 0-d float64."""
+    total = torch.zeros((), dtype=torch.float64, device=values.device)
+    for lo, hi in _passes(values.numel(), values.device):
+        v = values[lo:hi] if centre is None else (values[lo:hi] - centre) ** 2
+        total += torch.where(mask[lo:hi], v, 0.0).sum(dtype=torch.float64)
+    return total
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor, count: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean of ``values[mask]`` (0 when empty) as a 0-d float32, summed in float64 with an int64 count
+    (``count``: ``mask.sum()``, when the caller has it)."""
+    n = mask.sum() if count is None else count
+    return (masked_sum(values, mask) / n.clamp_min(1)).to(torch.float32)
 
 
 def noise_mask(scores, consistency, seen, noise_ratio: float) -> torch.Tensor:
@@ -109,22 +125,25 @@ def noise_mask(scores, consistency, seen, noise_ratio: float) -> torch.Tensor:
 
 def consistency_stats(consistency, mask) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean and standard deviation of ``consistency[mask]`` (0 and 1 when empty)."""
-    mu = masked_mean(consistency, mask)
-    var = masked_mean((consistency - mu) ** 2, mask)
-    sd = torch.where(mask.sum() > 1, var.sqrt(), torch.ones_like(var))
+    n = mask.sum()
+    mu = masked_mean(consistency, mask, n)
+    var = (masked_sum(consistency, mask, centre=mu) / n.clamp_min(1)).to(torch.float32)
+    sd = torch.where(n > 1, var.sqrt(), torch.ones_like(var))
     return mu, sd
 
 
 def policy_stats(cls, prio, keep_count: int, max_drop: float) -> PolicyStats:
     """Budget, mean priority and the drop probability that makes E[kept] = keep_count."""
-    unseen = cls == K.CLS_UNSEEN
-    elig = cls == K.CLS_ELIGIBLE
-    n_unseen = unseen.sum()
-    n_elig = elig.sum()
+    counts = torch.zeros(3, dtype=torch.int64, device=cls.device)  # per sample class: unseen, eligible, noisy
+    for lo, hi in _passes(cls.numel(), cls.device):
+        counts += torch.bincount(cls[lo:hi].to(torch.int64), minlength=3)[:3]
+    n_unseen, n_elig = counts[K.CLS_UNSEEN], counts[K.CLS_ELIGIBLE]
     budget = (keep_count - n_unseen).clamp_min(0)
-    mean_p = masked_mean(prio, elig)
-    low = elig & (prio < mean_p)
-    n_low = low.sum()
+    elig = cls == K.CLS_ELIGIBLE
+    mean_p = masked_mean(prio, elig, n_elig)
+    n_low = torch.zeros((), dtype=torch.int64, device=cls.device)
+    for lo, hi in _passes(cls.numel(), cls.device):
+        n_low += (elig[lo:hi] & (prio[lo:hi] < mean_p)).sum()
     want = (n_unseen + n_elig - keep_count).clamp_min(0)
     drop = (want.to(torch.float64) / n_low.clamp_min(1)).clamp(0.0, max_drop).to(torch.float32)
     return PolicyStats(budget=budget, mean_p=mean_p, drop_prob=drop, up_weight=1.0 / (1.0 - drop))
