@@ -428,25 +428,26 @@ def finalize_reference(cls, prio, chosen, stats: PolicyStats, policy: int, seed:
     """Keep mask and weights for every sample (``chosen``: the ranked policies' choice)."""
     n = cls.numel()
     dev = cls.device
-    active = cls != K.CLS_NOISY
-    ones = torch.ones(n, dtype=torch.float32, device=dev)
-    if policy == K.POLICY_FULL:
-        keep, w = active, ones
-    elif policy == K.POLICY_INFOBATCH:
-        low = (cls == K.CLS_ELIGIBLE) & (prio < stats.mean_p)
-        drop = torch.zeros(n, dtype=torch.bool, device=dev)
-        for lo, hi in spans(n, dev, _WORDS_CHUNK, _WORDS_CHUNK_DEVICE):  # a chunk's words at a time
+    if policy not in (K.POLICY_FULL, K.POLICY_INFOBATCH, K.POLICY_RANKED):
+        raise ValueError(f"unknown policy code {policy}")
+    keep = torch.empty(n, dtype=torch.bool, device=dev)
+    w = torch.ones(n, dtype=torch.float32, device=dev)
+    for lo, hi in spans(n, dev, _WORDS_CHUNK, _WORDS_CHUNK_DEVICE):  # a chunk at a time: temporaries bounded
+        c = cls[lo:hi]
+        if policy == K.POLICY_FULL:
+            keep[lo:hi] = c != K.CLS_NOISY
+        elif policy == K.POLICY_RANKED:
+            keep[lo:hi] = (c == K.CLS_UNSEEN) | ((c == K.CLS_ELIGIBLE) & chosen[lo:hi])
+        else:
+            low = (c == K.CLS_ELIGIBLE) & (prio[lo:hi] < stats.mean_p)
+            drop = torch.zeros(hi - lo, dtype=torch.bool, device=dev)
             if dev.type == "cpu":  # the words of the low samples only (a CPU pass may count them)
-                at = torch.nonzero(low[lo:hi])[:, 0] + lo
-                drop[at] = uniform_from_word(words_at(seed, at, epoch, K.STREAM_DROP)) < stats.drop_prob
+                at = torch.nonzero(low)[:, 0]
+                drop[at] = uniform_from_word(words_at(seed, at + lo, epoch, K.STREAM_DROP)) < stats.drop_prob
             else:
                 r0 = words_span(seed, lo, hi, epoch, K.STREAM_DROP, dev)[0]
-                drop[lo:hi] = low[lo:hi] & (uniform_from_word(r0) < stats.drop_prob)
-        keep = active & ~drop
-        w = torch.where(low & keep, stats.up_weight.expand(n), ones)
-    elif policy == K.POLICY_RANKED:
-        keep = (cls == K.CLS_UNSEEN) | ((cls == K.CLS_ELIGIBLE) & chosen)
-        w = ones
-    else:
-        raise ValueError(f"unknown policy code {policy}")
+                drop = low & (uniform_from_word(r0) < stats.drop_prob)
+            k = (c != K.CLS_NOISY) & ~drop
+            keep[lo:hi] = k
+            w[lo:hi] = torch.where(low & k, stats.up_weight, 1.0)
     return keep, w

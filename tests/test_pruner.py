@@ -551,6 +551,35 @@ def test_a_step_id_that_wrapped_around_never_meets_a_stale_stamp(kernel_path):
     assert pruner.state_dict()["visits"].tolist() == [0, 2, 1, 0]
 
 
+def test_beliefs_are_the_lower_components_posterior():
+    """The per-class log-odds coefficients give Bayes' posterior of the two Gaussians (computed plainly here)
+    wherever a sample may be suspected, 0 elsewhere; ``at_most`` keeps the smaller of two beliefs."""
+    g = torch.Generator().manual_seed(8)
+    mu_lo, mu_hi = torch.tensor([-3.0, -1.0, -2.0], dtype=torch.float64), torch.tensor([2.0, 4.0, 1.0], dtype=torch.float64)
+    var_lo, var_hi = torch.tensor([0.5, 1.0, 0.2], dtype=torch.float64), torch.tensor([1.0, 0.3, 2.0], dtype=torch.float64)
+    pi_lo = torch.tensor([0.2, 0.4, 0.1], dtype=torch.float64)
+    usable = torch.tensor([1.0, 1.0, 0.0], dtype=torch.float64)
+    fit = torch.stack([mu_lo, mu_hi, var_lo, var_hi, pi_lo, usable])
+    x = (torch.randn(3000, generator=g) * 3).float()
+    cls = torch.randint(0, 3, (3000,), generator=g)
+    valid = torch.rand(3000, generator=g) < 0.9
+    belief = fpn.mixture_posterior(x, cls, valid, fit)
+
+    def density(v, mu, var):
+        return torch.exp(-0.5 * (v - mu) ** 2 / var) / torch.sqrt(2 * torch.pi * var)
+
+    v, k = x.double(), cls
+    lower = pi_lo[k] * density(v, mu_lo[k], var_lo[k])
+    plain = lower / (lower + (1 - pi_lo[k]) * density(v, mu_hi[k], var_hi[k]))
+    may = valid & (usable[k] > 0) & (x < 0) & (v < mu_hi[k] - fpn.OUTLIER_SD * var_hi[k].sqrt())
+    torch.testing.assert_close(belief[may].double(), plain[may], rtol=1e-5, atol=1e-6)
+    assert (belief[~may] == 0).all() and may.sum() > 500
+    other = torch.rand(3000, generator=g)
+    both = other.clone()
+    fpn.mixture_posterior(x, cls, valid, fit, at_most=both)
+    assert torch.equal(both, torch.minimum(other, belief))
+
+
 def test_the_mixture_kernel_matches_the_reference_em():
     """kernels/mixture.py (a GPU's one-launch EM, here under the interpreter) against noise._em."""
     from fastprune.kernels.mixture import em_triton

@@ -269,6 +269,25 @@ def test_feistel_is_a_bijection_of_every_power_of_two(bits):
     assert np.array_equal(np.sort(x), np.arange(1 << bits, dtype=np.uint32))
 
 
+@pytest.mark.parametrize("bits", range(0, 21))
+def test_the_inverse_feistel_undoes_it(bits):
+    keys = R.shuffle_keys(bits * 104729, 5)
+    x = np.arange(1 << bits, dtype=np.uint32)
+    assert np.array_equal(R.feistel_inverse(R.feistel(x.copy(), bits, keys), bits, keys), x)
+
+
+@pytest.mark.parametrize("n", [1, 2, 7, 1000, 3001])
+def test_the_order_is_the_kept_samples_by_their_position(n):
+    """The CPU walks positions through the inverse bijection; by definition the order is each group of samples
+    by its image under the forward one (what the GPU's kernels scatter)."""
+    keep = torch.rand(n, generator=torch.Generator().manual_seed(n)) < 0.6
+    keys = R.shuffle_keys(77, 2)
+    position = torch.from_numpy(R.shuffle_positions(0, n, n, keys).astype(np.int64))
+    by_position = torch.argsort(position)
+    expected = torch.cat([by_position[keep[by_position]], by_position[~keep[by_position]]])
+    assert torch.equal(R.shuffled_order(keep, 77, 2), expected)
+
+
 @pytest.mark.parametrize("n", [1, 2, 3, 5, 1000, 1023, 1024, 1025, 3001])
 def test_shuffle_kernel_matches_the_reference(n):
     g = torch.Generator().manual_seed(n)
@@ -285,6 +304,8 @@ def test_shuffle_does_not_depend_on_the_chunking(monkeypatch):
     keep = torch.rand(5000, generator=torch.Generator().manual_seed(1)) < 0.5
     whole = R.shuffled_order(keep, 11, 4)
     monkeypatch.setattr(R, "_SHUFFLE_CHUNK", 999)
+    assert torch.equal(R.shuffled_order(keep, 11, 4), whole)
+    monkeypatch.setattr(R, "_SPLIT_CHUNK", 250)
     assert torch.equal(R.shuffled_order(keep, 11, 4), whole)
 
 
