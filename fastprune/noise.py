@@ -79,10 +79,10 @@ def _spans(n: int, device: torch.device):
 
 def class_histograms(x: torch.Tensor, cls: torch.Tensor, valid: torch.Tensor, num_classes: int,
                      bins: int = BINS) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per class, ``bins`` equal-width bins between the class's smallest and largest valid (and finite) value: the counts
-    (int64, C x bins), the bin centres (float64, C x bins) and each class's valid count.  Two reductions that
-    any order gives exactly (minimum, maximum) and integer counts: the same on every rank, and whatever the
-    passes (``_spans``)."""
+    """Per class, ``bins`` equal-width bins between the class's smallest and largest valid (and finite) value:
+    the counts (int64, C x bins), the bin centres (float64, C x bins) and each class's valid count.  Two
+    reductions that any order gives exactly (minimum, maximum) and integer counts: the same on every rank, and
+    whatever the passes (``_spans``)."""
     dev = x.device
     lo = torch.full((num_classes,), float("inf"), dtype=torch.float64, device=dev)
     hi = torch.full((num_classes,), float("-inf"), dtype=torch.float64, device=dev)
@@ -269,7 +269,10 @@ def act(belief: torch.Tensor, label: torch.Tensor, model_margin: torch.Tensor | 
             top[torch.topk(key, cap).indices] = True
         suspect = suspect & top
     use_relabel = relabel and model_pred is not None and clip_pred is not None
-    new_label = torch.full((n,), -1, dtype=torch.int32, device=dev)
+    if use_relabel:
+        new_label = torch.full((n,), -1, dtype=torch.int32, device=dev)
+    else:  # nothing is relabeled: one -1 seen N times (no memory)
+        new_label = torch.full((1,), -1, dtype=torch.int32, device=dev).expand(n)
     action = torch.empty(n, dtype=torch.int8, device=dev)
     for a, b in _spans(n, dev):  # elementwise, a pass at a time (temporaries bounded)
         sus = suspect[a:b]

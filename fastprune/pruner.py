@@ -26,6 +26,7 @@ _VALIDATE = ("async", "sync", "none")
 _SYNC, _NEXT_EPOCH = 1, 2  # which collective sequence the ranks are in (checked to agree)
 STATE_VERSION = 5  # 4: the step state's columns by name (kernels.FIELDS), CLIP's under "clip"; 5: the same format, the
 # epochs after it shuffled by the sort-free bijection (a version-4 state resumes the same, later orders differ)
+_PASS_CHUNK = {"cpu": 1 << 16}  # samples per pass of the per-sample work on the CPU (in cache); else one
 _UNSAVED = ("stamp",)  # step ids only tell one step's rows apart: cleared on load
 
 
@@ -438,7 +439,10 @@ class DynamicPruner:
         if decision is not None:
             self._apply(decision, counts[3 + _noise.RELABEL] > 0)
             self._decision_belief = decision.belief
-        self._state.weights.mul_(torch.where(self._action == _noise.DOWNWEIGHT, 1.0 - self._belief, 1.0))
+        weights = self._state.weights
+        for lo, hi in _k.reference.spans(self.num_samples, self.device, _PASS_CHUNK, max(self.num_samples, 1)):
+            down = self._action[lo:hi] == _noise.DOWNWEIGHT
+            weights[lo:hi].mul_(torch.where(down, 1.0 - self._belief[lo:hi], 1.0))
         self._noisy.copy_(sel.noisy)
         self._set_order(order)
         self.epoch = epoch
@@ -454,16 +458,18 @@ class DynamicPruner:
     def _apply(self, d: _noise.NoiseDecision, any_relabel: bool) -> None:
         """Adopt new decisions.  A relabel stands (the sample's evidence restarts against its new class and
         later decisions leave it out, see ``noise.decide``); every other action is decided afresh."""
-        acted = d.action != _noise.KEEP
-        before = self._relabel >= 0
-        self._belief.copy_(torch.where(acted, d.belief, torch.where(before, self._belief, 0.0)))
         if any_relabel:
             fresh = d.action == _noise.RELABEL
-            self._relabel.copy_(torch.where(fresh, d.new_label, self._relabel))
             self._evidence.restart(fresh, d.new_label)
             self._any_relabel = True
-        standing = torch.tensor(_noise.RELABEL, dtype=torch.int8, device=self.device)  # int8: no int64 temporary
-        self._action.copy_(torch.where(acted, d.action, torch.where(before, standing, _noise.KEEP)))
+        for lo, hi in _k.reference.spans(self.num_samples, self.device, _PASS_CHUNK, max(self.num_samples, 1)):
+            action, relabel = d.action[lo:hi], self._relabel[lo:hi]  # (a pass at a time: temporaries bounded)
+            acted = action != _noise.KEEP
+            before = relabel >= 0
+            self._belief[lo:hi] = torch.where(acted, d.belief[lo:hi], torch.where(before, self._belief[lo:hi], 0.0))
+            if any_relabel:
+                relabel.copy_(torch.where(action == _noise.RELABEL, d.new_label[lo:hi], relabel))
+            self._action[lo:hi] = torch.where(acted, action, torch.where(before, _noise.RELABEL, _noise.KEEP))
 
     def _set_order(self, order: torch.Tensor):
         self._global_indices = order

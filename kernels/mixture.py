@@ -20,7 +20,8 @@ def _log_odds_coefficients(mu_lo, mu_hi, var_lo, var_hi, pi_lo):
     pi = tl.minimum(tl.maximum(pi_lo, 1e-12), 1 - 1e-12)
     a = -0.5 * (1.0 / var_lo - 1.0 / var_hi)
     b = mu_lo / var_lo - mu_hi / var_hi
-    c = tl.log(pi) - tl.log(1 - pi) - 0.5 * (mu_lo * mu_lo / var_lo - mu_hi * mu_hi / var_hi) - 0.5 * tl.log(var_lo / var_hi)
+    c = (tl.log(pi) - tl.log(1 - pi) - 0.5 * (mu_lo * mu_lo / var_lo - mu_hi * mu_hi / var_hi)
+         - 0.5 * tl.log(var_lo / var_hi))
     return a, b, c
 
 

@@ -52,8 +52,10 @@ def philox(k0: int, k1: int, c0, c1, c2, c3) -> tuple[torch.Tensor, ...]:
 
 
 # Samples per Philox pass: bounds its temporaries (~30 live words each).  On the CPU a pass that fits in the
-# core's cache is ~5x faster than one that streams through memory (10M words with NumPy: 0.37 s).
-_WORDS_CHUNK = {"cpu": 1 << 16}
+# core's cache is ~5x faster than one that streams through memory (10M words with NumPy: 0.37 s); the finalize
+# pass draws for about half of a chunk's samples (the low-priority ones), so it takes larger chunks.
+_WORDS_CHUNK = {"cpu": 1 << 14}
+_FINALIZE_CHUNK = {"cpu": 1 << 16}
 _WORDS_CHUNK_DEVICE = 1 << 22
 
 
@@ -317,28 +319,36 @@ def shuffle_keys(seed: int, epoch: int) -> list[int]:
     return [int(w) for w in w0]
 
 
+def _mix(lo: np.ndarray, key: int, bits: int) -> np.ndarray:
+    """The Feistel round function on uint32 values: a keyed integer hash of ``lo``, cut to ``bits`` bits."""
+    h = lo ^ np.uint32(key)
+    h ^= h >> np.uint32(16)
+    h *= np.uint32(K.SHUFFLE_MIX_A)
+    h ^= h >> np.uint32(15)
+    h *= np.uint32(K.SHUFFLE_MIX_B)
+    h ^= h >> np.uint32(16)
+    h &= np.uint32((1 << bits) - 1)
+    return h
+
+
+def _round_widths(bits: int) -> list[tuple[int, int]]:
+    """Each round's (high, low) widths: the parts swap roles every round."""
+    hb, lb = bits - bits // 2, bits // 2
+    return [(hb, lb) if r % 2 == 0 else (lb, hb) for r in range(K.SHUFFLE_ROUNDS)]
+
+
 def feistel(x: np.ndarray, bits: int, keys: list[int]) -> np.ndarray:
     """The keyed bijection of [0, 2**bits) on uint32 values, in place: ``SHUFFLE_ROUNDS`` unbalanced Feistel
     rounds, each replacing the high part by (high xor mix(low xor key)) and rotating the parts, then the swap
     of 0 and 1 when the last key says so.  (Without that swap every key would give a permutation of the same
     parity on 8 or more values, half of the orders never drawn.)"""
-    hb, lb = bits - bits // 2, bits // 2
-    a, b = np.uint32(K.SHUFFLE_MIX_A), np.uint32(K.SHUFFLE_MIX_B)
-    s15, s16 = np.uint32(15), np.uint32(16)
-    for k in keys[:K.SHUFFLE_ROUNDS]:
+    for k, (hb, lb) in zip(keys[:K.SHUFFLE_ROUNDS], _round_widths(bits)):
         lo = x & np.uint32((1 << lb) - 1)
-        h = lo ^ np.uint32(k)
-        h ^= h >> s16
-        h *= a
-        h ^= h >> s15
-        h *= b
-        h ^= h >> s16
-        h &= np.uint32((1 << hb) - 1)
+        h = _mix(lo, k, hb)
         x >>= np.uint32(lb)
         x ^= h
         lo <<= np.uint32(hb)
         x |= lo
-        hb, lb = lb, hb
     if bits and keys[K.SHUFFLE_ROUNDS] & 1:
         x ^= (x < 2).astype(np.uint32)
     return x
@@ -348,22 +358,9 @@ def feistel_inverse(x: np.ndarray, bits: int, keys: list[int]) -> np.ndarray:
     """The inverse of ``feistel`` (same bits and keys), in place: the swap, then the rounds backwards."""
     if bits and keys[K.SHUFFLE_ROUNDS] & 1:
         x ^= (x < 2).astype(np.uint32)
-    a, b = np.uint32(K.SHUFFLE_MIX_A), np.uint32(K.SHUFFLE_MIX_B)
-    s15, s16 = np.uint32(15), np.uint32(16)
-    hb, lb = bits - bits // 2, bits // 2
-    widths = []
-    for _ in range(K.SHUFFLE_ROUNDS):  # each round's (high, low) widths, to undo them in reverse
-        widths.append((hb, lb))
-        hb, lb = lb, hb
-    for k, (hb, lb) in zip(reversed(keys[:K.SHUFFLE_ROUNDS]), reversed(widths)):
+    for k, (hb, lb) in zip(reversed(keys[:K.SHUFFLE_ROUNDS]), reversed(_round_widths(bits))):
         lo = x >> np.uint32(hb)  # the round put its low part on top and (high xor mix) below it
-        h = lo ^ np.uint32(k)
-        h ^= h >> s16
-        h *= a
-        h ^= h >> s15
-        h *= b
-        h ^= h >> s16
-        h &= np.uint32((1 << hb) - 1)
+        h = _mix(lo, k, hb)
         x &= np.uint32((1 << hb) - 1)
         x ^= h
         x <<= np.uint32(lb)
@@ -432,7 +429,7 @@ def finalize_reference(cls, prio, chosen, stats: PolicyStats, policy: int, seed:
         raise ValueError(f"unknown policy code {policy}")
     keep = torch.empty(n, dtype=torch.bool, device=dev)
     w = torch.ones(n, dtype=torch.float32, device=dev)
-    for lo, hi in spans(n, dev, _WORDS_CHUNK, _WORDS_CHUNK_DEVICE):  # a chunk at a time: temporaries bounded
+    for lo, hi in spans(n, dev, _FINALIZE_CHUNK, _WORDS_CHUNK_DEVICE):  # a chunk at a time: temporaries bounded
         c = cls[lo:hi]
         if policy == K.POLICY_FULL:
             keep[lo:hi] = c != K.CLS_NOISY

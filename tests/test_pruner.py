@@ -555,11 +555,9 @@ def test_beliefs_are_the_lower_components_posterior():
     """The per-class log-odds coefficients give Bayes' posterior of the two Gaussians (computed plainly here)
     wherever a sample may be suspected, 0 elsewhere; ``at_most`` keeps the smaller of two beliefs."""
     g = torch.Generator().manual_seed(8)
-    mu_lo, mu_hi = torch.tensor([-3.0, -1.0, -2.0], dtype=torch.float64), torch.tensor([2.0, 4.0, 1.0], dtype=torch.float64)
-    var_lo, var_hi = torch.tensor([0.5, 1.0, 0.2], dtype=torch.float64), torch.tensor([1.0, 0.3, 2.0], dtype=torch.float64)
-    pi_lo = torch.tensor([0.2, 0.4, 0.1], dtype=torch.float64)
-    usable = torch.tensor([1.0, 1.0, 0.0], dtype=torch.float64)
-    fit = torch.stack([mu_lo, mu_hi, var_lo, var_hi, pi_lo, usable])
+    fit = torch.tensor([[-3.0, -1.0, -2.0], [2.0, 4.0, 1.0], [0.5, 1.0, 0.2], [1.0, 0.3, 2.0], [0.2, 0.4, 0.1],
+                        [1.0, 1.0, 0.0]], dtype=torch.float64)  # mu_lo, mu_hi, var_lo, var_hi, pi_lo, usable
+    mu_lo, mu_hi, var_lo, var_hi, pi_lo, usable = fit
     x = (torch.randn(3000, generator=g) * 3).float()
     cls = torch.randint(0, 3, (3000,), generator=g)
     valid = torch.rand(3000, generator=g) < 0.9
