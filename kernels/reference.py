@@ -282,6 +282,9 @@ def scale_grad_reference(grad: torch.Tensor, grad_output: torch.Tensor) -> torch
 # ---------------------------------------------------------------------------
 
 
+_PASS_CHUNK = {"cpu": 1 << 16}  # samples per elementwise pass on the CPU (in cache); elsewhere one pass
+
+
 def priority_reference(scores, visits, consistency, noisy, mu, sd, semantic_weight: float, use_consistency: bool):
     """Sample class (unseen / eligible / noisy) and priority p = s * sigmoid(gamma * (c - mu) / sd)."""
     n, dev = scores.numel(), scores.device
@@ -296,9 +299,6 @@ def priority_reference(scores, visits, consistency, noisy, mu, sd, semantic_weig
         else:
             p[lo:hi] = scores[lo:hi]
     return cls, p
-
-
-_PASS_CHUNK = {"cpu": 1 << 16}
 
 
 @dataclass
