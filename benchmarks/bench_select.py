@@ -1,17 +1,22 @@
 """Epoch selection: ``next_epoch()`` over N scores against torch.topk / torch.sort and a NumPy host version.
 
-    python -m benchmarks.bench_select [--smoke] [--write] [--max-seconds S]
+    python -m benchmarks.bench_select [--smoke] [--write] [--max-seconds S] [--baseline DIR]
 
 ``next_epoch`` (infobatch with noise filter and consistency, the most work) includes the hand-over of the
 index list to the host.  Baselines get the same scores: ``torch.topk`` of the kept count, ``torch.sort``
 of all scores (each followed by the same host copy), and a NumPy implementation on the host
 (``argpartition`` + permutation), whose time includes copying the scores to the host.  The shuffle alone
 (70% kept, on the device) is timed against the stable sort of 62-bit keys it replaced and ``torch.randperm``.
+``--baseline DIR`` also times ``next_epoch()`` of another fastprune checkout (a git worktree of an earlier
+commit, say), each size in a subprocess that imports only that tree, with that tree's own benchmark pruner.
 """
 
 from __future__ import annotations
 
+import json
+import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -81,12 +86,60 @@ def run(args, budget: TimeBudget) -> list[dict]:
         reps = 5 if args.smoke else 10
         timed = {name: measure(fn, device, reps=reps, warmup=2) for name, fn in cases.items()}
         timed["next_epoch"]["peak_extra_bytes"] = peak_extra_bytes(next_epoch, device)
+        if args.baseline:
+            timed[BASELINE] = {"median_us": baseline_us(args.baseline, n, device, reps), **describe_tree(args.baseline)}
         for name, t in timed.items():
             records.append({"bench": "select", "method": name, "dtype": "float32", "sizes": {"N": n}, **t,
                             "ratio_to_next_epoch": t["median_us"] / timed["next_epoch"]["median_us"]})
         print(f"  N={n}: " + ", ".join(f"{k_} {v['median_us'] / 1000:.2f} ms" for k_, v in timed.items()),
               file=sys.stderr)
     return records
+
+
+BASELINE = "baseline next_epoch"
+
+# Run by ``baseline_us`` in the other tree: that tree's fastprune and benchmarks only (an installed checkout's
+# import hooks, which would map ``fastprune.kernels`` to this tree, are dropped first).
+_BASELINE_SCRIPT = """
+import json, statistics, sys, time
+sys.meta_path[:] = [f for f in sys.meta_path if "editable" not in repr(f).lower()]
+sys.path.insert(0, sys.argv[1])
+import torch
+from benchmarks.bench_select import make_pruner
+n, device, reps = int(sys.argv[2]), torch.device(sys.argv[3]), int(sys.argv[4])
+pruner = make_pruner(n, device)
+def once():
+    pruner.epoch = 1
+    pruner.history = pruner.history[:1]
+    pruner.next_epoch()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+times = []
+for i in range(reps + 2):
+    t = time.perf_counter()
+    once()
+    times.append(time.perf_counter() - t)
+print(json.dumps(statistics.median(times[2:]) * 1e6))
+"""
+
+
+def baseline_us(tree: str, n: int, device: torch.device, reps: int) -> float:
+    """Median microseconds of ``next_epoch()`` in the fastprune checkout ``tree`` (its own benchmark's pruner, N
+    samples, after two warm-up calls), in a subprocess."""
+    root = Path(tree).resolve()
+    if not (root / "fastprune").is_dir() or not (root / "benchmarks" / "bench_select.py").is_file():
+        raise SystemExit(f"--baseline: {tree} is not a fastprune checkout with benchmarks/bench_select.py")
+    out = subprocess.run([sys.executable, "-c", _BASELINE_SCRIPT, str(root), str(n), device.type, str(reps)],
+                         cwd=root, capture_output=True, text=True)
+    if out.returncode != 0:
+        raise SystemExit(f"--baseline: the run in {tree} failed:\n{out.stderr[-2000:]}")
+    return float(json.loads(out.stdout.strip().splitlines()[-1]))
+
+
+def describe_tree(tree: str) -> dict:
+    """The baseline checkout's path and commit (empty when it is not a git checkout)."""
+    out = subprocess.run(["git", "-C", tree, "log", "-1", "--format=%h %cs"], capture_output=True, text=True)
+    return {"tree": str(Path(tree).resolve()), "commit": out.stdout.strip() if out.returncode == 0 else ""}
 
 
 def render(records, info, budget_note: str = "") -> str:
@@ -101,6 +154,10 @@ def render(records, info, budget_note: str = "") -> str:
     headers = (["N"] + [f"{m} ms" for m in methods] + [f"{m} / next_epoch" for m in methods[1:]] +
                ["next_epoch peak memory MiB"])
     mode = "CPU figures" if info["device"] == "cpu" else "GPU figures"
+    base = next((r for r in records if r["method"] == BASELINE), None)
+    if base is not None:
+        budget_note = (f" {BASELINE}: `next_epoch()` of the checkout {base['tree']} (commit {base['commit'] or '?'}) "
+                       f"with its own benchmark's pruner, in a subprocess, after two warm-up calls." + budget_note)
     return (f"### Epoch selection — {describe(info)}\n\n`next_epoch()` = infobatch keep 0.7 with the noise filter "
             f"and consistency, both sources of evidence for every sample (1000 classes), index list handed to the "
             f"host; median ({mode}). Peak memory: what one `next_epoch()` allocates beyond the pruner's state, at "
@@ -111,6 +168,9 @@ def render(records, info, budget_note: str = "") -> str:
 
 def parse_args(argv=None):
     ap = base_parser(__doc__)
+    ap.add_argument("--baseline", metavar="DIR", default=None,
+                    help="also time next_epoch() of another fastprune checkout (e.g. a git worktree of an earlier "
+                         "commit), on the same sizes and device, in a subprocess")
     return ap.parse_args(argv)
 
 

@@ -255,6 +255,24 @@ def test_a_trimmed_benchmark_names_what_it_left_out(reference_path):
     assert f"{LEFT_OUT} (--max-seconds 0): N=100,000." in text
 
 
+def test_the_selection_benchmark_times_another_checkout_beside_this_one(tmp_path, reference_path):
+    """``--baseline DIR``: the other tree's ``next_epoch()`` in a subprocess (here this very checkout), as a
+    column; a folder that is not a checkout is refused."""
+    import torch
+
+    from fastprune.benchmarks import bench_select
+    from fastprune.benchmarks.report import machine
+
+    root = Path(bench_select.__file__).resolve().parents[1]
+    args = bench_select.parse_args(["--smoke", "--cpu", "--no-write", "--max-seconds", "0", "--baseline", str(root)])
+    records, text, _ = bench_select.produce(args, machine())
+    base = [r for r in records if r["method"] == bench_select.BASELINE]
+    assert len(base) == 1 and base[0]["median_us"] > 0 and base[0]["tree"] == str(root)
+    assert f"{bench_select.BASELINE} ms" in text and f"checkout {root}" in text
+    with pytest.raises(SystemExit, match="not a fastprune checkout"):
+        bench_select.baseline_us(str(tmp_path), 100, torch.device("cpu"), 1)
+
+
 def test_without_dali_the_loader_table_says_what_it_measured(tmp_path, monkeypatch, reference_path):
     from fastprune.benchmarks import bench_loader
     from fastprune.benchmarks.report import machine
