@@ -127,13 +127,17 @@ def baseline_us(tree: str, n: int, device: torch.device, reps: int) -> float:
     """Median microseconds of ``next_epoch()`` in the fastprune checkout ``tree`` (its own benchmark's pruner, N
     samples, after two warm-up calls), in a subprocess."""
     root = Path(tree).resolve()
-    if not (root / "fastprune").is_dir() or not (root / "benchmarks" / "bench_select.py").is_file():
+    if not _is_checkout(root):
         raise SystemExit(f"--baseline: {tree} is not a fastprune checkout with benchmarks/bench_select.py")
     out = subprocess.run([sys.executable, "-c", _BASELINE_SCRIPT, str(root), str(n), device.type, str(reps)],
                          cwd=root, capture_output=True, text=True)
     if out.returncode != 0:
         raise SystemExit(f"--baseline: the run in {tree} failed:\n{out.stderr[-2000:]}")
     return float(json.loads(out.stdout.strip().splitlines()[-1]))
+
+
+def _is_checkout(root: Path) -> bool:
+    return (root / "fastprune").is_dir() and (root / "benchmarks" / "bench_select.py").is_file()
 
 
 def describe_tree(tree: str) -> dict:
@@ -171,7 +175,10 @@ def parse_args(argv=None):
     ap.add_argument("--baseline", metavar="DIR", default=None,
                     help="also time next_epoch() of another fastprune checkout (e.g. a git worktree of an earlier "
                          "commit), on the same sizes and device, in a subprocess")
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    if args.baseline and not _is_checkout(Path(args.baseline)):
+        ap.error(f"--baseline: {args.baseline} is not a fastprune checkout with benchmarks/bench_select.py")
+    return args
 
 
 def produce(args, info) -> tuple[list[dict], str, str]:

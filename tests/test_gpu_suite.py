@@ -271,6 +271,8 @@ def test_the_selection_benchmark_times_another_checkout_beside_this_one(tmp_path
     assert f"{bench_select.BASELINE} ms" in text and f"checkout {root}" in text
     with pytest.raises(SystemExit, match="not a fastprune checkout"):
         bench_select.baseline_us(str(tmp_path), 100, torch.device("cpu"), 1)
+    with pytest.raises(SystemExit):  # and before anything is measured
+        bench_select.parse_args(["--smoke", "--baseline", str(tmp_path)])
 
 
 def test_without_dali_the_loader_table_says_what_it_measured(tmp_path, monkeypatch, reference_path):
