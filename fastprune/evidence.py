@@ -17,10 +17,9 @@ from __future__ import annotations
 import torch
 
 from .kernels import SampleState
-from .kernels.reference import spans
+from .kernels.reference import passes
 
 CLIP_CHUNK_ELEMENTS = 1 << 24  # rows x classes of one chunk of the table's similarity product
-_PASS_CHUNK = {"cpu": 1 << 16}  # samples per pass on the CPU (in cache); elsewhere one pass
 
 
 def margins_and_preferred(sims: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -112,7 +111,7 @@ class Evidence:
         """Area under the margin: the mean margin over a sample's scored visits (NaN where never scored)."""
         total, count = self.state.margin_sum, self.state.margin_count
         out = torch.empty_like(total)
-        for lo, hi in spans(total.numel(), total.device, _PASS_CHUNK, max(total.numel(), 1)):  # temporaries bounded
+        for lo, hi in passes(total.numel(), total.device):
             c = count[lo:hi].to(torch.float32)
             out[lo:hi] = torch.where(c > 0, total[lo:hi] / c.clamp_min(1.0), float("nan"))
         return out

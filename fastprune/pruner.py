@@ -26,7 +26,6 @@ _VALIDATE = ("async", "sync", "none")
 _SYNC, _NEXT_EPOCH = 1, 2  # which collective sequence the ranks are in (checked to agree)
 STATE_VERSION = 5  # 4: the step state's columns by name (kernels.FIELDS), CLIP's under "clip"; 5: the same format, the
 # epochs after it shuffled by the sort-free bijection (a version-4 state resumes the same, later orders differ)
-_PASS_CHUNK = {"cpu": 1 << 16}  # samples per pass of the per-sample work on the CPU (in cache); else one
 _UNSAVED = ("stamp",)  # step ids only tell one step's rows apart: cleared on load
 
 
@@ -440,7 +439,7 @@ class DynamicPruner:
             self._apply(decision, counts[3 + _noise.RELABEL] > 0)
             self._decision_belief = decision.belief
         weights = self._state.weights
-        for lo, hi in _k.reference.spans(self.num_samples, self.device, _PASS_CHUNK, max(self.num_samples, 1)):
+        for lo, hi in _k.reference.passes(self.num_samples, self.device):
             down = self._action[lo:hi] == _noise.DOWNWEIGHT
             weights[lo:hi].mul_(torch.where(down, 1.0 - self._belief[lo:hi], 1.0))
         self._noisy.copy_(sel.noisy)
@@ -462,7 +461,7 @@ class DynamicPruner:
             fresh = d.action == _noise.RELABEL
             self._evidence.restart(fresh, d.new_label)
             self._any_relabel = True
-        for lo, hi in _k.reference.spans(self.num_samples, self.device, _PASS_CHUNK, max(self.num_samples, 1)):
+        for lo, hi in _k.reference.passes(self.num_samples, self.device):
             action, relabel = d.action[lo:hi], self._relabel[lo:hi]  # (a pass at a time: temporaries bounded)
             acted = action != _noise.KEEP
             before = relabel >= 0

@@ -285,12 +285,18 @@ def scale_grad_reference(grad: torch.Tensor, grad_output: torch.Tensor) -> torch
 _PASS_CHUNK = {"cpu": 1 << 16}  # samples per elementwise pass on the CPU (in cache); elsewhere one pass
 
 
+def passes(n: int, device):
+    """(start, stop) of an elementwise pass over ``n`` samples: cache-sized on the CPU (temporaries bounded),
+    one pass elsewhere."""
+    return spans(n, device, _PASS_CHUNK, max(n, 1))
+
+
 def priority_reference(scores, visits, consistency, noisy, mu, sd, semantic_weight: float, use_consistency: bool):
     """Sample class (unseen / eligible / noisy) and priority p = s * sigmoid(gamma * (c - mu) / sd)."""
     n, dev = scores.numel(), scores.device
     cls = torch.empty(n, dtype=torch.int8, device=dev)
     p = torch.empty(n, dtype=torch.float32, device=dev)
-    for lo, hi in spans(n, dev, _PASS_CHUNK, max(n, 1)):  # on the CPU, a pass's temporaries in cache
+    for lo, hi in passes(n, dev):
         c = torch.where(visits[lo:hi] > 0, K.CLS_ELIGIBLE, K.CLS_UNSEEN)
         cls[lo:hi] = torch.where(noisy[lo:hi], K.CLS_NOISY, c)
         if use_consistency:
