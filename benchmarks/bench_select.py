@@ -14,6 +14,7 @@ commit, say), each size in a subprocess that imports only that tree, with that t
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -129,8 +130,9 @@ def baseline_us(tree: str, n: int, device: torch.device, reps: int) -> float:
     root = Path(tree).resolve()
     if not _is_checkout(root):
         raise SystemExit(f"--baseline: {tree} is not a fastprune checkout with benchmarks/bench_select.py")
+    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}  # leave the other checkout as it was
     out = subprocess.run([sys.executable, "-c", _BASELINE_SCRIPT, str(root), str(n), device.type, str(reps)],
-                         cwd=root, capture_output=True, text=True)
+                         cwd=root, capture_output=True, text=True, env=env)
     if out.returncode != 0:
         raise SystemExit(f"--baseline: the run in {tree} failed:\n{out.stderr[-2000:]}")
     return float(json.loads(out.stdout.strip().splitlines()[-1]))
