@@ -14,6 +14,8 @@ synchronises with the host during training.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from .kernels import SampleState
@@ -40,6 +42,18 @@ def _unit(x: torch.Tensor, dtype: torch.dtype = torch.float32, eps: float = 1e-8
     return x / x.norm(dim=1, keepdim=True).clamp_min(eps)
 
 
+@dataclass
+class Before:
+    """Relabeled samples' label and margins from just before their relabel (-1 and NaN elsewhere): their
+    old class's mixture is fitted with them (see ``noise.beliefs``)."""
+
+    label: torch.Tensor  # int32
+    model_margin: torch.Tensor  # float32 (the area under the margin then)
+    clip_margin: torch.Tensor  # float32
+
+    FIELDS = ("label", "model_margin", "clip_margin")
+
+
 class Evidence:
     """Per sample: the model's evidence (the step state's margin sum and count, prediction and label)
     and CLIP's margin and preferred class."""
@@ -54,6 +68,7 @@ class Evidence:
         self.num_samples = n
         self.clip_margin = self._clip_margin[:n]
         self.clip_pred = self._clip_pred[:n]
+        self.before: Before | None = None  # allocated at the first relabel (12 bytes a sample)
 
     @property
     def pred(self) -> torch.Tensor:
@@ -82,12 +97,27 @@ class Evidence:
         self._clip_pred.index_put_((slot,), preferred)
 
     def restart(self, mask: torch.Tensor, new_label: torch.Tensor) -> None:
-        """Samples in ``mask`` now train with ``new_label``: their evidence starts again against it."""
+        """Samples in ``mask`` now train with ``new_label``: their evidence starts again against it, and what it
+        was against their old label is kept in ``before``."""
+        if self.before is None:
+            self.before = self._empty_before()
+        model_margin = self.model_margin()
+        for lo, hi in passes(self.num_samples, mask.device):
+            m = mask[lo:hi]
+            b = self.before
+            b.label[lo:hi] = torch.where(m, self.label[lo:hi], b.label[lo:hi])
+            b.model_margin[lo:hi] = torch.where(m, model_margin[lo:hi], b.model_margin[lo:hi])
+            b.clip_margin[lo:hi] = torch.where(m, self.clip_margin[lo:hi], b.clip_margin[lo:hi])
         self.state.margin_sum.masked_fill_(mask, 0.0)
         self.state.margin_count.masked_fill_(mask, 0)
         self.label.copy_(torch.where(mask, new_label, self.label))
         self.clip_margin.masked_fill_(mask, float("nan"))
         self.clip_pred.masked_fill_(mask, -1)
+
+    def _empty_before(self) -> Before:
+        n, dev = self.num_samples, self.state.scores.device
+        nan = torch.full((n,), float("nan"), dtype=torch.float32, device=dev)
+        return Before(torch.full((n,), -1, dtype=torch.int32, device=dev), nan, nan.clone())
 
     # ------------------------------------------------------------------ fixed table
 
@@ -132,11 +162,21 @@ class Evidence:
         """CLIP's columns (the model's evidence is saved with the step state)."""
         return {"clip_margin": self.clip_margin.clone(), "clip_pred": self.clip_pred.clone()}
 
-    def load_state_dict(self, sd: dict | None) -> None:
-        """Restore; ``None`` (a state saved before the evidence existed) starts it empty."""
+    def before_state_dict(self) -> dict | None:
+        """The relabeled samples' evidence from before their relabel (None: nothing relabeled yet)."""
+        return None if self.before is None else {f: getattr(self.before, f).clone() for f in Before.FIELDS}
+
+    def load_state_dict(self, sd: dict | None, before: dict | None = None) -> None:
+        """Restore; ``None`` (a state saved before the evidence existed) starts it empty.  ``before``: what
+        ``before_state_dict`` gave (None: nothing kept, e.g. a state saved before it existed)."""
         if sd is None:
             self.clip_margin.fill_(float("nan"))
             self.clip_pred.fill_(-1)
         else:
             self.clip_margin.copy_(sd["clip_margin"])
             self.clip_pred.copy_(sd["clip_pred"])
+        self.before = None
+        if before is not None:
+            self.before = self._empty_before()
+            for f in Before.FIELDS:
+                getattr(self.before, f).copy_(before[f])

@@ -11,9 +11,9 @@ smaller of the two.
 What happens to a suspected sample (belief > 0.5):
 
 * **relabel** (opt-in) — belief >= ``exclude_above`` and both sources agree on the same other class: it
-  trains with that class.  Off by default: on the noise benchmark the agreed class was right for ~95% of
-  the relabeled digits, but fewer flips were caught and no accuracy was gained over leaving them out
-  (BENCHMARKS.md);
+  trains with that class.  Its evidence from before stays in its old class's mixture (``beliefs``).  Off by
+  default: on the noise benchmark the agreed class was right for ~95% of the relabeled digits, but the
+  accuracy gained over leaving them out is not resolved (BENCHMARKS.md);
 * **exclude** — belief >= ``exclude_above`` and no relabel: it leaves the selection;
 * **down-weight** — otherwise (unsure): its loss weight becomes ``1 - belief``.
 
@@ -38,6 +38,7 @@ from dataclasses import dataclass
 import torch
 
 from .kernels.reference import spans
+from .kernels.selection import smallest
 
 KEEP, DOWNWEIGHT, EXCLUDE, RELABEL = 0, 1, 2, 3
 ACTION_NAMES = {KEEP: "keep", DOWNWEIGHT: "down-weight", EXCLUDE: "exclude", RELABEL: "relabel"}
@@ -62,7 +63,16 @@ class NoiseDecision:
 
     def counts(self) -> torch.Tensor:
         """Samples per action (int64, indexed by the action codes), on the device."""
-        return torch.bincount(self.action, minlength=4)
+        return action_counts(self.action)
+
+
+def action_counts(action: torch.Tensor) -> torch.Tensor:
+    """Samples per action code (int64, 4), on the device: a pass at a time (a bincount of the whole column
+    would first widen it to int64, 8 bytes a sample)."""
+    counts = torch.zeros(4, dtype=torch.int64, device=action.device)
+    for a, b in _spans(action.numel(), action.device):
+        counts += torch.bincount(action[a:b].to(torch.int64), minlength=4)
+    return counts
 
 
 # Samples per pass of the per-sample work on the CPU: a pass's float64 temporaries stay in the core's cache and
@@ -133,10 +143,10 @@ def fit_mixtures(x: torch.Tensor, cls: torch.Tensor, valid: torch.Tensor, num_cl
 MIXTURE_ROWS = 6  # fit_mixtures' rows: mu_lo, mu_hi, var_lo, var_hi, pi_lo, usable
 
 # Classes per EM block on the CPU: each iteration is a dozen operations over a block's rows x BINS, so blocks
-# as large as this keep the operations few (1000 classes: 60 ms for 40 iterations, 5x faster than blocks of
-# 64) and the temporaries bounded (~50 MB); each row's arithmetic is the same whatever the block.  Elsewhere
-# all classes at once.
-_EM_ROWS = {"cpu": 1024}
+# as large as this keep the operations few (1000 classes: 63 ms for 40 iterations, as fast as one block of
+# 1024 and 2.4x faster than blocks of 128) and the temporaries bounded (~12 MB, half a block of 1024's); each
+# row's arithmetic is the same whatever the block.  Elsewhere all classes at once.
+_EM_ROWS = {"cpu": 512}
 
 
 def _em(centres, w, n1, iterations: int):
@@ -198,14 +208,18 @@ def posterior_coefficients(mixtures: torch.Tensor) -> torch.Tensor:
 
 
 def mixture_posterior(x: torch.Tensor, cls: torch.Tensor, valid: torch.Tensor, mixtures: torch.Tensor,
-                      at_most: torch.Tensor | None = None) -> torch.Tensor:
+                      at_most: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """Each sample's belief from its class's mixture (``fit_mixtures``), at its exact value: the posterior of
     the lower component, and 0 where ``x >= 0`` (no preference for another class), where ``valid`` is false
     or ``x`` is not finite, in unusable classes, and above ``OUTLIER_SD`` standard deviations under the upper
     component's mean.  Elementwise (float32 N): the same on every rank given the same mixtures, whatever the
-    passes.  With ``at_most`` (float32 N), the smaller of it and the belief, written into it."""
+    passes.  With ``at_most`` (float32 N), the smaller of it and the belief, written into it; else written
+    into ``out`` (float32 N) when given."""
     a, b, c, bound = posterior_coefficients(mixtures)
-    out = torch.empty(x.numel(), dtype=torch.float32, device=x.device) if at_most is None else at_most
+    if at_most is not None:
+        out = at_most
+    elif out is None:
+        out = torch.empty(x.numel(), dtype=torch.float32, device=x.device)
     for lo, hi in _spans(x.numel(), x.device):
         xs = x[lo:hi]
         v = valid[lo:hi] & torch.isfinite(xs)
@@ -223,9 +237,16 @@ def _seen(label: torch.Tensor, settled: torch.Tensor | None) -> torch.Tensor:
 
 
 def beliefs(label: torch.Tensor, model_margin: torch.Tensor | None, clip_margin: torch.Tensor | None,
-            num_classes: int, settled: torch.Tensor | None = None, share=None) -> torch.Tensor:
+            num_classes: int, settled: torch.Tensor | None = None, share=None,
+            out: torch.Tensor | None = None, before=None) -> torch.Tensor:
     """Per sample, the belief that its label is wrong from the evidence given (None: not used): each
-    source's per-class mixture belief, and with both the smaller (every source must point away).
+    source's per-class mixture belief, and with both the smaller (every source must point away).  Written
+    into ``out`` (float32 N) when given.
+
+    ``before`` (optional, an ``evidence.Before``): the ``settled`` (relabeled) samples' label and margins from
+    before their relabel.  They are not judged, but their old class's mixture is fitted with that evidence:
+    they were its lower mode, and without them the few wrong labels left there no longer make one (on the
+    noise benchmark, recall fell from 0.88 to 0.77 with relabeling until they were kept; BENCHMARKS.md).
 
     ``share`` (optional) maps the stacked mixtures (sources x ``MIXTURE_ROWS`` x C, float64) to the ones to
     use: ranks take rank 0's, so that every rank decides alike from O(C) numbers; the rest is elementwise.
@@ -233,11 +254,18 @@ def beliefs(label: torch.Tensor, model_margin: torch.Tensor | None, clip_margin:
     seen = _seen(label, settled)
     sources = [m for m in (model_margin, clip_margin) if m is not None]
     if not sources:
-        return torch.zeros(label.numel(), dtype=torch.float32, device=label.device)
-    fits = torch.stack([fit_mixtures(m, label, seen, num_classes) for m in sources])
+        return torch.zeros(label.numel(), dtype=torch.float32, device=label.device) if out is None else out.zero_()
+    if before is not None and settled is not None:
+        fit_label = torch.where(settled, before.label, label)
+        olds = [old for m, old in ((model_margin, before.model_margin), (clip_margin, before.clip_margin))
+                if m is not None]
+        fits = torch.stack([fit_mixtures(torch.where(settled, old, m), fit_label, fit_label >= 0, num_classes)
+                            for m, old in zip(sources, olds)])
+    else:
+        fits = torch.stack([fit_mixtures(m, label, seen, num_classes) for m in sources])
     if share is not None:
         fits = share(fits)
-    belief = mixture_posterior(sources[0], label, seen, fits[0])
+    belief = mixture_posterior(sources[0], label, seen, fits[0], out=out)
     for m, fit in zip(sources[1:], fits[1:]):
         mixture_posterior(m, label, seen, fit, at_most=belief)
     return belief
@@ -246,34 +274,22 @@ def beliefs(label: torch.Tensor, model_margin: torch.Tensor | None, clip_margin:
 def act(belief: torch.Tensor, label: torch.Tensor, model_margin: torch.Tensor | None,
         model_pred: torch.Tensor | None, clip_margin: torch.Tensor | None, clip_pred: torch.Tensor | None,
         max_fraction: float = 1.0, exclude_above: float = EXCLUDE_ABOVE, relabel: bool = False,
-        settled: torch.Tensor | None = None) -> NoiseDecision:
-    """Action and class for every sample from its ``belief`` (see ``decide``)."""
+        settled: torch.Tensor | None = None, out: torch.Tensor | None = None) -> NoiseDecision:
+    """Action and class for every sample from its ``belief`` (see ``decide``); the actions written into
+    ``out`` (int8 N) when given."""
     n, dev = label.numel(), label.device
     suspect = belief > SUSPECT_ABOVE
     cap = int(math.floor(max_fraction * n))
-    # Over the cap, the most suspected first; equal beliefs (saturated at 1) by how far the margins point away.
     # On the CPU, where counting costs no synchronisation, the usual case (within the cap) skips the ranking:
     # the same result, since every suspect then makes the cut.
-    if cap < n and (dev.type != "cpu" or int(suspect.sum()) > cap):
-        seen = _seen(label, settled)
-        key = torch.empty(n, dtype=torch.float64, device=dev)
-        for a, b in _spans(n, dev):
-            pull = torch.zeros(b - a, dtype=torch.float64, device=dev)
-            for margin in (model_margin, clip_margin):
-                if margin is not None:  # how far the margins point away
-                    m = margin[a:b]
-                    pull -= torch.where(seen[a:b] & torch.isfinite(m), m, 0.0).to(torch.float64)
-            key[a:b] = torch.where(suspect[a:b], belief[a:b].to(torch.float64) + 1e-6 * torch.sigmoid(pull), -1.0)
-        top = torch.zeros(n, dtype=torch.bool, device=dev)
-        if cap > 0:
-            top[torch.topk(key, cap).indices] = True
-        suspect = suspect & top
+    if cap < n and (dev.type != "cpu" or int(torch.count_nonzero(suspect)) > cap):
+        suspect = _most_suspected(suspect, belief, label, model_margin, clip_margin, cap, settled)
     use_relabel = relabel and model_pred is not None and clip_pred is not None
     if use_relabel:
         new_label = torch.full((n,), -1, dtype=torch.int32, device=dev)
     else:  # nothing is relabeled: one -1 seen N times (no memory)
         new_label = torch.full((1,), -1, dtype=torch.int32, device=dev).expand(n)
-    action = torch.empty(n, dtype=torch.int8, device=dev)
+    action = torch.empty(n, dtype=torch.int8, device=dev) if out is None else out
     for a, b in _spans(n, dev):  # elementwise, a pass at a time (temporaries bounded)
         sus = suspect[a:b]
         sure = sus & (belief[a:b] >= exclude_above)
@@ -290,20 +306,48 @@ def act(belief: torch.Tensor, label: torch.Tensor, model_margin: torch.Tensor | 
     return NoiseDecision(belief=belief, action=action, new_label=new_label)
 
 
+def _most_suspected(suspect, belief, label, model_margin, clip_margin, cap: int, settled) -> torch.Tensor:
+    """The ``cap`` suspects to act on (bool N): the highest beliefs; among equal beliefs at the cut (beliefs
+    saturate at 1), those whose margins point further away, then the lowest indices.  Radix selections (no
+    sort, no 8-byte key): a few bytes a sample of temporaries."""
+    n, dev = belief.numel(), belief.device
+    top = smallest(belief, suspect, cap, descending=True)
+    edge = torch.full((), float("inf"), dtype=belief.dtype, device=dev)  # the cap-th belief
+    for a, b in _spans(n, dev):
+        edge = torch.minimum(edge, torch.where(top[a:b], belief[a:b], float("inf")).min())
+    tied = torch.empty(n, dtype=torch.bool, device=dev)
+    for a, b in _spans(n, dev):
+        tied[a:b] = suspect[a:b] & (belief[a:b] == edge)
+        top[a:b] &= belief[a:b] > edge
+
+    def pull(a: int, b: int) -> torch.Tensor:  # how far the margins point away (float32), a pass at a time
+        seen = _seen(label[a:b], None if settled is None else settled[a:b])
+        total = torch.zeros(b - a, dtype=torch.float64, device=dev)
+        for margin in (model_margin, clip_margin):
+            if margin is not None:
+                m = margin[a:b]
+                total -= torch.where(seen & torch.isfinite(m), m, 0.0).to(torch.float64)
+        return total.to(torch.float32)
+
+    top |= smallest(pull, tied, cap - torch.count_nonzero(top), descending=True)
+    return top
+
+
 def decide(label: torch.Tensor, model_margin: torch.Tensor | None, model_pred: torch.Tensor | None,
            clip_margin: torch.Tensor | None, clip_pred: torch.Tensor | None, num_classes: int,
            max_fraction: float = 1.0, exclude_above: float = EXCLUDE_ABOVE, relabel: bool = False,
-           settled: torch.Tensor | None = None) -> NoiseDecision:
+           settled: torch.Tensor | None = None, before=None) -> NoiseDecision:
     """Belief, action, class and weight for every sample from the evidence given (None: not used):
     ``act(beliefs(...), ...)``.
 
     ``label`` is the class each sample trains with (-1: never scored, no decision).  ``relabel``: give
     the agreed class to sure suspects instead of leaving them out.  ``settled`` (bool N) marks samples whose
-    decision stands (relabeled ones): they are neither judged nor part of a class's mixture, because their
-    evidence restarted against the new class and is younger than everyone else's (a few late, confident
+    decision stands (relabeled ones): they are neither judged nor part of their new class's mixture, because
+    their evidence restarted against the new class and is younger than everyone else's (a few late, confident
     visits beside margins averaged since the first epoch): mixed in, they become the class's upper
-    component and hide the remaining wrong labels.
+    component and hide the remaining wrong labels.  With ``before`` (see ``beliefs``) their old evidence
+    stays in their old class's mixture.
     """
-    belief = beliefs(label, model_margin, clip_margin, num_classes, settled)
+    belief = beliefs(label, model_margin, clip_margin, num_classes, settled, before=before)
     return act(belief, label, model_margin, model_pred, clip_margin, clip_pred, max_fraction, exclude_above,
                relabel, settled)

@@ -89,7 +89,8 @@ class DynamicPruner:
         noise_start: the first epoch whose selection uses the noise decisions (the model's margins
             mean something only after some training); default: a fifth of ``epochs``, at least 2.
         noise_relabel: relabel sure suspects whose model and CLIP agree on another class, instead of
-            leaving them out (needs both sources of evidence).
+            leaving them out (needs both sources of evidence; keeps 12 bytes a sample of their evidence
+            from before, for their old class's mixture, from the first relabel on).
         image_emb: optional N x D table of CLIP image embeddings (fp16/bf16/fp32, on ``device``).
         text_emb: optional C x D table of CLIP class-text embeddings.  With ``text_emb`` but no
             ``image_emb``, pass per-batch image embeddings to ``step(image_emb=...)``.
@@ -203,8 +204,13 @@ class DynamicPruner:
         self._action = torch.zeros(n, dtype=torch.int8, device=dev)  # fastprune.noise action codes
         self._belief = torch.zeros(n, dtype=torch.float32, device=dev)  # P(label wrong)
         self._relabel = torch.full((n,), -1, dtype=torch.int32, device=dev)  # class trained with instead
-        self._selection_priority: torch.Tensor | None = None  # the latest selection's priorities (for reports)
-        self._decision_belief: torch.Tensor | None = None  # the latest noise decision's beliefs, every sample
+        # The latest selection's priorities and noise decision's beliefs (for reports; None where not known).
+        # The selection writes into buffers held from one epoch to the next, so that it allocates only a few
+        # bytes a sample beside them.
+        self._priority_buffer = torch.zeros(n, dtype=torch.float32, device=dev)
+        self._belief_buffer: torch.Tensor | None = None  # allocated at the first decision
+        self._selection_priority: torch.Tensor | None = None
+        self._decision_belief: torch.Tensor | None = None
         self._any_relabel = False
         self._excluded, self._population = self._check_subset(initial_subset)
         self._evidence = Evidence(self._state)
@@ -243,7 +249,7 @@ class DynamicPruner:
                              f"{int(subset.min())}..{int(subset.max())}")
         excluded = torch.ones(self.num_samples, dtype=torch.bool)
         excluded[subset.to(torch.int64)] = False
-        return excluded.to(self.device), int((~excluded).sum())
+        return excluded.to(self.device), int(torch.count_nonzero(~excluded))
 
     def _check_embeddings(self, image_emb, text_emb):
         for name, t in (("image_emb", image_emb), ("text_emb", text_emb)):
@@ -395,11 +401,16 @@ class DynamicPruner:
         model_margin = ev.model_margin() if use_model else None
         clip_margin = ev.clip_margin if use_clip else None
         settled = self._relabel >= 0 if self._any_relabel else None
+        if self._belief_buffer is None:
+            self._belief_buffer = torch.empty(self.num_samples, dtype=torch.float32, device=self.device)
+        # Written into the held buffers (the actions into the current ones: _apply merges them with the
+        # relabels that stand); nothing can fail from here on (the step's errors were reported first).
         belief = _noise.beliefs(ev.label, model_margin, clip_margin, self.num_classes, settled,
-                                share=self._from_rank0 if self._group is not None else None)
+                                share=self._from_rank0 if self._group is not None else None, out=self._belief_buffer,
+                                before=ev.before)
         return _noise.act(belief, ev.label, model_margin, ev.pred if use_model else None, clip_margin,
                           ev.clip_pred if use_clip else None, max_fraction=self.noise_ratio,
-                          relabel=self.noise_relabel, settled=settled)
+                          relabel=self.noise_relabel, settled=settled, out=self._action)
 
     def _from_rank0(self, mixtures: torch.Tensor) -> torch.Tensor:
         """Rank 0's per-class mixtures on every rank (O(C) bytes, counted in ``last_sync``): fitted the same
@@ -414,26 +425,31 @@ class DynamicPruner:
     def _select(self, epoch: int, policy: str, decision: _noise.NoiseDecision | None = None) -> _k.Selection:
         use_cons = self.image_emb is not None or self._has_batch_consistency
         actions = self._action if decision is None else decision.action  # earlier decisions stand until new ones
-        noisy = actions == _noise.EXCLUDE if self.noise_ratio > 0 else None
+        if self.noise_ratio > 0:
+            noisy = torch.eq(actions, _noise.EXCLUDE, out=self._noisy)
+        else:
+            noisy = self._noisy.zero_()
+        # The outputs go into the pruner's own buffers (the weights into the step state's).
+        out = {"noisy": self._noisy, "priority": self._priority_buffer, "weights": self._state.weights}
         return _k.select_epoch(
             self._state.scores, self._state.visits, self._state.consistency, use_consistency=use_cons,
-            policy=policy, keep_ratio=self.keep_ratio, noise_ratio=0.0, noisy=noisy,
+            policy=policy, keep_ratio=self.keep_ratio, noise_ratio=0.0, noisy=noisy, out=out,
             semantic_weight=self.semantic_weight, max_drop=self.max_drop, seed=self.seed, epoch=epoch,
             exclude=self._excluded, population=self._population)
 
     def _adopt(self, epoch: int, policy: str, sel: _k.Selection,
                decision: _noise.NoiseDecision | None = None) -> torch.Tensor:
-        # One small int64 transfer brings the counts, the drop probability's bits and the step error
-        # counters (exact: counts and error examples never pass through a float); then the index list.
+        # One small int64 transfer brings the counts and the drop probability's bits (exact: counts never pass
+        # through a float); then the index list.
         drop_bits = sel.drop_prob.to(torch.float64).reshape(1).view(torch.int64)
-        actions = decision.counts() if decision is not None else torch.bincount(self._action, minlength=4)
-        counts = torch.cat([sel.n_keep.to(torch.int64).reshape(1), sel.noisy.sum().reshape(1), drop_bits,
-                            actions, self._errors.counters]).tolist()
-        self._errors.check(counts[7:])
+        actions = _noise.action_counts(decision.action if decision is not None else self._action)
+        n_noisy = torch.count_nonzero(sel.noisy).reshape(1)
+        counts = torch.cat([sel.n_keep.to(torch.int64).reshape(1), n_noisy, drop_bits, actions]).tolist()
         n_keep, n_noisy = counts[0], counts[1]
         drop = torch.tensor(counts[2], dtype=torch.int64).view(torch.float64).item()
         order = sel.order[:n_keep].cpu()
-        self._state.weights.copy_(sel.weights)
+        if sel.weights is not self._state.weights:
+            self._state.weights.copy_(sel.weights)
         self._selection_priority = sel.priority
         if decision is not None:
             self._apply(decision, counts[3 + _noise.RELABEL] > 0)
@@ -442,7 +458,8 @@ class DynamicPruner:
         for lo, hi in _k.reference.passes(self.num_samples, self.device):
             down = self._action[lo:hi] == _noise.DOWNWEIGHT
             weights[lo:hi].mul_(torch.where(down, 1.0 - self._belief[lo:hi], 1.0))
-        self._noisy.copy_(sel.noisy)
+        if sel.noisy is not self._noisy:
+            self._noisy.copy_(sel.noisy)
         self._set_order(order)
         self.epoch = epoch
         record = {"epoch": epoch, "policy": policy, "kept": n_keep, "noisy": n_noisy, "drop_prob": drop,
@@ -477,7 +494,7 @@ class DynamicPruner:
     def next_epoch(self) -> torch.Tensor:
         """Build and adopt the next epoch's shuffled selection; return this rank's part of it (CPU LongTensor).
 
-        Errors the device recorded during the epoch are raised here at the latest (before adopting).
+        Errors the device recorded during the epoch are raised here at the latest, before anything changes.
         Under ``torch.distributed`` this is collective: the ranks' updates are merged first
         (see ``sync()``), and every rank adopts the same global selection.
         """
@@ -485,6 +502,7 @@ class DynamicPruner:
         policy = self.schedule.policy_for(epoch)
         if self._group is not None:
             self._merge(_NEXT_EPOCH)
+        self._errors.check()  # (a sync on CUDA: one small transfer an epoch)
         if self.image_emb is not None:  # on every rank, so that the ranks' states stay equal
             self._complete_clip_table()
         decision = self._decide(epoch)
@@ -724,6 +742,7 @@ class DynamicPruner:
             "global_indices": self._global_indices.clone(),
             "has_batch_consistency": self._has_batch_consistency,
             "clip": self._evidence.state_dict(),
+            "relabeled_from": self._evidence.before_state_dict(),
             "noise": {"action": self._action.clone(), "belief": self._belief.clone(),
                       "relabel": self._relabel.clone()},
             "history": [dict(h) for h in self.history],
@@ -814,6 +833,13 @@ class DynamicPruner:
                 raise ValueError("state_dict['clip'] must hold 'clip_margin' and 'clip_pred'")
             column("clip.clip_margin", clip["clip_margin"])
             column("clip.clip_pred", clip["clip_pred"], lo=-1, hi=c - 1, dtype_kind="int")
+        before = sd.get("relabeled_from")  # (optional: states saved before it was kept have none)
+        if before is not None:
+            if not isinstance(before, dict) or any(k not in before for k in ("label", "model_margin", "clip_margin")):
+                raise ValueError("state_dict['relabeled_from'] must hold 'label', 'model_margin' and 'clip_margin'")
+            column("relabeled_from.label", before["label"], lo=-1, hi=c - 1, dtype_kind="int")
+            column("relabeled_from.model_margin", before["model_margin"])
+            column("relabeled_from.clip_margin", before["clip_margin"])
 
     def load_state_dict(self, sd: dict) -> None:
         """Restore a ``state_dict``; sizes must match this pruner's.  Every entry is checked first (shapes,
@@ -835,7 +861,8 @@ class DynamicPruner:
         order = sd["global_indices"] if sd["version"] >= 2 else sd["epoch_indices"]  # v1: single process
         self._set_order(order.to("cpu", torch.int64).clone())
         self._has_batch_consistency = bool(sd["has_batch_consistency"])
-        self._evidence.load_state_dict(sd["clip"] if sd["version"] >= 4 else sd.get("evidence"))  # v1, v2: none
+        self._evidence.load_state_dict(sd["clip"] if sd["version"] >= 4 else sd.get("evidence"),  # v1, v2: none
+                                       sd.get("relabeled_from"))
         if sd["version"] >= 3:
             for name in ("action", "belief", "relabel"):
                 getattr(self, "_" + name).copy_(sd["noise"][name])

@@ -291,11 +291,13 @@ def passes(n: int, device):
     return spans(n, device, _PASS_CHUNK, max(n, 1))
 
 
-def priority_reference(scores, visits, consistency, noisy, mu, sd, semantic_weight: float, use_consistency: bool):
-    """Sample class (unseen / eligible / noisy) and priority p = s * sigmoid(gamma * (c - mu) / sd)."""
+def priority_reference(scores, visits, consistency, noisy, mu, sd, semantic_weight: float, use_consistency: bool,
+                       out=None):
+    """Sample class (unseen / eligible / noisy) and priority p = s * sigmoid(gamma * (c - mu) / sd); the
+    priorities written into ``out`` (float32 N) when given."""
     n, dev = scores.numel(), scores.device
     cls = torch.empty(n, dtype=torch.int8, device=dev)
-    p = torch.empty(n, dtype=torch.float32, device=dev)
+    p = torch.empty(n, dtype=torch.float32, device=dev) if out is None else out
     for lo, hi in passes(n, dev):
         c = torch.where(visits[lo:hi] > 0, K.CLS_ELIGIBLE, K.CLS_UNSEEN)
         cls[lo:hi] = torch.where(noisy[lo:hi], K.CLS_NOISY, c)
@@ -403,38 +405,43 @@ _SHUFFLE_CHUNK = 1 << 18
 _SPLIT_CHUNK = 1 << 16  # positions per split into kept and dropped (in cache)
 
 
-def shuffled_order(keep: torch.Tensor, seed: int, epoch: int) -> torch.Tensor:
+def shuffled_order(keep: torch.Tensor, seed: int, epoch: int, dropped: bool = True) -> torch.Tensor:
     """Every sample index: the kept ones first, in the order of their images under the keyed bijection of
-    (seed, epoch), then the others in the same order.  No sort, and the order of two kept samples does
-    not depend on which other samples are kept.  The positions are walked in order and each one's sample
-    found by the inverse bijection: no N-sized temporaries besides the result."""
+    (seed, epoch), then the others in the same order (``dropped=False``: the kept ones only).  No sort, and
+    the order of two kept samples does not depend on which other samples are kept.  The positions are walked
+    in order and each one's sample found by the inverse bijection: no N-sized temporaries besides the result."""
     n = keep.numel()
     if n > K.SHUFFLE_MAX_N:
         raise ValueError(f"the shuffle handles up to {K.SHUFFLE_MAX_N} samples, got {n}")
     keys = shuffle_keys(seed, epoch)
     kept = keep.cpu().numpy()
-    order = np.empty(n, dtype=np.int64)
-    at_kept, at_dropped = 0, int(np.count_nonzero(kept))
+    n_keep = int(np.count_nonzero(kept))
+    order = np.empty(n if dropped else n_keep, dtype=np.int64)
+    at_kept, at_dropped = 0, n_keep
     for lo in range(0, n, _SHUFFLE_CHUNK):
         samples = shuffle_preimages(lo, min(n, lo + _SHUFFLE_CHUNK), n, keys)
         for part in range(0, samples.size, _SPLIT_CHUNK):  # np.compress: far faster than a boolean index
             sample = samples[part:part + _SPLIT_CHUNK]
             flag = kept[sample]
-            a, b = np.compress(flag, sample), np.compress(~flag, sample)
+            a = np.compress(flag, sample)
             order[at_kept:at_kept + a.size] = a
-            order[at_dropped:at_dropped + b.size] = b
-            at_kept, at_dropped = at_kept + a.size, at_dropped + b.size
+            at_kept += a.size
+            if dropped:
+                b = np.compress(~flag, sample)
+                order[at_dropped:at_dropped + b.size] = b
+                at_dropped += b.size
     return torch.from_numpy(order).to(keep.device)
 
 
-def finalize_reference(cls, prio, chosen, stats: PolicyStats, policy: int, seed: int, epoch: int):
-    """Keep mask and weights for every sample (``chosen``: the ranked policies' choice)."""
+def finalize_reference(cls, prio, chosen, stats: PolicyStats, policy: int, seed: int, epoch: int, out=None):
+    """Keep mask and weights for every sample (``chosen``: the ranked policies' choice); the weights written
+    into ``out`` (float32 N) when given."""
     n = cls.numel()
     dev = cls.device
     if policy not in (K.POLICY_FULL, K.POLICY_INFOBATCH, K.POLICY_RANKED):
         raise ValueError(f"unknown policy code {policy}")
     keep = torch.empty(n, dtype=torch.bool, device=dev)
-    w = torch.ones(n, dtype=torch.float32, device=dev)
+    w = torch.ones(n, dtype=torch.float32, device=dev) if out is None else out.fill_(1.0)
     for lo, hi in spans(n, dev, _FINALIZE_CHUNK, _WORDS_CHUNK_DEVICE):  # a chunk at a time: temporaries bounded
         c = cls[lo:hi]
         if policy == K.POLICY_FULL:

@@ -161,11 +161,12 @@ def compact_kernel(slot_ptr, csum_ptr, order_ptr, N, BLOCK: tl.constexpr):
     tl.store(order_ptr + at, tl.where(v >= 0, v, -1 - v), mask=m)
 
 
-def priority_triton(scores, visits, consistency, noisy, mu, sd, semantic_weight: float, use_consistency: bool):
+def priority_triton(scores, visits, consistency, noisy, mu, sd, semantic_weight: float, use_consistency: bool,
+                    out=None):
     """Drop-in for ``reference.priority_reference``."""
     n = scores.numel()
     cls = torch.empty(n, dtype=torch.int8, device=scores.device)
-    prio = torch.empty(n, dtype=torch.float32, device=scores.device)
+    prio = torch.empty(n, dtype=torch.float32, device=scores.device) if out is None else out
     mu = torch.as_tensor(mu, dtype=torch.float32, device=scores.device).reshape(())
     sd = torch.as_tensor(sd, dtype=torch.float32, device=scores.device).reshape(())
     priority_kernel[(triton.cdiv(n, BLOCK),)](
@@ -179,12 +180,12 @@ def _as_i32(k: int) -> int:
     return k - (1 << 32) if k >= (1 << 31) else k
 
 
-def finalize_triton(cls, prio, chosen, stats: PolicyStats, policy: int, seed: int, epoch: int):
+def finalize_triton(cls, prio, chosen, stats: PolicyStats, policy: int, seed: int, epoch: int, out=None):
     """Drop-in for ``reference.finalize_reference``."""
     n = cls.numel()
     dev = cls.device
     keep = torch.empty(n, dtype=torch.int8, device=dev)
-    w = torch.empty(n, dtype=torch.float32, device=dev)
+    w = torch.empty(n, dtype=torch.float32, device=dev) if out is None else out
     k0, k1 = (_as_i32(k) for k in K.seed_keys(seed))
     chosen = cls if chosen is None else chosen.view(torch.int8)  # cls: a placeholder, read only when ranked
     scal = [torch.as_tensor(v, device=dev).reshape(()) for v in (stats.mean_p, stats.drop_prob, stats.up_weight)]
@@ -194,8 +195,9 @@ def finalize_triton(cls, prio, chosen, stats: PolicyStats, policy: int, seed: in
     return keep.view(torch.bool), w
 
 
-def shuffle_triton(keep, seed: int, epoch: int):
-    """Drop-in for ``reference.shuffled_order``: three passes over N on the device, no sort, no sync."""
+def shuffle_triton(keep, seed: int, epoch: int, dropped: bool = True):
+    """Drop-in for ``reference.shuffled_order``: three passes over N on the device, no sort, no sync.  It
+    writes every index whatever ``dropped`` (knowing how many are kept would take a sync)."""
     n = keep.numel()
     if n > K.SHUFFLE_MAX_N:
         raise ValueError(f"the shuffle handles up to {K.SHUFFLE_MAX_N} samples, got {n}")

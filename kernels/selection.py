@@ -23,7 +23,7 @@ _U32 = 0xFFFFFFFF
 class Selection:
     """Result of one epoch selection; every tensor lives on the state's device."""
 
-    order: torch.Tensor  # all N indices: the kept ones first, shuffled; then the rest
+    order: torch.Tensor  # the kept indices, shuffled: order[:n_keep] (a GPU's passes also write the rest after them)
     n_keep: torch.Tensor  # number of kept samples (0-d int64)
     keep: torch.Tensor  # bool[N]
     weights: torch.Tensor  # float32[N] unbiasing weights for the epoch
@@ -47,26 +47,31 @@ def order_keys(values: torch.Tensor, descending: bool = False) -> torch.Tensor:
     return (_U32 - key) if descending else key
 
 
-def smallest(values: torch.Tensor, mask: torch.Tensor, k, descending: bool = False) -> torch.Tensor:
+def smallest(values, mask: torch.Tensor, k, descending: bool = False) -> torch.Tensor:
     """The ``k`` (int or 0-d tensor) first of ``values[mask]`` in ascending order (descending with
     ``descending``), ties broken by index: the same set as the first ``k`` of a stable sort, found without
     sorting.  Radix selection: four passes over N, each an 8-bit histogram of the keys still in question
-    (exact integer counts, the same on every device), then a scan over the ties.  Returns a bool mask."""
-    n, dev = values.numel(), values.device
+    (exact integer counts, the same on every device), then a scan over the ties.  Returns a bool mask.
+
+    ``values`` is a tensor like ``mask``, or a function ``(start, stop) -> values[start:stop]`` for values
+    computed a pass at a time (never held whole)."""
+    n, dev = mask.numel(), mask.device
     chunk = _SELECT_CHUNK.get(dev.type, _SELECT_CHUNK_DEVICE)
+    if isinstance(values, torch.Tensor):
+        values = (lambda lo, hi, v=values: v[lo:hi])
     chosen = torch.zeros(n, dtype=torch.bool, device=dev)
     cand = mask.clone()
-    remaining = torch.as_tensor(k, dtype=torch.int64, device=dev).clamp(0).minimum(mask.sum())
+    remaining = torch.as_tensor(k, dtype=torch.int64, device=dev).clamp(0).minimum(torch.count_nonzero(mask))
     for shift in (24, 16, 8, 0):
         hist = torch.zeros(257, dtype=torch.int64, device=dev)
         for lo in range(0, n, chunk):
-            digit = (order_keys(values[lo:lo + chunk], descending) >> shift) & 255
+            digit = (order_keys(values(lo, min(n, lo + chunk)), descending) >> shift) & 255
             hist += torch.bincount(torch.where(cand[lo:lo + chunk], digit, 256), minlength=257)
         cum = hist[:256].cumsum(0)
         pick = (cum < remaining).sum()  # the bin that holds the k-th key
         remaining = remaining - torch.where(pick > 0, cum[(pick - 1).clamp_min(0)], 0)
         for lo in range(0, n, chunk):
-            digit = (order_keys(values[lo:lo + chunk], descending) >> shift) & 255
+            digit = (order_keys(values(lo, min(n, lo + chunk)), descending) >> shift) & 255
             c = cand[lo:lo + chunk]
             chosen[lo:lo + chunk] |= c & (digit < pick)
             c &= digit == pick
@@ -81,10 +86,19 @@ def smallest(values: torch.Tensor, mask: torch.Tensor, k, descending: bool = Fal
 
 def masked_median(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Lower median of ``values[mask]`` as a 0-d tensor, without a host sync (NaN if empty)."""
-    count = mask.sum()
+    count = torch.count_nonzero(mask)
     below = smallest(values, mask, (count - 1) // 2 + 1)
     top = torch.where(below, values, torch.full_like(values, float("-inf"))).max()
     return torch.where(count > 0, top, torch.full_like(top, float("nan")))
+
+
+def _and_into(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    """``a & b`` (bool N), written into ``out`` when given (which may be ``a``), a pass at a time."""
+    if out is None:
+        return a & b
+    for lo, hi in _passes(a.numel(), a.device):
+        torch.logical_and(a[lo:hi], b[lo:hi], out=out[lo:hi])
+    return out
 
 
 def fraction_of(count: torch.Tensor, ratio: float) -> torch.Tensor:
@@ -110,8 +124,8 @@ def masked_sum(values: torch.Tensor, mask: torch.Tensor, centre: torch.Tensor | 
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor, count: torch.Tensor | None = None) -> torch.Tensor:
     """Mean of ``values[mask]`` (0 when empty) as a 0-d float32, summed in float64 with an int64 count
-    (``count``: ``mask.sum()``, when the caller has it)."""
-    n = mask.sum() if count is None else count
+    (``count``: its number of samples, when the caller has it)."""
+    n = torch.count_nonzero(mask) if count is None else count
     return (masked_sum(values, mask) / n.clamp_min(1)).to(torch.float32)
 
 
@@ -119,12 +133,12 @@ def noise_mask(scores, consistency, seen, noise_ratio: float) -> torch.Tensor:
     """The floor(noise_ratio * n_seen) least consistent samples among those with above-median loss."""
     med = masked_median(scores, seen)
     high = seen & (scores > med)
-    return smallest(consistency, high, fraction_of(seen.sum(), noise_ratio))
+    return smallest(consistency, high, fraction_of(torch.count_nonzero(seen), noise_ratio))
 
 
 def consistency_stats(consistency, mask) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean and standard deviation of ``consistency[mask]`` (0 and 1 when empty)."""
-    n = mask.sum()
+    n = torch.count_nonzero(mask)
     mu = masked_mean(consistency, mask, n)
     var = (masked_sum(consistency, mask, centre=mu) / n.clamp_min(1)).to(torch.float32)
     sd = torch.where(n > 1, var.sqrt(), torch.ones_like(var))
@@ -142,7 +156,7 @@ def policy_stats(cls, prio, keep_count: int, max_drop: float) -> PolicyStats:
     mean_p = masked_mean(prio, elig, n_elig)
     n_low = torch.zeros((), dtype=torch.int64, device=cls.device)
     for lo, hi in _passes(cls.numel(), cls.device):
-        n_low += (elig[lo:hi] & (prio[lo:hi] < mean_p)).sum()
+        n_low += torch.count_nonzero(elig[lo:hi] & (prio[lo:hi] < mean_p))
     want = (n_unseen + n_elig - keep_count).clamp_min(0)
     drop = (want.to(torch.float64) / n_low.clamp_min(1)).clamp(0.0, max_drop).to(torch.float32)
     return PolicyStats(budget=budget, mean_p=mean_p, drop_prob=drop, up_weight=1.0 / (1.0 - drop))
@@ -180,6 +194,7 @@ def select_reference(
     exclude: torch.Tensor | None = None,
     population: int | None = None,
     noisy: torch.Tensor | None = None,
+    out: dict[str, torch.Tensor] | None = None,
     finalize=finalize_reference,
     priority=priority_reference,
     shuffle=shuffled_order,
@@ -191,31 +206,45 @@ def select_reference(
     statistics, and ``keep_ratio`` applies to the ``population`` that remains (pass it from the host
     to avoid a sync; it is counted here otherwise).  ``noisy`` (bool N), when given, is the set the
     noise decisions leave out, instead of the ``noise_ratio`` quantile rule.
+
+    ``out`` (optional) holds buffers the caller owns for the outputs ``"noisy"`` (bool N), ``"priority"`` and
+    ``"weights"`` (float32 N): written there instead of allocated (on the CPU the selection then needs a few
+    bytes a sample of temporaries besides the order).  ``noisy`` may be ``out["noisy"]`` itself.
     """
+    out = out or {}
     n = scores.numel()
     seen = visits > 0
     if exclude is not None:
         seen = seen & ~exclude
         if population is None:
-            population = n - int(exclude.sum())
+            population = n - int(torch.count_nonzero(exclude))
     population = n if population is None else population
     if noisy is not None:
-        noisy = noisy & seen
+        noisy = _and_into(noisy, seen, out.get("noisy"))
     elif use_consistency and noise_ratio > 0:
         noisy = noise_mask(scores, consistency, seen, noise_ratio)
     else:
         noisy = torch.zeros(n, dtype=torch.bool, device=scores.device)
+    if "noisy" in out and noisy is not out["noisy"]:
+        noisy = out["noisy"].copy_(noisy)
     if use_consistency:
-        mu, sd = consistency_stats(consistency, seen & ~noisy)
+        clean = torch.empty_like(seen)
+        for lo, hi in _passes(n, seen.device):
+            torch.logical_and(seen[lo:hi], ~noisy[lo:hi], out=clean[lo:hi])
+        mu, sd = consistency_stats(consistency, clean)
+        del clean
     else:
         mu = sd = torch.ones((), device=scores.device)
     blocked = noisy if exclude is None else noisy | exclude
-    cls, prio = priority(scores, visits, consistency, blocked, mu, sd, semantic_weight, use_consistency)
+    cls, prio = priority(scores, visits, consistency, blocked, mu, sd, semantic_weight, use_consistency,
+                         out=out.get("priority"))
+    del blocked
     keep_count = int(round(keep_ratio * population))
     stats = policy_stats(cls, prio, keep_count, max_drop)
     chosen = ranked_choice(policy, cls, prio, stats.budget, seed, epoch)
-    keep, w = finalize(cls, prio, chosen, stats, POLICY_CODES[policy], seed, epoch)
-    order = shuffle(keep, seed, epoch)
+    keep, w = finalize(cls, prio, chosen, stats, POLICY_CODES[policy], seed, epoch, out=out.get("weights"))
+    del cls, chosen
+    order = shuffle(keep, seed, epoch, dropped=False)
     drop_prob = stats.drop_prob if policy == "infobatch" else torch.zeros((), device=scores.device)
-    return Selection(order=order, n_keep=keep.sum(), keep=keep, weights=w, noisy=noisy, priority=prio,
+    return Selection(order=order, n_keep=torch.count_nonzero(keep), keep=keep, weights=w, noisy=noisy, priority=prio,
                      drop_prob=drop_prob)

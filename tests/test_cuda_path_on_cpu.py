@@ -136,7 +136,9 @@ def test_training_steps_never_wait_for_the_device():
             grad_of(pruner.step(logits, idx % C, idx))
         assert not sim.syncs, f"the step synchronised with the host: {dict(sim.syncs)}"
         pruner.next_epoch()
-        assert 0 < sum(sim.syncs.values()) <= 3, dict(sim.syncs)  # the epoch's counts and its index list
+        # the step's errors (checked before anything changes), the CLIP table's new rows, the epoch's counts and
+        # its index list
+        assert 0 < sum(sim.syncs.values()) <= 4, dict(sim.syncs)
 
 
 def test_static_subset_state_dict_and_resume_on_cuda():
@@ -169,8 +171,10 @@ def test_selection_pipeline_on_cuda(policy):
     with simulated_cuda():
         sel = select_epoch(scores.cuda(), visits.cuda(), cons.cuda(), exclude=exclude.cuda(), **kw)
         assert sel.order.is_cuda and sel.weights.is_cuda
-        for name in ("order", "keep", "weights", "noisy", "n_keep"):
+        for name in ("keep", "weights", "noisy", "n_keep"):
             assert torch.equal(to_host(getattr(sel, name)), getattr(ref, name)), name
+        k = int(ref.n_keep)  # the kept samples come first (the GPU's passes also write the rest after them)
+        assert torch.equal(to_host(sel.order)[:k], ref.order[:k])
 
 
 # ----------------------------------------------------------------------------- distributed

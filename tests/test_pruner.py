@@ -208,6 +208,16 @@ def test_noise_decisions_relabel_where_the_model_and_clip_agree(reference_path):
     assert set(torch.nonzero(relabel)[:, 0].tolist()) == flagged
     assert torch.equal(pruner.relabeled[relabel].long(), true[relabel])  # the agreed class is the truth
     assert pruner.history[-1]["relabeled"] == len(flagged) and pruner.history[-1]["excluded"] == 0
+    before = pruner._evidence.before  # their evidence against the old label, for the old class's mixture
+    assert torch.equal(before.label[relabel].long(), given[relabel]) and (before.label[~relabel] == -1).all()
+    assert (before.model_margin[relabel] < 0).all() and (before.clip_margin[relabel] < 0).all()
+    assert before.model_margin[~relabel].isnan().all()
+    other = fp.DynamicPruner(n, c, epochs=10, keep_ratio=0.7, noise_ratio=0.3, noise_start=2, image_emb=image,
+                             text_emb=text, warmup=1, noise_relabel=True, device="cpu")
+    other.load_state_dict(pruner.state_dict())
+    for f in ("label", "model_margin", "clip_margin"):  # saved and restored with the state
+        assert torch.allclose(getattr(other._evidence.before, f).double(), getattr(before, f).double(), rtol=0,
+                              atol=0, equal_nan=True), f
     # relabeled samples train with their new class: the next epoch's margins are positive again
     train_planted(pruner, true, given, strength, 1, c)
     seen = relabel & (pruner.model_margin == pruner.model_margin)
@@ -234,6 +244,30 @@ def test_relabeled_samples_stay_out_of_their_new_class_mixture():
     suspected = torch.nonzero(d.action != fpn.KEEP)[:, 0]
     assert suspected.tolist() == list(range(clean, clean + wrong))
     assert (d.belief[settled] == 0).all()
+
+
+def test_relabeled_samples_old_evidence_keeps_their_old_class_mode():
+    """Once most of a class's wrong labels are relabeled, the two left no longer make a mode of their own; with
+    the relabeled samples' evidence from before their relabel in the fit (``before``), they still do."""
+    from fastprune.evidence import Before
+
+    g = torch.Generator().manual_seed(0)
+    clean, left, moved = 160, 2, 60
+    margin = torch.cat([1.0 + 0.3 * torch.randn(clean, generator=g), -0.6 + 0.2 * torch.randn(left, generator=g),
+                        3.0 + 0.5 * torch.randn(moved, generator=g)])  # the moved ones: their new class's margins
+    n = margin.numel()
+    label = torch.cat([torch.zeros(clean + left), torch.ones(moved)]).to(torch.int32)
+    settled = torch.arange(n) >= clean + left
+    old = torch.where(settled, -0.6 + 0.2 * torch.randn(n, generator=g), float("nan"))
+    before = Before(torch.where(settled, 0, -1).to(torch.int32), old, old.clone())
+    wrong = slice(clean, clean + left)
+    without = fpn.beliefs(label, margin, None, 2, settled)
+    assert (without[wrong] <= 0.5).all()
+    with_before = fpn.beliefs(label, margin, None, 2, settled, before=before)
+    assert (with_before[wrong] > 0.5).all() and (with_before[:clean] <= 0.5).all()
+    assert (with_before[settled] == 0).all()  # the relabeled ones are not judged again
+    both = fpn.beliefs(label, margin, margin, 2, settled, before=before)  # each source with its own old margins
+    assert torch.equal(both, with_before)
 
 
 def test_mixtures_are_fitted_from_class_histograms():
@@ -352,7 +386,7 @@ def test_noise_ratio_caps_the_decisions(reference_path, monkeypatch):
     act = fpn.act
 
     def keep_raw(*a, **k):  # the decisions' own beliefs, also of the samples the cap leaves alone
-        k_uncapped = dict(k, max_fraction=1.0)
+        k_uncapped = dict(k, max_fraction=1.0, out=None)  # its own actions: the capped ones go to the pruner
         decisions.append((act(*a, **k), act(*a, **k_uncapped)))
         return decisions[-1][0]
 
@@ -364,6 +398,50 @@ def test_noise_ratio_caps_the_decisions(reference_path, monkeypatch):
     left = (capped.action == fpn.KEEP) & (uncapped.action != fpn.KEEP)
     assert left.sum() > 100, "the cap left most suspects alone"
     assert capped.belief[flagged].min() >= uncapped.belief[left].max()
+
+
+def test_a_step_error_is_raised_before_next_epoch_changes_anything(reference_path):
+    """The selection writes into buffers the pruner holds (weights, priorities, beliefs, actions): the step's
+    errors are reported before any of them is touched, and a later epoch reuses them."""
+    from fastprune.kernels import common as K
+
+    n, c = 600, 10
+    g, text, true, noisy, given, image, strength = planted_noise(n, c, seed=5)
+    pruner = fp.DynamicPruner(n, c, epochs=10, noise_ratio=0.3, noise_start=2, image_emb=image, text_emb=text,
+                              warmup=1, device="cpu")
+    train_planted(pruner, true, given, strength, 3, c)
+    assert pruner.suspected_noisy().numel() > 0
+    held = {"weights": pruner.weights, "priority": pruner.selection_priority, "belief": pruner.decision_belief,
+            "actions": pruner.noise_actions, "noise_belief": pruner.noise_belief}
+    before = {k: v.clone() for k, v in held.items()}
+    order, epoch = pruner.epoch_indices.clone(), pruner.epoch
+    counters = pruner._errors.counters  # a bad label, as the step's kernel counts it
+    counters[K.ERR_LABEL_COUNT] += 1
+    counters[K.ERR_LABEL_COUNT + 1] = K.merge_example(int(counters[K.ERR_LABEL_COUNT + 1]), 99)
+    with pytest.raises(ValueError, match="value 99"):
+        pruner.next_epoch()
+    assert pruner.epoch == epoch and torch.equal(pruner.epoch_indices, order)
+    for k, v in held.items():
+        assert torch.equal(v, before[k]), k
+    train_planted(pruner, true, given, strength, 1, c)
+    assert pruner.epoch == epoch + 1 and not torch.equal(pruner.epoch_indices, order)
+    now = {"weights": pruner.weights, "priority": pruner.selection_priority, "belief": pruner.decision_belief,
+           "actions": pruner.noise_actions, "noise_belief": pruner.noise_belief}
+    for k, v in now.items():
+        assert v.data_ptr() == held[k].data_ptr(), f"{k}: a new buffer each epoch"
+
+
+def test_the_cap_breaks_equal_beliefs_by_the_margins_then_the_index():
+    n = 12
+    belief = torch.tensor([0.99, 1.0, 1.0, 1.0, 0.2, 1.0, 0.7, 1.0, 1.0, 0.95, 1.0, 0.6])
+    margin = torch.tensor([-1.0, -0.5, -2.0, -0.5, 0.0, -3.0, -1.0, float("nan"), -0.1, -1.0, -2.0, -1.0])
+    label = torch.zeros(n, dtype=torch.int32)
+    cases = {0: [], 2: [5, 2], 3: [5, 2, 10], 5: [5, 2, 10, 1, 3], 8: [5, 2, 10, 1, 3, 8, 7, 0],
+             12: [0, 1, 2, 3, 5, 6, 7, 8, 9, 10, 11]}  # 11 suspects (belief > 0.5): a cap of 12 takes them all
+    for cap, expected in cases.items():
+        d = fpn.act(belief, label, margin, None, None, None, max_fraction=cap / n)
+        acted = torch.nonzero(d.action != fpn.KEEP)[:, 0].tolist()
+        assert sorted(acted) == sorted(expected), (cap, acted)
 
 
 def test_per_batch_embeddings_mode(kernel_path):
@@ -498,6 +576,9 @@ def _break(sd, path, value):
     ("noise.action", lambda t: t.index_fill(0, torch.tensor([1]), 7), "'noise.action'.*above 3"),
     ("noisy", torch.zeros(60, dtype=torch.int64), "'noisy'.*bool"),
     ("clip", {"clip_margin": torch.zeros(60)}, r"\['clip'\] must hold"),
+    ("relabeled_from", {"label": torch.zeros(60)}, r"\['relabeled_from'\] must hold"),
+    ("relabeled_from", {"label": torch.full((60,), 9), "model_margin": torch.zeros(60), "clip_margin": torch.zeros(60)},
+     "'relabeled_from.label'.*above 2"),
 ])
 def test_a_bad_state_is_refused_and_changes_nothing(kernel_path, path, value, message):
     pruner = fp.DynamicPruner(60, 3, epochs=4, keep_ratio=0.5, device="cpu", noise_ratio=0.2)
