@@ -37,7 +37,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .kernels.reference import spans
+from .kernels.reference import passes
 from .kernels.selection import smallest
 
 KEEP, DOWNWEIGHT, EXCLUDE, RELABEL = 0, 1, 2, 3
@@ -70,21 +70,9 @@ def action_counts(action: torch.Tensor) -> torch.Tensor:
     """Samples per action code (int64, 4), on the device: a pass at a time (a bincount of the whole column
     would first widen it to int64, 8 bytes a sample)."""
     counts = torch.zeros(4, dtype=torch.int64, device=action.device)
-    for a, b in _spans(action.numel(), action.device):
+    for a, b in passes(action.numel(), action.device):
         counts += torch.bincount(action[a:b].to(torch.int64), minlength=4)
     return counts
-
-
-# Samples per pass of the per-sample work on the CPU: a pass's float64 temporaries stay in the core's cache and
-# bounded (a few bytes a sample in all); elsewhere one pass over every sample.  (Many small passes are fast on
-# cores of their own; with more torch threads than free cores, as with any torch work, they can be many times
-# slower: keep torch.set_num_threads at the cores the process really has.)
-_CHUNK = {"cpu": 1 << 16}
-
-
-def _spans(n: int, device: torch.device):
-    """(start, stop) of the passes over ``n`` samples on ``device``."""
-    return spans(n, device, _CHUNK, max(n, 1))
 
 
 def class_histograms(x: torch.Tensor, cls: torch.Tensor, valid: torch.Tensor, num_classes: int,
@@ -92,11 +80,11 @@ def class_histograms(x: torch.Tensor, cls: torch.Tensor, valid: torch.Tensor, nu
     """Per class, ``bins`` equal-width bins between the class's smallest and largest valid (and finite) value:
     the counts (int64, C x bins), the bin centres (float64, C x bins) and each class's valid count.  Two
     reductions that any order gives exactly (minimum, maximum) and integer counts: the same on every rank, and
-    whatever the passes (``_spans``)."""
+    whatever the passes (``kernels.reference.passes``)."""
     dev = x.device
     lo = torch.full((num_classes,), float("inf"), dtype=torch.float64, device=dev)
     hi = torch.full((num_classes,), float("-inf"), dtype=torch.float64, device=dev)
-    for a, b in _spans(x.numel(), dev):
+    for a, b in passes(x.numel(), dev):
         v = valid[a:b] & torch.isfinite(x[a:b])
         c = torch.where(v, cls[a:b].to(torch.int64), 0)
         xv = x[a:b].to(torch.float64)
@@ -105,7 +93,7 @@ def class_histograms(x: torch.Tensor, cls: torch.Tensor, valid: torch.Tensor, nu
     width = torch.where(hi > lo, (hi - lo) / bins, 1.0)
     lo = torch.where(torch.isfinite(lo), lo, 0.0)
     counts = torch.zeros(num_classes * bins + 1, dtype=torch.int64, device=dev)  # + a spare bin for the invalid
-    for a, b in _spans(x.numel(), dev):
+    for a, b in passes(x.numel(), dev):
         v = valid[a:b] & torch.isfinite(x[a:b])
         c = torch.where(v, cls[a:b].to(torch.int64), 0)
         xv = torch.where(v, x[a:b], 0.0).to(torch.float64)
@@ -220,7 +208,7 @@ def mixture_posterior(x: torch.Tensor, cls: torch.Tensor, valid: torch.Tensor, m
         out = at_most
     elif out is None:
         out = torch.empty(x.numel(), dtype=torch.float32, device=x.device)
-    for lo, hi in _spans(x.numel(), x.device):
+    for lo, hi in passes(x.numel(), x.device):
         xs = x[lo:hi]
         v = valid[lo:hi] & torch.isfinite(xs)
         k = torch.where(v, cls[lo:hi].to(torch.int64), 0)
@@ -290,7 +278,7 @@ def act(belief: torch.Tensor, label: torch.Tensor, model_margin: torch.Tensor | 
     else:  # nothing is relabeled: one -1 seen N times (no memory)
         new_label = torch.full((1,), -1, dtype=torch.int32, device=dev).expand(n)
     action = torch.empty(n, dtype=torch.int8, device=dev) if out is None else out
-    for a, b in _spans(n, dev):  # elementwise, a pass at a time (temporaries bounded)
+    for a, b in passes(n, dev):  # elementwise, a pass at a time (temporaries bounded)
         sus = suspect[a:b]
         sure = sus & (belief[a:b] >= exclude_above)
         if use_relabel:
@@ -313,10 +301,10 @@ def _most_suspected(suspect, belief, label, model_margin, clip_margin, cap: int,
     n, dev = belief.numel(), belief.device
     top = smallest(belief, suspect, cap, descending=True)
     edge = torch.full((), float("inf"), dtype=belief.dtype, device=dev)  # the cap-th belief
-    for a, b in _spans(n, dev):
+    for a, b in passes(n, dev):
         edge = torch.minimum(edge, torch.where(top[a:b], belief[a:b], float("inf")).min())
     tied = torch.empty(n, dtype=torch.bool, device=dev)
-    for a, b in _spans(n, dev):
+    for a, b in passes(n, dev):
         tied[a:b] = suspect[a:b] & (belief[a:b] == edge)
         top[a:b] &= belief[a:b] > edge
 

@@ -282,7 +282,11 @@ def scale_grad_reference(grad: torch.Tensor, grad_output: torch.Tensor) -> torch
 # ---------------------------------------------------------------------------
 
 
-_PASS_CHUNK = {"cpu": 1 << 16}  # samples per elementwise pass on the CPU (in cache); elsewhere one pass
+# Samples per elementwise pass on the CPU: a pass's float64 temporaries stay in the core's cache and bounded (a few
+# bytes a sample in all); elsewhere one pass over every sample.  (Many small passes are fast on cores of their own;
+# with more torch threads than free cores, as with any torch work, they can be many times slower: keep
+# torch.set_num_threads at the cores the process really has.)
+_PASS_CHUNK = {"cpu": 1 << 16}
 
 
 def passes(n: int, device):

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 import fastprune as fp
 from fastprune import noise as fpn
+from fastprune.kernels import reference as R
 
 
 def run_epoch(pruner, num_classes, loss_of, batch_size=64, emb=None):
@@ -300,7 +301,7 @@ def test_mixtures_are_fitted_from_class_histograms():
             assert torch.equal(fpn.fit_mixtures(x, cls, valid, 4), fit)
     belief = fpn.mixture_posterior(x, cls, valid, fit)
     with pytest.MonkeyPatch.context() as mp:  # the per-sample passes in chunks (the CPU's): the same bits
-        mp.setitem(fpn._CHUNK, "cpu", 997)  # a tail shorter than a chunk
+        mp.setitem(R._PASS_CHUNK, "cpu", 997)  # a tail shorter than a chunk
         assert torch.equal(fpn.fit_mixtures(x, cls, valid, 4), fit)
         assert torch.equal(fpn.mixture_posterior(x, cls, valid, fit), belief)
     assert torch.equal(fpn.mixture_posterior(x[perm], cls[perm], valid[perm], again), belief[perm])
