@@ -10,7 +10,8 @@ split; class prototypes for the text side): no CLIP weights exist offline.  Arms
 labels; full data on the true labels (the ceiling); fastprune (infobatch 0.7) without noise handling; with
 the model's evidence alone, CLIP's alone, and both (the ablation); both with relabeling, and both with the
 consistency also in the pruning priority (``semantic_weight=1``, the earlier default); fastprune without noise
-handling on the data less exactly the planted flips (what perfect decisions could reach); cleanlab's
+handling on the data less exactly the planted flips (what perfect decisions could reach: with the budget
+the decisions get, the samples left out counting toward the pruning's); cleanlab's
 ``find_label_issues`` on 5-fold cross-validated probabilities, then retraining without the issues (when
 cleanlab is installed).
 """
@@ -91,14 +92,14 @@ def probabilities(model, x) -> torch.Tensor:
 
 
 def train(x, y, seed: int, epochs: int, policy: str = "full", emb=None, noise_evidence: str | None = None,
-          subset=None, relabel: bool = False, semantic_weight: float = 0.0):
+          subset=None, relabel: bool = False, semantic_weight: float = 0.0, keep_ratio: float = KEEP):
     """One training through the pruner (``policy="full"``: plain data); returns the model and the pruner."""
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
     n = x.shape[0]
     model = SmallCNN(10)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4, nesterov=True)
-    kw = dict(keep_ratio=KEEP if policy != "full" else 1.0, policy=policy, warmup=1, anneal=0.15, seed=seed,
+    kw = dict(keep_ratio=keep_ratio if policy != "full" else 1.0, policy=policy, warmup=1, anneal=0.15, seed=seed,
               device="cpu", initial_subset=subset, semantic_weight=semantic_weight)
     if noise_evidence is not None:
         kw.update(noise_ratio=NOISE_CAP, noise_evidence=noise_evidence, noise_relabel=relabel)
@@ -125,6 +126,13 @@ def train(x, y, seed: int, epochs: int, policy: str = "full", emb=None, noise_ev
             step += 1
         pruner.next_epoch()
     return model, pruner
+
+
+def decisions_budget(n: int, n_clean: int, keep: float = KEEP) -> float:
+    """The keep ratio of a static subset of ``n_clean`` samples that gives the pruning budget the noise decisions
+    get when they leave the rest out: those count toward the budget (keep ``keep`` of all ``n``; at 40% noise
+    nothing else is pruned), instead of ``keep`` of what remains on top of them."""
+    return min(1.0, keep * n / max(1, n_clean))
 
 
 def cleanlab_issues(x, y, seed: int, epochs: int) -> torch.Tensor:
@@ -178,7 +186,9 @@ def run_seed(setting, seed: int, epochs: int, arms: list[str], root: Path, budge
             rec["precision"], rec["recall"] = detection(issues, planted)
             rec["flagged"] = int(issues.sum())
         elif spec.get("oracle"):  # the ceiling of leaving samples out: exactly the flips, from the start
-            model, pruner = train(x, given, seed, epochs, policy=spec["policy"], subset=torch.nonzero(~planted)[:, 0])
+            clean = torch.nonzero(~planted)[:, 0]
+            model, pruner = train(x, given, seed, epochs, policy=spec["policy"], subset=clean,
+                                  keep_ratio=decisions_budget(x.shape[0], clean.numel()))
         else:
             labels = true if spec.get("true_labels") else given
             evidence = spec.get("noise_evidence")

@@ -141,6 +141,30 @@ def test_bench_epoch_rejects_a_bad_repeat_count(capsys):
     assert bench_epoch.parse_args(["--cpu"]).repeats == 3
 
 
+@pytest.mark.parametrize("noise", [0.2, 0.4])
+def test_the_noise_ceiling_arm_gets_the_decisions_budget(noise):
+    """Leaving exactly the flips out as a static subset (the ceiling arm) selects what the decisions would select
+    had they left out the same samples: the same drop probability, kept set and weights."""
+    import torch
+
+    from benchmarks.bench_noise import KEEP, decisions_budget
+    from fastprune.kernels import select_epoch
+
+    g = torch.Generator().manual_seed(1)
+    n = 1077
+    scores = torch.rand(n, generator=g) * 3
+    visits = torch.ones(n, dtype=torch.int32)
+    flips = torch.rand(n, generator=g) < noise
+    kw = dict(use_consistency=False, policy="infobatch", noise_ratio=0.0, semantic_weight=0.0, max_drop=0.9,
+              seed=3, epoch=4)
+    decided = select_epoch(scores, visits, torch.zeros(n), keep_ratio=KEEP, noisy=flips.clone(), **kw)
+    static = select_epoch(scores, visits, torch.zeros(n), exclude=flips, population=int((~flips).sum()),
+                          keep_ratio=decisions_budget(n, int((~flips).sum())), **kw)
+    assert torch.equal(decided.keep, static.keep) and float(decided.drop_prob) == float(static.drop_prob)
+    assert torch.equal(decided.weights[decided.keep], static.weights[static.keep])
+    assert (float(decided.drop_prob) > 0) == (noise < 1 - KEEP)  # at 40% noise nothing else is pruned
+
+
 @pytest.mark.parametrize("argv", [["--seeds", "0"], ["--epochs", "0"]])
 def test_noise_bench_refuses_nonpositive_counts(argv, capsys):
     from benchmarks import bench_noise
