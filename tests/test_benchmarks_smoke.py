@@ -165,6 +165,16 @@ def test_the_noise_ceiling_arm_gets_the_decisions_budget(noise):
     assert (float(decided.drop_prob) > 0) == (noise < 1 - KEEP)  # at 40% noise nothing else is pruned
 
 
+def test_the_noise_table_says_when_cleanlab_was_not_run(monkeypatch):
+    from benchmarks import bench_noise
+    from benchmarks.report import machine
+
+    monkeypatch.setattr(bench_noise, "_has_cleanlab", lambda: False)
+    args = bench_noise.parse_args(["--smoke", "--arms", "cleanlab, then full"])
+    records, text, _ = bench_noise.produce(args, machine())
+    assert records == [] and "was not run: cleanlab is not installed" in text
+
+
 @pytest.mark.parametrize("argv", [["--seeds", "0"], ["--epochs", "0"]])
 def test_noise_bench_refuses_nonpositive_counts(argv, capsys):
     from benchmarks import bench_noise
